@@ -1,0 +1,1 @@
+"""Report builder: Parquet tables, statistics, terminal report and plots."""

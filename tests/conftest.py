@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+# Two cores here: more intra-op threads than cores only adds contention between tests and Ray workers.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
