@@ -1,0 +1,148 @@
+"""One Optuna study per cell, all in one journal file; samplers, pruners and distributions from the spec.
+
+Only the driver touches this (a multi-node cluster must not have workers write the journal).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from study.spec import Cell, Choices, Grid, Range, StudySpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def distributions(cell: Cell) -> dict[str, BaseDistribution]:
+    out: dict[str, BaseDistribution] = {}
+    for name, value in cell.searched.items():
+        if isinstance(value, Range):
+            if value.int:
+                out[name] = IntDistribution(int(value.low), int(value.high), log=value.log,
+                                            step=int(value.step or 1))
+            else:
+                out[name] = FloatDistribution(value.low, value.high, log=value.log, step=value.step)
+        elif isinstance(value, (Choices, Grid)):
+            out[name] = CategoricalDistribution(value.choices if isinstance(value, Choices) else value.grid)
+    return out
+
+
+def make_sampler(spec: StudySpec, cell: Cell) -> optuna.samplers.BaseSampler:
+    # A per-cell seed derived from the cell id: reproducible, and cells do not sample in lockstep.
+    seed = spec.search.seed + zlib.crc32(cell.cell_id.encode()) % 100_000
+    kind = spec.search.sampler
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.search.n_startup_trials)
+    if kind == "grid":
+        space = {k: (v.grid if isinstance(v, Grid) else v.choices) for k, v in cell.searched.items()}
+        return optuna.samplers.GridSampler(space, seed=seed)
+    if kind == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=spec.search.n_startup_trials)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.search.n_startup_trials)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    p = spec.search.pruner
+    if p.kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.kind == "percentile":
+        return optuna.pruners.PercentilePruner(
+            p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
+    if p.kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+    if p.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, max_resource=spec.train.epochs, reduction_factor=p.reduction_factor
+        )
+    if p.kind == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=p.n_warmup_steps)
+    if p.kind == "patient":
+        inner = optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+        return optuna.pruners.PatientPruner(inner, patience=p.patience)
+    if p.kind == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=p.lower, upper=p.upper, n_warmup_steps=p.n_warmup_steps)
+    return optuna.pruners.NopPruner()
+
+
+@dataclass
+class CellStudies:
+    """The journal, one study per cell, and the live Optuna trial objects of running Tune trials."""
+
+    spec: StudySpec
+    cells: list[Cell]
+    journal: Path
+    studies: dict[str, optuna.Study] = field(default_factory=dict)
+    live: dict[int, optuna.Trial] = field(default_factory=dict)  # optuna internal trial id -> Trial
+
+    def __post_init__(self) -> None:
+        storage = JournalStorage(JournalFileBackend(str(self.journal)))
+        for cell in self.cells:
+            self.studies[cell.cell_id] = optuna.create_study(
+                storage=storage,
+                study_name=cell.cell_id,
+                direction=self.spec.search.direction,
+                sampler=make_sampler(self.spec, cell),
+                pruner=make_pruner(self.spec),
+                load_if_exists=True,
+            )
+
+    def budget(self, cell: Cell) -> int:
+        if self.spec.search.sampler == "grid":
+            from study.spec import grid_size
+
+            return min(self.spec.search.trials_per_cell, max(grid_size(cell), 1))
+        return self.spec.search.trials_per_cell
+
+    def trials(self, cell_id: str, states: tuple[TrialState, ...] | None = None) -> list[optuna.trial.FrozenTrial]:
+        return self.studies[cell_id].get_trials(deepcopy=False, states=states)
+
+    def ask(self, cell: Cell) -> optuna.Trial:
+        trial = self.studies[cell.cell_id].ask(distributions(cell))
+        self.live[trial._trial_id] = trial
+        return trial
+
+    def reattach(self, cell_id: str, frozen: optuna.trial.FrozenTrial) -> optuna.Trial:
+        """A Trial object for a RUNNING trial left by an interrupted driver (resume re-runs it)."""
+        trial = optuna.Trial(self.studies[cell_id], frozen._trial_id)
+        self.live[frozen._trial_id] = trial
+        return trial
+
+    def report_and_should_prune(self, optuna_id: int, value: float, step: int) -> bool:
+        trial = self.live.get(optuna_id)
+        if trial is None:
+            return False
+        if step not in self._reported_steps(trial):
+            trial.report(value, step)
+        return trial.should_prune()
+
+    @staticmethod
+    def _reported_steps(trial: optuna.Trial) -> set[int]:
+        return set(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
+
+    def tell(self, optuna_id: int, state: TrialState, value: float | None = None, status: str = "") -> None:
+        trial = self.live.pop(optuna_id, None)
+        if trial is None:
+            return
+        if status:
+            trial.set_user_attr("status", status)
+        if state == TrialState.COMPLETE:
+            trial.study.tell(trial, value)
+        else:
+            trial.study.tell(trial, state=state)
+
+    def best_params(self, cell: Cell) -> tuple[dict[str, Any], float | None]:
+        done = self.trials(cell.cell_id, (TrialState.COMPLETE,))
+        if not done:
+            return {}, None
+        best = self.studies[cell.cell_id].best_trial
+        return dict(best.params), best.value

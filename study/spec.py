@@ -1,0 +1,442 @@
+"""The study spec: pydantic models of the YAML, strict about unknown keys, and its expansion into cells.
+
+A cell is dataset x model x regularizer x noise setting. Every hyperparameter value in the spec is one
+of: a number or string (fixed), ``{low, high[, log][, step][, int]}`` (searched range), ``{choices: [...]}``
+(categorical), ``{grid: [...]}`` (categorical, enumerated exhaustively by the grid sampler) or, for a
+regularizer's strength, ``{start, end[, schedule]}`` (a fixed schedule over training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from study import noise as noise_lib
+from study import regularizers
+
+SAMPLERS = ("tpe", "random", "gp", "grid")
+PRUNERS = (
+    "median",
+    "percentile",
+    "successive_halving",
+    "hyperband",
+    "wilcoxon",
+    "patient",
+    "threshold",
+    "none",
+)
+METRICS = {"val_accuracy": "maximize", "val_nll": "minimize", "val_ece": "minimize"}
+
+
+class SpecError(ValueError):
+    """A bad spec: one line naming the field path, the problem and (when known) the YAML line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Range(_Strict):
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+    int: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low must be <= high, but got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, but got low={self.low}")
+        return self
+
+
+class Choices(_Strict):
+    choices: list[Any] = Field(min_length=1)
+
+
+class Grid(_Strict):
+    grid: list[Any] = Field(min_length=1)
+
+
+class Ramp(_Strict):
+    start: float
+    end: float
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+
+
+ParamValue = float | int | str | bool | Range | Choices | Grid | Ramp
+
+
+def _endpoints(value: Any) -> list[Any]:
+    """The concrete values a spec value can take at its extremes (for range validation)."""
+    if isinstance(value, Range):
+        return [value.low, value.high]
+    if isinstance(value, Choices):
+        return list(value.choices)
+    if isinstance(value, Grid):
+        return list(value.grid)
+    if isinstance(value, Ramp):
+        return [value.start, value.end]
+    return [value]
+
+
+class DatasetSpec(_Strict):
+    name: str = "mnist1d"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    clean_validation: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSpec(_Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class NoiseSpec(_Strict):
+    kind: str = "none"
+    rate: list[float] = Field(default_factory=lambda: [0.0])
+    mode: str | None = None
+
+    @field_validator("rate", mode="before")
+    @classmethod
+    def _as_list(cls, v: Any) -> Any:
+        return v if isinstance(v, list) else [v]
+
+    @model_validator(mode="after")
+    def _check(self) -> NoiseSpec:
+        for r in self.rate:
+            noise_lib.validate_noise(self.kind, r, mode=self.mode)
+        return self
+
+
+class PrunerSpec(_Strict):
+    kind: str = "median"
+    n_warmup_steps: int = Field(3, ge=0)
+    n_startup_trials: int = Field(3, ge=0)
+    percentile: float = Field(50.0, gt=0.0, lt=100.0)
+    patience: int = Field(3, ge=0)
+    min_resource: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+    lower: float | None = None
+    upper: float | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in PRUNERS:
+            raise ValueError(f"unknown pruner {v!r} (allowed: {', '.join(PRUNERS)})")
+        return v
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: ParamValue = 1e-3
+    weight_decay: ParamValue = 0.0
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[float] = Field(default_factory=lambda: [0.3, 0.6, 0.8])
+    gamma: float = Field(0.2, gt=0.0, le=1.0)
+    warmup_epochs: int = Field(0, ge=0)
+    augment: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class SearchSpec(_Strict):
+    trials_per_cell: int = Field(8, ge=1)
+    sampler: str = "tpe"
+    metric: str = "val_accuracy"
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    seed: int = 0
+    n_startup_trials: int = Field(4, ge=0)
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        if v not in SAMPLERS:
+            raise ValueError(f"unknown sampler {v!r} (allowed: {', '.join(SAMPLERS)})")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"unknown metric {v!r} (allowed: {', '.join(METRICS)})")
+        return v
+
+    @property
+    def direction(self) -> str:
+        return METRICS[self.metric]
+
+
+class FinalSpec(_Strict):
+    seeds: int = Field(3, ge=1)
+    epochs: int | None = Field(None, ge=1)
+
+
+class EvaluateSpec(_Strict):
+    attacks: list[str] = Field(default_factory=list)
+    eps: list[float] = Field(default_factory=list)
+    pgd_steps: int = Field(10, ge=1)
+    pgd_step_size: float | None = Field(None, gt=0)
+    corruptions: list[str] | Literal["all"] = Field(default_factory=list)
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    max_samples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateSpec:
+        from study import attacks as attacks_lib
+
+        for a in self.attacks:
+            attacks_lib.validate_attack(a)
+        for e in self.eps:
+            if e < 0:
+                raise ValueError(f"eps must be >= 0, but got {e}")
+        for s in self.severities:
+            if not 1 <= s <= 5:
+                raise ValueError(f"severity must be in 1..5, but got {s}")
+        return self
+
+
+class DistillSpec(_Strict):
+    student: str = "mlp"
+    temperature: float = Field(4.0, gt=0)
+    epochs: int | None = Field(None, ge=1)
+    student_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResourcesSpec(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+
+
+class StudySpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    models: list[ModelSpec] = Field(min_length=1)
+    regularizers: dict[str, dict[str, ParamValue]] = Field(min_length=1)
+    noise: list[NoiseSpec] = Field(default_factory=lambda: [NoiseSpec()])
+    noise_seed: int = 0
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    final: FinalSpec = Field(default_factory=FinalSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    distill: DistillSpec | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_failures: int = Field(1, ge=0)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @field_validator("regularizers", mode="before")
+    @classmethod
+    def _regs(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return {name: {} for name in v}
+        if isinstance(v, dict):
+            return {k: (val or {}) for k, val in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _check_regularizers(self) -> StudySpec:
+        for name, params in self.regularizers.items():
+            info = regularizers.get_info(name)  # ValueError lists the known names
+            for pname, value in params.items():
+                if pname not in info.params:
+                    allowed = ", ".join(info.params) or "none"
+                    raise ValueError(f"{name}: unknown parameter {pname!r} (allowed: {allowed})")
+                for v in _endpoints(value):
+                    regularizers.validate_params(name, {pname: v})
+        return self
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the study: everything but the searched hyperparameters and the seed."""
+
+    dataset: str
+    model: str
+    model_options: dict[str, Any]
+    regularizer: str
+    noise_kind: str
+    noise_rate: float
+    noise_mode: str | None
+    space: dict[str, Any] = field(default_factory=dict)  # hyperparameter name -> spec value
+
+    @property
+    def noise_setting(self) -> str:
+        if self.noise_kind == "none":
+            return "none"
+        kind = f"{self.noise_kind}-{self.noise_mode}" if self.noise_mode else self.noise_kind
+        return f"{kind}:{self.noise_rate:g}"
+
+    @property
+    def cell_id(self) -> str:
+        return f"{self.dataset}/{self.model}/{self.regularizer}/{self.noise_setting}"
+
+    @property
+    def searched(self) -> dict[str, Any]:
+        return {k: v for k, v in self.space.items() if isinstance(v, (Range, Choices, Grid))}
+
+    @property
+    def fixed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.space.items() if not isinstance(v, (Range, Choices, Grid))}
+
+
+def expand_cells(spec: StudySpec) -> list[Cell]:
+    """Every cell of the spec, in a deterministic order (model, regularizer, noise setting)."""
+    train_space = {"lr": spec.train.lr, "weight_decay": spec.train.weight_decay}
+    cells = []
+    for model in spec.models:
+        for reg, params in spec.regularizers.items():
+            for noise_spec in spec.noise:
+                rates = [0.0] if noise_spec.kind == "none" else noise_spec.rate
+                for rate in rates:
+                    space = dict(train_space)
+                    space.update({k: (v.model_dump() if isinstance(v, Ramp) else v) for k, v in params.items()})
+                    cells.append(
+                        Cell(
+                            dataset=spec.dataset.name,
+                            model=model.name,
+                            model_options=dict(model.options),
+                            regularizer=reg,
+                            noise_kind=noise_spec.kind,
+                            noise_rate=float(rate),
+                            noise_mode=noise_spec.mode,
+                            space=space,
+                        )
+                    )
+    return cells
+
+
+def grid_size(cell: Cell) -> int:
+    """Number of points of a cell's grid (product over its Grid/Choices values); 0 if it has a range."""
+    n = 1
+    for v in cell.searched.values():
+        if isinstance(v, Range):
+            return 0
+        n *= len(v.grid if isinstance(v, Grid) else v.choices)
+    return n
+
+
+def spec_hash(spec: StudySpec) -> str:
+    """Hash of the resolved spec (defaults filled in), stable across key order and formatting."""
+    blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort YAML line (1-based) of a field path, by walking the composed YAML node tree."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(key)]
+            if not match:
+                break
+            node = match[0][1]
+            line = match[0][0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _format_error(exc: ValidationError, text: str) -> str:
+    err = exc.errors()[0]
+    # Union members add their type names to the location; they mean nothing to the user.
+    loc = tuple(
+        p for p in err["loc"] if not (isinstance(p, str) and (p[:1].isupper() or p in {"float", "int", "str", "bool"}))
+    )
+    path = ".".join(str(p) for p in loc) or "<root>"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    line = _yaml_line(text, loc)
+    where = f" (line {line})" if line else ""
+    return f"{path}{where}: {msg}"
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a spec file. Raises SpecError with a single line on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec ({exc.strerror})") from None
+    return parse_spec(text, source=str(path))
+
+
+def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a spec must be a YAML mapping with at least name, models, regularizers")
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"{source}: {_format_error(exc, text)}") from None
+    _check_cross_fields(spec, source)
+    return spec
+
+
+def _check_cross_fields(spec: StudySpec, source: str) -> None:
+    """Checks that need other parts of the package (datasets, models, corruptions) but no data."""
+    from study import corruptions, data, models
+
+    if spec.dataset.name not in data.list_datasets():
+        raise SpecError(
+            f"{source}: dataset.name: unknown dataset {spec.dataset.name!r} "
+            f"(allowed: {', '.join(data.list_datasets())})"
+        )
+    known_models = models.list_models()
+    for i, m in enumerate(spec.models):
+        if m.name not in known_models and not m.name.startswith("tv:"):
+            raise SpecError(f"{source}: models.{i}: unknown model {m.name!r} (allowed: {', '.join(known_models)}, tv:<name>)")
+    if spec.distill and spec.distill.student not in known_models and not spec.distill.student.startswith("tv:"):
+        raise SpecError(
+            f"{source}: distill.student: unknown model {spec.distill.student!r} (allowed: {', '.join(known_models)})"
+        )
+    if spec.search.sampler == "grid":
+        for cell in expand_cells(spec):
+            if any(isinstance(v, Range) for v in cell.searched.values()):
+                raise SpecError(f"{source}: search.sampler: grid needs {{grid: [...]}} or {{choices: [...]}} values, "
+                                f"not ranges (cell {cell.cell_id})")
+    kind = data.DATASETS[spec.dataset.name].kind
+    names = spec.evaluate.corruptions
+    if names != "all":
+        for i, name in enumerate(names):
+            try:
+                corruptions.validate_corruption(name, 1, kind=kind)
+            except ValueError as exc:
+                raise SpecError(f"{source}: evaluate.corruptions.{i}: {exc}") from None
+    if spec.evaluate.attacks and not spec.evaluate.eps:
+        raise SpecError(f"{source}: evaluate.eps: attacks are listed but no eps values are given")
+    if "transfer" in spec.evaluate.attacks and "ce" not in spec.regularizers:
+        raise SpecError(f"{source}: evaluate.attacks: 'transfer' crafts on the ce model of each cell, so regularizers must include ce")

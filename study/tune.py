@@ -1,0 +1,503 @@
+"""Ray Tune execution of a study. THE ONLY MODULE THAT IMPORTS ray.
+
+Search phase: one Tuner whose Searcher asks each cell's Optuna study for the next configuration
+(spreading trials across cells so all progress together) and whose TrialScheduler reports every epoch's
+validation value to that study and asks its pruner; pruned trials are told to Optuna as PRUNED (Ray's
+own OptunaSearch would store them as COMPLETE with a partial-budget value). Final phase: each cell's best
+configuration retrained over seeds with full evaluation.
+
+Resume: the Optuna journal and the per-trial records under `records/` are the source of truth. A
+resumed run re-issues trials the killed driver left RUNNING (same Optuna trial, same checkpoint dir, so
+they continue from their last epoch) and asks only the remaining budget: nothing completed is re-run and
+nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Tune's own CSV/JSON/TensorBoard loggers would duplicate what we store (and slow every report down).
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1")
+
+import ray  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune import Callback  # noqa: E402
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler  # noqa: E402
+from ray.tune.search import Searcher  # noqa: E402
+
+from study.optuna_cells import CellStudies  # noqa: E402
+from study.spec import Cell, StudySpec, expand_cells  # noqa: E402
+
+TRAIN_FIELDS = ("lr", "weight_decay")
+
+
+class TrialCrash(RuntimeError):
+    """Raised inside a trial to test fault handling (see `REGSTUDY_CRASH_CELL`)."""
+
+
+def trial_key(phase: str, cell_id: str, index: int) -> str:
+    return f"{phase}|{cell_id}|{index}"
+
+
+def trial_id_for(study: str, key: str) -> str:
+    return hashlib.sha1(f"{study}|{key}".encode()).hexdigest()[:12]
+
+
+def _safe(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+def base_trial_config(spec: StudySpec, cell: Cell, params: dict[str, Any], *, seed: int, phase: str,
+                      checkpoint_dir: str) -> dict[str, Any]:
+    """The TrialConfig dict of one trial: the cell, the fixed and sampled values, the phase's settings."""
+    values = {**cell.fixed, **params}
+    reg_params = {k: v for k, v in values.items() if k not in TRAIN_FIELDS}
+    t = spec.train
+    final = phase == "final"
+    return {
+        "dataset": spec.dataset.name,
+        "dataset_root": spec.dataset.root,
+        "download": spec.dataset.download,
+        "dataset_options": dict(spec.dataset.options),
+        "val_fraction": spec.dataset.val_fraction,
+        "clean_validation": spec.dataset.clean_validation,
+        "model": cell.model,
+        "model_options": dict(cell.model_options),
+        "regularizer": cell.regularizer,
+        "reg_params": reg_params,
+        "noise_kind": cell.noise_kind,
+        "noise_rate": cell.noise_rate,
+        "noise_mode": cell.noise_mode,
+        "noise_seed": spec.noise_seed + (seed if final else 0),
+        "seed": seed,
+        "epochs": (spec.final.epochs or t.epochs) if final else t.epochs,
+        "batch_size": t.batch_size,
+        "optimizer": t.optimizer,
+        "lr": float(values["lr"]),
+        "weight_decay": float(values["weight_decay"]),
+        "momentum": t.momentum,
+        "schedule": t.schedule,
+        "milestones": list(t.milestones),
+        "gamma": t.gamma,
+        "warmup_epochs": t.warmup_epochs,
+        "augment": t.augment,
+        "device": t.device,
+        "precision": t.precision,
+        "metric": spec.search.metric,
+        "checkpoint_dir": checkpoint_dir,
+        "full_eval": final,
+        "evaluate": spec.evaluate.model_dump(mode="json") if final else {},
+        "save_model": final,
+    }
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    """The Ray Tune function trainable: one dict in, a typed TrialConfig on the first line."""
+    from study.train import TrialConfig, run_trial
+
+    cfg = TrialConfig(**config["trial"])
+    meta = config["meta"]
+    crash_cell = os.environ.get("REGSTUDY_CRASH_CELL")
+    if crash_cell and crash_cell == meta["cell_id"]:
+        raise TrialCrash(f"injected crash in cell {crash_cell}")
+
+    def report(row: dict[str, Any]) -> bool:
+        tune.report({**row, "objective": row[cfg.metric]})
+        return False
+
+    result = run_trial(cfg, report)
+    node = ray.util.get_node_ip_address()
+    payload = {
+        "status": result.status,
+        "epochs_run": result.epochs_run,
+        "best_value": result.best_value,
+        "best_epoch": result.best_epoch,
+        "realized_noise_rate": result.realized_noise_rate,
+        "noise_note": result.noise_note,
+        "wall_s": result.wall_s,
+        "device": result.device,
+        "node": node,
+        "eval_rows": result.eval_rows,
+        "epoch_rows": result.epoch_rows,
+    }
+    tune.report({"final": json.dumps(payload), "objective": result.best_value if result.best_value is not None
+                 else float("nan")})
+
+
+@dataclass
+class TrialRecord:
+    """What the driver knows of one trial; written to records/<phase>/<key>.json when it ends."""
+
+    key: str
+    trial_id: str
+    phase: str
+    cell_id: str
+    index: int
+    config: dict[str, Any]
+    params: dict[str, Any]
+    optuna_number: int | None = None
+    optuna_id: int | None = None
+    status: str = "running"
+    epoch_rows: list[dict[str, Any]] = field(default_factory=list)
+    payload: dict[str, Any] | None = None
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class Records:
+    """Per-trial JSON records in the results dir: the driver's durable memory across kills."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, phase: str, key: str) -> Path:
+        return self.root / phase / f"{_safe(key)}.json"
+
+    def save(self, rec: TrialRecord) -> None:
+        path = self.path(rec.phase, rec.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec.to_json(), default=str))
+        os.replace(tmp, path)
+
+    def load_all(self, phase: str) -> dict[str, dict[str, Any]]:
+        out = {}
+        for p in sorted((self.root / phase).glob("*.json")):
+            rec = json.loads(p.read_text())
+            out[rec["key"]] = rec
+        return out
+
+
+class CellSearcher(Searcher):
+    """Asks each cell's Optuna study in turn (fewest asked first) until every cell has its budget."""
+
+    def __init__(self, spec: StudySpec, cells: list[Cell], studies: CellStudies, ctx: StudyContext) -> None:
+        super().__init__(metric="objective", mode="max" if spec.search.direction == "maximize" else "min")
+        self.spec, self.cells, self.studies, self.ctx = spec, cells, studies, ctx
+        self.orphans: list[tuple[Cell, Any]] = []
+        for cell in cells:
+            for frozen in studies.trials(cell.cell_id, (TrialState.RUNNING, TrialState.WAITING)):
+                self.orphans.append((cell, frozen))
+
+    def _asked(self, cell: Cell) -> int:
+        return len(self.studies.trials(cell.cell_id))
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.orphans:
+            cell, frozen = self.orphans.pop(0)
+            trial = self.studies.reattach(cell.cell_id, frozen)
+        else:
+            open_cells = [c for c in self.cells if self._asked(c) < self.studies.budget(c)]
+            if not open_cells:
+                return Searcher.FINISHED
+            cell = min(open_cells, key=self._asked)
+            trial = self.studies.ask(cell)
+        return self.ctx.new_search_trial(trial_id, cell, trial)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.ctx.search_trial_ended(trial_id, result, error)
+
+    # The Optuna journal is our durable searcher state; pickling the study objects is not needed.
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        return None
+
+    def restore_from_dir(self, checkpoint_dir: str) -> None:
+        return None
+
+
+class OptunaPruningScheduler(FIFOScheduler):
+    """Reports every epoch to the cell's Optuna study and stops the trial when its pruner says so."""
+
+    def __init__(self, ctx: StudyContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self._supports_buffered_results = False
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if "final" in result or "epoch" not in result:
+            return TrialScheduler.CONTINUE
+        return TrialScheduler.STOP if self.ctx.epoch_result(trial.trial_id, result) else TrialScheduler.CONTINUE
+
+
+class Collector(Callback):
+    """Collects epoch rows and final payloads in the driver and keeps the live view up to date."""
+
+    def __init__(self, ctx: StudyContext) -> None:
+        self.ctx = ctx
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        rec = self.ctx.by_tune_id.get(trial.trial_id)
+        if rec is None:
+            return
+        if "final" in result:
+            rec.payload = json.loads(result["final"])
+        elif "epoch" in result:
+            row = {k: result[k] for k in result if k in EPOCH_KEYS or k.startswith("term_")}
+            rec.epoch_rows = [r for r in rec.epoch_rows if r["epoch"] != row["epoch"]] + [row]
+        self.ctx.progress()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ctx.finish(trial.trial_id, error=None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ctx.finish(trial.trial_id, error=_error_text(trial))
+
+
+EPOCH_KEYS = {"epoch", "lr", "train_loss", "train_acc", "val_accuracy", "val_nll", "val_ece", "wall_s"}
+
+
+def _error_text(trial: Any) -> str:
+    try:
+        err = trial.get_error()
+        if err is not None:
+            text = str(err).strip().splitlines()
+            return text[-1] if text else repr(err)
+    except Exception:  # noqa: BLE001 - best effort: the error file may be unreadable
+        pass
+    return "trial failed (see Ray logs)"
+
+
+class StudyContext:
+    """Driver-side state of a run: records, Optuna studies and the live view."""
+
+    def __init__(self, spec: StudySpec, out: Path, studies: CellStudies | None, on_progress: Callable[[], None]):
+        self.spec, self.out, self.studies = spec, out, studies
+        self.records = Records(out / "records")
+        self.by_tune_id: dict[str, TrialRecord] = {}
+        self.on_progress = on_progress
+        self.cells = {c.cell_id: c for c in expand_cells(spec)}
+
+    def progress(self) -> None:
+        self.on_progress()
+
+    def _checkpoint_dir(self, key: str) -> str:
+        return str(self.out / "checkpoints" / _safe(key))
+
+    def new_search_trial(self, tune_id: str, cell: Cell, trial: Any) -> dict[str, Any]:
+        key = trial_key("search", cell.cell_id, trial.number)
+        params = dict(trial.params)
+        config = base_trial_config(self.spec, cell, params, seed=self.spec.search.seed, phase="search",
+                                   checkpoint_dir=self._checkpoint_dir(key))
+        rec = TrialRecord(key=key, trial_id=trial_id_for(self.spec.name, key), phase="search", cell_id=cell.cell_id,
+                          index=trial.number, config=config, params=params, optuna_number=trial.number,
+                          optuna_id=trial._trial_id)
+        self.by_tune_id[tune_id] = rec
+        self.progress()
+        return {"trial": config, "meta": {"cell_id": cell.cell_id, "key": key, "phase": "search"}}
+
+    def epoch_result(self, tune_id: str, result: dict) -> bool:
+        rec = self.by_tune_id.get(tune_id)
+        if rec is None or self.studies is None or rec.phase != "search":
+            return False
+        prune = self.studies.report_and_should_prune(rec.optuna_id, float(result["objective"]), int(result["epoch"]))
+        if prune:
+            rec.status = "pruned"
+            self.studies.tell(rec.optuna_id, TrialState.PRUNED, status="pruned")
+        return prune
+
+    def search_trial_ended(self, tune_id: str, result: dict | None, error: bool) -> None:
+        rec = self.by_tune_id.get(tune_id)
+        if rec is None or self.studies is None or rec.status == "pruned":
+            return
+        payload = json.loads(result["final"]) if result and "final" in result else rec.payload
+        if error or payload is None:
+            self.studies.tell(rec.optuna_id, TrialState.FAIL, status="failed")
+        elif payload["status"] == "completed" and payload["best_value"] is not None:
+            self.studies.tell(rec.optuna_id, TrialState.COMPLETE, payload["best_value"], status="completed")
+        else:
+            # Diverged trials are not COMPLETE: their value would mislead the sampler.
+            self.studies.tell(rec.optuna_id, TrialState.FAIL, status=payload["status"])
+
+    def finish(self, tune_id: str, error: str | None) -> None:
+        rec = self.by_tune_id.get(tune_id)
+        if rec is None or rec.ended_at is not None:
+            return
+        rec.ended_at = time.time()
+        if error is not None:
+            rec.status, rec.error = "failed", error
+        elif rec.status != "pruned":
+            rec.status = rec.payload["status"] if rec.payload else "failed"
+            if rec.payload is None:
+                rec.error = "trial ended without a final result"
+        if rec.payload and rec.epoch_rows == [] and rec.payload.get("epoch_rows"):
+            rec.epoch_rows = rec.payload["epoch_rows"]
+        if rec.payload:
+            # Epoch rows restored from a checkpoint on resume are in the payload, not in the live stream.
+            rec.epoch_rows = rec.payload.get("epoch_rows") or rec.epoch_rows
+        self.records.save(rec)
+        self.progress()
+
+    def new_final_config(self, cell: Cell, params: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
+        key = trial_key("final", cell.cell_id, seed)
+        config = base_trial_config(self.spec, cell, params, seed=seed, phase="final",
+                                   checkpoint_dir=self._checkpoint_dir(key))
+        return key, {"trial": config, "meta": {"cell_id": cell.cell_id, "key": key, "phase": "final",
+                                               "params": params, "seed": seed}}
+
+
+class FinalTracker(Callback):
+    """Creates the record of a final-phase trial when Tune starts it (configs come from a grid)."""
+
+    def __init__(self, ctx: StudyContext, configs: list[dict[str, Any]]) -> None:
+        self.ctx, self.configs = ctx, configs
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.ctx.by_tune_id:
+            return
+        config = self.configs[trial.config["_grid"]]
+        meta = config["meta"]
+        key = meta["key"]
+        self.ctx.by_tune_id[trial.trial_id] = TrialRecord(
+            key=key, trial_id=trial_id_for(self.ctx.spec.name, key), phase="final", cell_id=meta["cell_id"],
+            index=meta["seed"], config=config["trial"], params=meta["params"],
+        )
+        self.ctx.progress()
+
+
+@dataclass
+class RayHandle:
+    address: str
+    temp_dir: str | None
+    started_here: bool
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None) -> RayHandle:
+    """Local Ray with a private temp dir (never joins another instance), or connect to `address`."""
+    if address in (None, "local"):
+        # Unix socket paths must stay short: a private dir directly under /tmp.
+        temp_dir = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
+        ray.init(address="local", _temp_dir=temp_dir, num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=True, logging_level="ERROR",
+                 _node_ip_address="127.0.0.1")
+        return RayHandle("local", temp_dir, True)
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    return RayHandle(address, None, False)
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> str | None:
+    """None if a Ray cluster answers at host:port quickly, else a one-line reason (checked before any trial)."""
+    import socket
+
+    if address in ("auto", "local") or address.startswith("ray://") is False and ":" not in address:
+        return None if address in ("auto", "local") else f"--address must be host:port, 'auto' or 'local', got {address!r}"
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except (OSError, ValueError) as exc:
+        return f"cannot reach a Ray cluster at {address} ({exc})"
+
+
+def cluster_slots(spec: StudySpec) -> int:
+    """How many trials fit at once: every CPU/GPU slot busy, never more than the resources allow."""
+    res = ray.cluster_resources()
+    cpus = res.get("CPU", 1.0)
+    slots = int(cpus // spec.resources.cpus_per_trial)
+    if spec.resources.gpus_per_trial > 0:
+        slots = min(slots, int(res.get("GPU", 0.0) / spec.resources.gpus_per_trial + 1e-9))
+    return max(slots, 1)
+
+
+def _resources(spec: StudySpec) -> dict[str, float]:
+    return {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+
+
+def run_search_phase(spec: StudySpec, out: Path, ctx: StudyContext, max_concurrent: int) -> None:
+    cells = list(ctx.cells.values())
+    searcher = CellSearcher(spec, cells, ctx.studies, ctx)
+    remaining = sum(max(ctx.studies.budget(c) - len(ctx.studies.trials(c.cell_id, _DONE)), 0) for c in cells)
+    if remaining == 0:
+        return
+    tuner = tune.Tuner(
+        tune.with_resources(_trainable, _resources(spec)),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=OptunaPruningScheduler(ctx),
+            num_samples=remaining,
+            max_concurrent_trials=max_concurrent,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=f"search-{int(time.time())}",
+            storage_path=str(out / "ray"),
+            callbacks=[Collector(ctx)],
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            verbose=0,
+        ),
+    )
+    tuner.fit()
+
+
+_DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def run_final_phase(spec: StudySpec, out: Path, ctx: StudyContext, max_concurrent: int) -> None:
+    done = ctx.records.load_all("final")
+    configs = []
+    for cell in ctx.cells.values():
+        params, _ = ctx.studies.best_params(cell)
+        if not params and cell.searched:
+            continue  # every search trial of this cell failed: nothing to retrain
+        for seed in range(spec.final.seeds):
+            key, config = ctx.new_final_config(cell, params, seed)
+            if key in done and done[key]["status"] in ("completed", "diverged", "failed"):
+                continue
+            configs.append(config)
+    if not configs:
+        return
+    # A grid over indices, configs resolved in the trainable: Tune would otherwise treat nested lists
+    # in the configs as search spaces and put whole configs into trial names.
+    tuner = tune.Tuner(
+        tune.with_resources(_indexed_trainable(configs), _resources(spec)),
+        param_space={"_grid": tune.grid_search(list(range(len(configs))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=f"final-{int(time.time())}",
+            storage_path=str(out / "ray"),
+            callbacks=[FinalTracker(ctx, configs), Collector(ctx)],
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            verbose=0,
+        ),
+    )
+    tuner.fit()
+
+
+def _indexed_trainable(configs: list[dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
+    def run(config: dict[str, Any]) -> None:
+        _trainable(configs[config["_grid"]])
+
+    return run
+
+
+def shutdown(handle: RayHandle) -> None:
+    ray.shutdown()
+
+
+__all__ = [
+    "CellStudies",
+    "StudyContext",
+    "init_ray",
+    "run_search_phase",
+    "run_final_phase",
+    "cluster_slots",
+    "check_address",
+    "shutdown",
+]
