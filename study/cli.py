@@ -5,6 +5,9 @@ Exit codes: 0 ok, 1 runtime failure, 2 bad input (spec, arguments, results dir).
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import NoReturn
+
 import typer
 from rich.console import Console
 
@@ -21,40 +24,212 @@ def _not_built(command: str) -> None:
     raise typer.Exit(1)
 
 
+def _bad_input(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
 @app.command()
-def run() -> None:
+def run(
+    spec: Path = typer.Argument(..., help="Study spec (YAML)."),
+    out: Path | None = typer.Option(None, "--out", help="Results directory (default results/<name>)."),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster address (default: local Ray)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted study in --out."),
+    max_concurrent: int | None = typer.Option(None, "--max-concurrent", min=1, help="Trials at once."),
+    quiet: bool = typer.Option(False, "--quiet", help="Plain log lines instead of the live view."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip the report at the end."),
+) -> None:
     """Run a study spec: search phase, final phase, report."""
-    _not_built("run")
+    from study.runner import RunError, run_study
+    from study.spec import SpecError
+
+    try:
+        out_dir = run_study(
+            spec, out=out, address=address, resume=resume, max_concurrent=max_concurrent, quiet=quiet
+        )
+    except (SpecError, RunError) as exc:
+        _bad_input(str(exc))
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted: continue with --resume[/yellow]")
+        raise typer.Exit(130) from None
+    if not no_report:
+        report(out_dir, format="rich", no_plots=False)
 
 
 @app.command()
-def trial() -> None:
+def trial(
+    dataset: str = typer.Option("mnist1d", "--dataset"),
+    model: str = typer.Option("cnn1d", "--model"),
+    regularizer: str = typer.Option("ce", "--regularizer"),
+    param: list[str] = typer.Option([], "--param", help="Regularizer parameter k=v (repeatable)."),
+    noise: str = typer.Option(
+        "none", "--noise", help="KIND:RATE, e.g. symmetric:0.4 or adversarial-confident:0.2."
+    ),
+    epochs: int = typer.Option(30, "--epochs", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    noise_seed: int = typer.Option(0, "--noise-seed"),
+    lr: float = typer.Option(1e-2, "--lr", min=0.0),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    optimizer: str = typer.Option("adamw", "--optimizer"),
+    root: str | None = typer.Option(None, "--root", help="Dataset root directory."),
+    checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Checkpoint/resume here."),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
     """Run one trial and print its metrics."""
-    _not_built("trial")
+    from study.trial_cli import run_trial_command
+
+    run_trial_command(
+        dataset=dataset,
+        model=model,
+        regularizer=regularizer,
+        params=param,
+        noise=noise,
+        epochs=epochs,
+        seed=seed,
+        noise_seed=noise_seed,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        root=root,
+        checkpoint_dir=checkpoint_dir,
+        device=device,
+        as_json=as_json,
+        on_bad_input=_bad_input,
+    )
 
 
 @app.command()
-def validate() -> None:
+def validate(spec: Path = typer.Argument(..., help="Study spec (YAML).")) -> None:
     """Validate a spec and print the plan (cells, trials, epoch budget)."""
-    _not_built("validate")
+    from study.plan import print_plan
+    from study.spec import SpecError, load_spec
+
+    try:
+        parsed = load_spec(spec)
+    except SpecError as exc:
+        _bad_input(str(exc))
+    print_plan(parsed, Console())
 
 
 @app.command()
-def report() -> None:
-    """Render the report of a results directory."""
-    _not_built("report")
+def report(
+    out_dir: Path = typer.Argument(..., metavar="DIR", help="Results directory of a study."),
+    fmt: str = typer.Option("rich", "--format", help="rich | markdown | latex"),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Do not write plots/*.png."),
+) -> None:
+    """Render the report of a results directory (writes summary.parquet and plots/*.png)."""
+    import os
+    import shutil
+    import tempfile
+
+    from rich.markup import escape
+
+    from reports.build import ResultsError, load_study, write_table
+    from reports.stats import summarize
+
+    if fmt not in ("rich", "markdown", "latex"):
+        _bad_input(f"--format must be rich, markdown or latex, but got {escape(fmt)!r}")
+    try:
+        study = load_study(out_dir)
+        study.summary = summarize(study.trials, study.evals, study=study.name)
+    except ResultsError as exc:
+        _bad_input(escape(str(exc)))
+    # Nothing in the directory changes until everything has been computed: plots go to a temp dir
+    # (removed on failure), then summary.parquet and the PNGs are moved in with os.replace.
+    tmp = None
+    try:
+        from reports.render import render_latex, render_markdown, render_rich
+
+        if fmt == "rich":
+            render_rich(study, Console())
+        else:
+            typer.echo(render_markdown(study) if fmt == "markdown" else render_latex(study))
+        written = []
+        if not no_plots:
+            from reports.plots import write_plots
+
+            tmp = Path(tempfile.mkdtemp(dir=study.path, prefix=".plots-"))
+            written = write_plots(study, tmp)
+        write_table(study.path, "summary", study.summary)
+        if written:
+            (study.path / "plots").mkdir(exist_ok=True)
+            for png in written:
+                os.replace(png, study.path / "plots" / png.name)
+        done = f"wrote {study.path / 'summary.parquet'} and {len(written)} plots"
+        err.print(done, style="dim", highlight=False)
+    except ResultsError as exc:
+        _bad_input(escape(str(exc)))
+    except Exception as exc:  # runtime failure: one line, exit 1
+        err.print(f"[red]error:[/red] {escape(type(exc).__name__ + ': ' + str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @app.command()
-def query() -> None:
+def query(
+    out_dir: Path = typer.Argument(..., metavar="DIR", help="Results directory of a study."),
+    sql: str = typer.Argument(..., help="SQL over the views trials, epochs, evals, summary."),
+    csv: bool = typer.Option(False, "--csv", help="Print CSV."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON records."),
+) -> None:
     """Run SQL (DuckDB) over a results directory's Parquet tables."""
-    _not_built("query")
+    from rich.markup import escape
+    from rich.table import Table
+
+    from reports.build import ResultsError
+    from reports.query import run_query
+
+    if csv and as_json:
+        _bad_input("--csv and --json are exclusive")
+    try:
+        df = run_query(out_dir, sql)
+    except ResultsError as exc:
+        _bad_input(escape(str(exc)))
+    if csv:
+        typer.echo(df.to_csv(index=False), nl=False)
+    elif as_json:
+        typer.echo(df.to_json(orient="records", double_precision=15))
+    else:
+        limit = 200
+        title = f"{len(df)} rows" + (f" (first {limit})" if len(df) > limit else "")
+        table = Table(*map(str, df.columns), title=title)
+        for row in df.head(limit).itertuples(index=False):
+            table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+        Console().print(table)
 
 
 @app.command("ls")
-def ls_() -> None:
-    """List the studies found under a directory and their status."""
-    _not_built("ls")
+def ls_(out_dir: Path = typer.Argument(Path("results"), metavar="DIR", help="Directory to search.")) -> None:
+    """List the studies found under a directory (up to 2 levels deep) and their status."""
+    import datetime
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from reports.build import ResultsError
+    from reports.query import list_studies
+
+    try:
+        studies = list_studies(out_dir)
+    except ResultsError as exc:
+        _bad_input(escape(str(exc)))
+    if not studies:
+        Console().print(f"no studies (directories with manifest.json) under {out_dir}", highlight=False)
+        return
+    table = Table("study", "status", "trials", "last modified", "path")
+    for s in studies:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items())) or "-"
+        when = s["last_modified"]
+        when = datetime.datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M") if when else "-"
+        table.add_row(s["study"], s["status"], counts, when, s["path"])
+    Console().print(table)
 
 
 if __name__ == "__main__":

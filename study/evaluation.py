@@ -13,8 +13,16 @@ if TYPE_CHECKING:
     from study.train import PreparedData, TrialConfig
 
 
-def _row(split: str, condition: str, metric: str, value: float, severity: float | None = None) -> dict[str, Any]:
-    return {"split": split, "condition": condition, "severity": severity, "metric": metric, "value": float(value)}
+def _row(
+    split: str, condition: str, metric: str, value: float, severity: float | None = None
+) -> dict[str, Any]:
+    return {
+        "split": split,
+        "condition": condition,
+        "severity": severity,
+        "metric": metric,
+        "value": float(value),
+    }
 
 
 def evaluate_model(
@@ -36,7 +44,9 @@ def evaluate_model(
     for name, value in metrics.classification_metrics(test_logits, y_test).items():
         rows.append(_row("test", "clean", name, value))
     val_logits, _ = predict(model, prep.x_val, b.to_float, device)
-    for name, value in metrics.calibration_after_temperature(val_logits, prep.y_val, test_logits, y_test).items():
+    for name, value in metrics.calibration_after_temperature(
+        val_logits, prep.y_val, test_logits, y_test
+    ).items():
         rows.append(_row("test", "clean", name, value))
     bins = metrics.reliability_bins(test_logits, y_test)
     for i in range(len(bins["count"])):
@@ -46,17 +56,41 @@ def evaluate_model(
         rows.append(_row("test", "clean", name, value))
     if bool(prep.flipped.any()):
         train_logits, _ = predict(model, prep.x_train, b.to_float, device)
-        rows.append(_row("train", "clean", "memorisation_rate",
-                         metrics.memorisation_rate(train_logits, prep.y_train, prep.flipped)))
-        rows.append(_row("train", "clean", "clean_label_recovery",
-                         metrics.clean_label_recovery(train_logits, prep.y_train_clean, prep.flipped)))
-        rows.append(_row("train", "clean", "train_accuracy_clean_labels",
-                         metrics.accuracy(train_logits, prep.y_train_clean)))
+        rows.append(
+            _row(
+                "train",
+                "clean",
+                "memorisation_rate",
+                metrics.memorisation_rate(train_logits, prep.y_train, prep.flipped),
+            )
+        )
+        rows.append(
+            _row(
+                "train",
+                "clean",
+                "clean_label_recovery",
+                metrics.clean_label_recovery(train_logits, prep.y_train_clean, prep.flipped),
+            )
+        )
+        rows.append(
+            _row(
+                "train",
+                "clean",
+                "train_accuracy_clean_labels",
+                metrics.accuracy(train_logits, prep.y_train_clean),
+            )
+        )
     rows += robustness_rows(model, prep, cfg, device, source_model=source_model)
-    return [r for r in rows if r["value"] is not None and not (isinstance(r["value"], float) and math.isnan(r["value"]))]
+    return [
+        r
+        for r in rows
+        if r["value"] is not None and not (isinstance(r["value"], float) and math.isnan(r["value"]))
+    ]
 
 
-def eval_subset(prep: PreparedData, cfg: TrialConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_subset(
+    prep: PreparedData, cfg: TrialConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The (float, device-resident) test inputs used for attacks and corruptions, capped by max_samples."""
     b = prep.bundle
     n = cfg.evaluate.get("max_samples") or len(b.y_test)
@@ -82,14 +116,25 @@ def robustness_rows(
     model.eval()
     x, y = eval_subset(prep, cfg, device)
     if attack_names and spec.get("eps"):
-        eps_list = [attacks.eps_for_data(e, data_std=b.data_std, value_range=b.value_range) for e in spec["eps"]]
+        eps_list = [
+            attacks.eps_for_data(e, data_std=b.data_std, value_range=b.value_range) for e in spec["eps"]
+        ]
         for r in attacks.robustness_rows(
-            model, x, y, eps_list=eps_list, attacks=attack_names, source_model=source_model,
-            steps=spec.get("pgd_steps", 10), clamp=b.value_range, seed=cfg.seed,
+            model,
+            x,
+            y,
+            eps_list=eps_list,
+            attacks=attack_names,
+            source_model=source_model,
+            steps=spec.get("pgd_steps", 10),
+            clamp=b.value_range,
+            seed=cfg.seed,
         ):
             # Report the eps the user wrote (in std units for standardised data), not the scaled one.
             r = dict(r)
-            r["severity"] = spec["eps"][eps_list.index(r["severity"])] if r["severity"] in eps_list else r["severity"]
+            r["severity"] = (
+                spec["eps"][eps_list.index(r["severity"])] if r["severity"] in eps_list else r["severity"]
+            )
             rows.append({"split": "test", **r})
         flag = attacks.gradient_masking_flag([r for r in rows if r["metric"] == "accuracy"])
         rows.append(_row("test", "pgd_ce", "gradient_masking", float(flag)))
@@ -97,8 +142,13 @@ def robustness_rows(
     if names:
         kind = b.kind
         for r in corruptions.corruption_rows(
-            model, x, y, kind=kind, names=None if names == "all" else names,
-            severities=tuple(spec.get("severities", (1, 2, 3, 4, 5))), seed=cfg.seed,
+            model,
+            x,
+            y,
+            kind=kind,
+            names=None if names == "all" else names,
+            severities=tuple(spec.get("severities", (1, 2, 3, 4, 5))),
+            seed=cfg.seed,
         ):
             rows.append({"split": "test", **r})
     return rows

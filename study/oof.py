@@ -35,7 +35,15 @@ def reference_probabilities(
 ) -> torch.Tensor:
     """(N_train, K) out-of-fold softmax probabilities of a CE model on the clean training labels."""
     key = json.dumps(
-        {"d": bundle.name, "n": len(bundle.y_train), "m": model, "o": model_options, "s": seed, "f": folds, "e": epochs},
+        {
+            "d": bundle.name,
+            "n": len(bundle.y_train),
+            "m": model,
+            "o": model_options,
+            "s": seed,
+            "f": folds,
+            "e": epochs,
+        },
         sort_keys=True,
     )
     path = _cache_dir() / f"{bundle.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
@@ -51,7 +59,13 @@ def reference_probabilities(
 
 
 def _compute(
-    bundle: data_lib.DatasetBundle, model: str, model_options: dict[str, Any], *, seed: int, folds: int, epochs: int
+    bundle: data_lib.DatasetBundle,
+    model: str,
+    model_options: dict[str, Any],
+    *,
+    seed: int,
+    folds: int,
+    epochs: int,
 ) -> torch.Tensor:
     from study import noise as noise_lib
     from study.train import PreparedData, TrialConfig, predict, run_trial
@@ -76,8 +90,16 @@ def _compute(
             y_val=bundle.y_train[held],
             noisy=clean,
         )
-        cfg = TrialConfig(dataset=bundle.name, model=model, model_options=model_options, epochs=epochs,
-                          seed=seed + k, full_eval=False, lr=3e-3, weight_decay=1e-4)
+        cfg = TrialConfig(
+            dataset=bundle.name,
+            model=model,
+            model_options=model_options,
+            epochs=epochs,
+            seed=seed + k,
+            full_eval=False,
+            lr=3e-3,
+            weight_decay=1e-4,
+        )
         holder: dict[str, torch.nn.Module] = {}
         run_trial(cfg, prepared=prep, model_sink=holder)
         device = next(holder["model"].parameters()).device

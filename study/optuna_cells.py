@@ -25,8 +25,9 @@ def distributions(cell: Cell) -> dict[str, BaseDistribution]:
     for name, value in cell.searched.items():
         if isinstance(value, Range):
             if value.int:
-                out[name] = IntDistribution(int(value.low), int(value.high), log=value.log,
-                                            step=int(value.step or 1))
+                out[name] = IntDistribution(
+                    int(value.low), int(value.high), log=value.log, step=int(value.step or 1)
+                )
             else:
                 out[name] = FloatDistribution(value.low, value.high, log=value.log, step=value.step)
         elif isinstance(value, (Choices, Grid)):
@@ -53,13 +54,17 @@ def make_sampler(spec: StudySpec, cell: Cell) -> optuna.samplers.BaseSampler:
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     p = spec.search.pruner
     if p.kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
     if p.kind == "percentile":
         return optuna.pruners.PercentilePruner(
             p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
         )
     if p.kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+        )
     if p.kind == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=p.min_resource, max_resource=spec.train.epochs, reduction_factor=p.reduction_factor
@@ -67,7 +72,9 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if p.kind == "wilcoxon":
         return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=p.n_warmup_steps)
     if p.kind == "patient":
-        inner = optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+        inner = optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
         return optuna.pruners.PatientPruner(inner, patience=p.patience)
     if p.kind == "threshold":
         return optuna.pruners.ThresholdPruner(lower=p.lower, upper=p.upper, n_warmup_steps=p.n_warmup_steps)
@@ -83,6 +90,10 @@ class CellStudies:
     journal: Path
     studies: dict[str, optuna.Study] = field(default_factory=dict)
     live: dict[int, optuna.Trial] = field(default_factory=dict)  # optuna internal trial id -> Trial
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its search algorithm with the Tuner; the journal is the state that matters.
+        return {}
 
     def __post_init__(self) -> None:
         storage = JournalStorage(JournalFileBackend(str(self.journal)))
@@ -103,7 +114,9 @@ class CellStudies:
             return min(self.spec.search.trials_per_cell, max(grid_size(cell), 1))
         return self.spec.search.trials_per_cell
 
-    def trials(self, cell_id: str, states: tuple[TrialState, ...] | None = None) -> list[optuna.trial.FrozenTrial]:
+    def trials(
+        self, cell_id: str, states: tuple[TrialState, ...] | None = None
+    ) -> list[optuna.trial.FrozenTrial]:
         return self.studies[cell_id].get_trials(deepcopy=False, states=states)
 
     def ask(self, cell: Cell) -> optuna.Trial:

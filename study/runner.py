@@ -35,8 +35,9 @@ def _versions() -> dict[str, str]:
 
 def _git_sha() -> str | None:
     try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
         return res.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -154,7 +155,8 @@ def record_rows(spec: StudySpec, records: list[dict[str, Any]]) -> tuple[list, l
             "best_epoch": payload.get("best_epoch"),
             "metric": spec.search.metric,
             "direction": spec.search.direction,
-            "wall_s": payload.get("wall_s") or ((rec.get("ended_at") or rec["started_at"]) - rec["started_at"]),
+            "wall_s": payload.get("wall_s")
+            or ((rec.get("ended_at") or rec["started_at"]) - rec["started_at"]),
             "device": payload.get("device"),
             "node": payload.get("node"),
             "error": rec.get("error"),
@@ -173,7 +175,9 @@ def record_rows(spec: StudySpec, records: list[dict[str, Any]]) -> tuple[list, l
 
 
 def _best(rec: dict[str, Any], spec: StudySpec) -> float | None:
-    vals = [r[spec.search.metric] for r in rec.get("epoch_rows") or [] if r.get(spec.search.metric) is not None]
+    vals = [
+        r[spec.search.metric] for r in rec.get("epoch_rows") or [] if r.get(spec.search.metric) is not None
+    ]
     if not vals:
         return None
     return max(vals) if spec.search.direction == "maximize" else min(vals)
@@ -219,7 +223,9 @@ class LiveView:
             for rec in ctx.by_tune_id.values():
                 if rec.ended_at is not None and rec.key not in self.seen_done:
                     self.seen_done.add(rec.key)
-                    self.console.print(f"{rec.phase} {rec.cell_id} #{rec.index}: {rec.status}", highlight=False)
+                    self.console.print(
+                        f"{rec.phase} {rec.cell_id} #{rec.index}: {rec.status}", highlight=False
+                    )
             return
         now = time.time()
         if self.live is not None and now - self.last > 0.5:
@@ -245,8 +251,14 @@ class LiveView:
         total = self.planned["search"] + self.planned["final"]
         for (phase, cell_id), c in sorted(by_cell.items()):
             b = best.get((phase, cell_id))
-            t.add_row(f"{phase[0]} {cell_id}", str(c["running"]), str(c["completed"]), str(c["pruned"]),
-                      str(c["failed"] + c["diverged"]), f"{b:.3f}" if b is not None else "-")
+            t.add_row(
+                f"{phase[0]} {cell_id}",
+                str(c["running"]),
+                str(c["completed"]),
+                str(c["pruned"]),
+                str(c["failed"] + c["diverged"]),
+                f"{b:.3f}" if b is not None else "-",
+            )
         elapsed = time.time() - self.t0
         eta = elapsed / done * (total - done) if done else float("nan")
         t.caption = f"{done}/{total} trials ended, {elapsed:.0f}s elapsed, ETA {eta:.0f}s"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -310,7 +309,9 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
                 rates = [0.0] if noise_spec.kind == "none" else noise_spec.rate
                 for rate in rates:
                     space = dict(train_space)
-                    space.update({k: (v.model_dump() if isinstance(v, Ramp) else v) for k, v in params.items()})
+                    space.update(
+                        {k: (v.model_dump() if isinstance(v, Ramp) else v) for k, v in params.items()}
+                    )
                     cells.append(
                         Cell(
                             dataset=spec.dataset.name,
@@ -368,7 +369,9 @@ def _format_error(exc: ValidationError, text: str) -> str:
     err = exc.errors()[0]
     # Union members add their type names to the location; they mean nothing to the user.
     loc = tuple(
-        p for p in err["loc"] if not (isinstance(p, str) and (p[:1].isupper() or p in {"float", "int", "str", "bool"}))
+        p
+        for p in err["loc"]
+        if not (isinstance(p, str) and (p[:1].isupper() or p in {"float", "int", "str", "bool"}))
     )
     path = ".".join(str(p) for p in loc) or "<root>"
     msg = err["msg"].removeprefix("Value error, ")
@@ -418,16 +421,24 @@ def _check_cross_fields(spec: StudySpec, source: str) -> None:
     known_models = models.list_models()
     for i, m in enumerate(spec.models):
         if m.name not in known_models and not m.name.startswith("tv:"):
-            raise SpecError(f"{source}: models.{i}: unknown model {m.name!r} (allowed: {', '.join(known_models)}, tv:<name>)")
-    if spec.distill and spec.distill.student not in known_models and not spec.distill.student.startswith("tv:"):
+            raise SpecError(
+                f"{source}: models.{i}: unknown model {m.name!r} (allowed: {', '.join(known_models)}, tv:<name>)"
+            )
+    if (
+        spec.distill
+        and spec.distill.student not in known_models
+        and not spec.distill.student.startswith("tv:")
+    ):
         raise SpecError(
             f"{source}: distill.student: unknown model {spec.distill.student!r} (allowed: {', '.join(known_models)})"
         )
     if spec.search.sampler == "grid":
         for cell in expand_cells(spec):
             if any(isinstance(v, Range) for v in cell.searched.values()):
-                raise SpecError(f"{source}: search.sampler: grid needs {{grid: [...]}} or {{choices: [...]}} values, "
-                                f"not ranges (cell {cell.cell_id})")
+                raise SpecError(
+                    f"{source}: search.sampler: grid needs {{grid: [...]}} or {{choices: [...]}} values, "
+                    f"not ranges (cell {cell.cell_id})"
+                )
     kind = data.DATASETS[spec.dataset.name].kind
     names = spec.evaluate.corruptions
     if names != "all":
@@ -439,4 +450,6 @@ def _check_cross_fields(spec: StudySpec, source: str) -> None:
     if spec.evaluate.attacks and not spec.evaluate.eps:
         raise SpecError(f"{source}: evaluate.eps: attacks are listed but no eps values are given")
     if "transfer" in spec.evaluate.attacks and "ce" not in spec.regularizers:
-        raise SpecError(f"{source}: evaluate.attacks: 'transfer' crafts on the ce model of each cell, so regularizers must include ce")
+        raise SpecError(
+            f"{source}: evaluate.attacks: 'transfer' crafts on the ce model of each cell, so regularizers must include ce"
+        )

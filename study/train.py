@@ -107,7 +107,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_bundle(cfg: TrialConfig) -> data_lib.DatasetBundle:
-    return data_lib.load_dataset(cfg.dataset, root=cfg.dataset_root, download=cfg.download, **cfg.dataset_options)
+    return data_lib.load_dataset(
+        cfg.dataset, root=cfg.dataset_root, download=cfg.download, **cfg.dataset_options
+    )
 
 
 def prepare_data(cfg: TrialConfig, bundle: data_lib.DatasetBundle | None = None) -> PreparedData:
@@ -127,7 +129,9 @@ def prepare_data(cfg: TrialConfig, bundle: data_lib.DatasetBundle | None = None)
     if cfg.noise_kind == "adversarial":
         kw["probs"] = reference_probabilities(bundle, cfg.model, cfg.model_options, seed=cfg.noise_seed)
         kw["mode"] = cfg.noise_mode or "confident"
-    noisy = noise_lib.corrupt(y_clean, bundle.num_classes, cfg.noise_kind, cfg.noise_rate, cfg.noise_seed, **kw)
+    noisy = noise_lib.corrupt(
+        y_clean, bundle.num_classes, cfg.noise_kind, cfg.noise_rate, cfg.noise_seed, **kw
+    )
     train_idx, val_idx = data_lib.split_train_val(len(y_clean), cfg.val_fraction, seed=cfg.noise_seed)
     y_val = (y_clean if cfg.clean_validation else noisy.labels)[val_idx]
     return PreparedData(
@@ -144,7 +148,12 @@ def prepare_data(cfg: TrialConfig, bundle: data_lib.DatasetBundle | None = None)
 
 def build_model(cfg: TrialConfig, bundle: data_lib.DatasetBundle) -> models.Classifier:
     return models.create_model(
-        cfg.model, bundle.input_shape, bundle.num_classes, mean=bundle.mean, std=bundle.std, **cfg.model_options
+        cfg.model,
+        bundle.input_shape,
+        bundle.num_classes,
+        mean=bundle.mean,
+        std=bundle.std,
+        **cfg.model_options,
     )
 
 
@@ -171,7 +180,11 @@ def _lr_factor(cfg: TrialConfig, step: int, total: int) -> float:
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, x: torch.Tensor, to_float: Callable, device: torch.device, batch_size: int = 1024,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    to_float: Callable,
+    device: torch.device,
+    batch_size: int = 1024,
     features: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (N,K) float32 on CPU, and penultimate features (N,D) when asked."""
@@ -193,11 +206,6 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
-
-def _rng_state(reg: torch.nn.Module) -> dict[str, Any]:
-    gen = getattr(reg, "generator", None)
-    return {"torch": torch.get_rng_state(), "reg": gen.get_state() if isinstance(gen, torch.Generator) else None}
 
 
 def run_trial(
@@ -243,10 +251,9 @@ def run_trial(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         reg.load_state_dict(state["regularizer"])
-        gen.set_state(state["batch_rng"].to("cpu") if device.type == "cpu" else state["batch_rng"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["reg"] is not None:
-            reg.generator.set_state(state["rng"]["reg"])
+        # Generator states are CPU byte tensors whatever map_location did to them.
+        gen.set_state(state["batch_rng"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
         start_epoch, epoch_rows, best = state["epoch"], state["epoch_rows"], tuple(state["best"])
         if state.get("status") in ("diverged", "pruned"):
             return _finish(cfg, prep, model, reg, device, state["status"], epoch_rows, best, t_start, None)
@@ -317,7 +324,7 @@ def run_trial(
                     "optimizer": opt.state_dict(),
                     "regularizer": reg.state_dict(),
                     "batch_rng": gen.get_state(),
-                    "rng": _rng_state(reg),
+                    "torch_rng": torch.get_rng_state(),
                     "epoch": epoch + 1,
                     "epoch_rows": epoch_rows,
                     "best": list(best),
@@ -371,7 +378,9 @@ def _finish(
     return result
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def distill_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Hinton et al. 2015 soft-target loss: T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean."""
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)

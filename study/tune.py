@@ -44,6 +44,17 @@ from study.spec import Cell, StudySpec, expand_cells  # noqa: E402
 TRAIN_FIELDS = ("lr", "weight_decay")
 
 
+class DriverOnly:
+    """Driver-side state that Tune pickles with the Tuner (for Tuner.restore) but never needs back:
+    it holds locks, open files and the live view, so it pickles as an empty shell."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
 class TrialCrash(RuntimeError):
     """Raised inside a trial to test fault handling (see `REGSTUDY_CRASH_CELL`)."""
 
@@ -60,8 +71,9 @@ def _safe(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
-def base_trial_config(spec: StudySpec, cell: Cell, params: dict[str, Any], *, seed: int, phase: str,
-                      checkpoint_dir: str) -> dict[str, Any]:
+def base_trial_config(
+    spec: StudySpec, cell: Cell, params: dict[str, Any], *, seed: int, phase: str, checkpoint_dir: str
+) -> dict[str, Any]:
     """The TrialConfig dict of one trial: the cell, the fixed and sampled values, the phase's settings."""
     values = {**cell.fixed, **params}
     reg_params = {k: v for k, v in values.items() if k not in TRAIN_FIELDS}
@@ -133,8 +145,12 @@ def _trainable(config: dict[str, Any]) -> None:
         "eval_rows": result.eval_rows,
         "epoch_rows": result.epoch_rows,
     }
-    tune.report({"final": json.dumps(payload), "objective": result.best_value if result.best_value is not None
-                 else float("nan")})
+    tune.report(
+        {
+            "final": json.dumps(payload),
+            "objective": result.best_value if result.best_value is not None else float("nan"),
+        }
+    )
 
 
 @dataclass
@@ -233,7 +249,9 @@ class OptunaPruningScheduler(FIFOScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if "final" in result or "epoch" not in result:
             return TrialScheduler.CONTINUE
-        return TrialScheduler.STOP if self.ctx.epoch_result(trial.trial_id, result) else TrialScheduler.CONTINUE
+        return (
+            TrialScheduler.STOP if self.ctx.epoch_result(trial.trial_id, result) else TrialScheduler.CONTINUE
+        )
 
 
 class Collector(Callback):
@@ -274,10 +292,12 @@ def _error_text(trial: Any) -> str:
     return "trial failed (see Ray logs)"
 
 
-class StudyContext:
+class StudyContext(DriverOnly):
     """Driver-side state of a run: records, Optuna studies and the live view."""
 
-    def __init__(self, spec: StudySpec, out: Path, studies: CellStudies | None, on_progress: Callable[[], None]):
+    def __init__(
+        self, spec: StudySpec, out: Path, studies: CellStudies | None, on_progress: Callable[[], None]
+    ):
         self.spec, self.out, self.studies = spec, out, studies
         self.records = Records(out / "records")
         self.by_tune_id: dict[str, TrialRecord] = {}
@@ -293,11 +313,25 @@ class StudyContext:
     def new_search_trial(self, tune_id: str, cell: Cell, trial: Any) -> dict[str, Any]:
         key = trial_key("search", cell.cell_id, trial.number)
         params = dict(trial.params)
-        config = base_trial_config(self.spec, cell, params, seed=self.spec.search.seed, phase="search",
-                                   checkpoint_dir=self._checkpoint_dir(key))
-        rec = TrialRecord(key=key, trial_id=trial_id_for(self.spec.name, key), phase="search", cell_id=cell.cell_id,
-                          index=trial.number, config=config, params=params, optuna_number=trial.number,
-                          optuna_id=trial._trial_id)
+        config = base_trial_config(
+            self.spec,
+            cell,
+            params,
+            seed=self.spec.search.seed,
+            phase="search",
+            checkpoint_dir=self._checkpoint_dir(key),
+        )
+        rec = TrialRecord(
+            key=key,
+            trial_id=trial_id_for(self.spec.name, key),
+            phase="search",
+            cell_id=cell.cell_id,
+            index=trial.number,
+            config=config,
+            params=params,
+            optuna_number=trial.number,
+            optuna_id=trial._trial_id,
+        )
         self.by_tune_id[tune_id] = rec
         self.progress()
         return {"trial": config, "meta": {"cell_id": cell.cell_id, "key": key, "phase": "search"}}
@@ -306,7 +340,9 @@ class StudyContext:
         rec = self.by_tune_id.get(tune_id)
         if rec is None or self.studies is None or rec.phase != "search":
             return False
-        prune = self.studies.report_and_should_prune(rec.optuna_id, float(result["objective"]), int(result["epoch"]))
+        prune = self.studies.report_and_should_prune(
+            rec.optuna_id, float(result["objective"]), int(result["epoch"])
+        )
         if prune:
             rec.status = "pruned"
             self.studies.tell(rec.optuna_id, TrialState.PRUNED, status="pruned")
@@ -346,10 +382,13 @@ class StudyContext:
 
     def new_final_config(self, cell: Cell, params: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
         key = trial_key("final", cell.cell_id, seed)
-        config = base_trial_config(self.spec, cell, params, seed=seed, phase="final",
-                                   checkpoint_dir=self._checkpoint_dir(key))
-        return key, {"trial": config, "meta": {"cell_id": cell.cell_id, "key": key, "phase": "final",
-                                               "params": params, "seed": seed}}
+        config = base_trial_config(
+            self.spec, cell, params, seed=seed, phase="final", checkpoint_dir=self._checkpoint_dir(key)
+        )
+        return key, {
+            "trial": config,
+            "meta": {"cell_id": cell.cell_id, "key": key, "phase": "final", "params": params, "seed": seed},
+        }
 
 
 class FinalTracker(Callback):
@@ -365,8 +404,13 @@ class FinalTracker(Callback):
         meta = config["meta"]
         key = meta["key"]
         self.ctx.by_tune_id[trial.trial_id] = TrialRecord(
-            key=key, trial_id=trial_id_for(self.ctx.spec.name, key), phase="final", cell_id=meta["cell_id"],
-            index=meta["seed"], config=config["trial"], params=meta["params"],
+            key=key,
+            trial_id=trial_id_for(self.ctx.spec.name, key),
+            phase="final",
+            cell_id=meta["cell_id"],
+            index=meta["seed"],
+            config=config["trial"],
+            params=meta["params"],
         )
         self.ctx.progress()
 
@@ -383,9 +427,16 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> RayHandle:
     if address in (None, "local"):
         # Unix socket paths must stay short: a private dir directly under /tmp.
         temp_dir = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
-        ray.init(address="local", _temp_dir=temp_dir, num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=True, logging_level="ERROR",
-                 _node_ip_address="127.0.0.1")
+        ray.init(
+            address="local",
+            _temp_dir=temp_dir,
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=True,
+            logging_level="ERROR",
+            _node_ip_address="127.0.0.1",
+        )
         return RayHandle("local", temp_dir, True)
     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     return RayHandle(address, None, False)
@@ -396,7 +447,11 @@ def check_address(address: str, timeout_s: float = 5.0) -> str | None:
     import socket
 
     if address in ("auto", "local") or address.startswith("ray://") is False and ":" not in address:
-        return None if address in ("auto", "local") else f"--address must be host:port, 'auto' or 'local', got {address!r}"
+        return (
+            None
+            if address in ("auto", "local")
+            else f"--address must be host:port, 'auto' or 'local', got {address!r}"
+        )
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     try:
@@ -456,7 +511,9 @@ def run_final_phase(spec: StudySpec, out: Path, ctx: StudyContext, max_concurren
         params, _ = ctx.studies.best_params(cell)
         if not params and cell.searched:
             continue  # every search trial of this cell failed: nothing to retrain
-        for seed in range(spec.final.seeds):
+        # Final seeds start at 1: seed 0 trained the search trials, and re-using it would carry the
+        # selection's luck (winner's curse) into the final estimate.
+        for seed in range(1, spec.final.seeds + 1):
             key, config = ctx.new_final_config(cell, params, seed)
             if key in done and done[key]["status"] in ("completed", "diverged", "failed"):
                 continue

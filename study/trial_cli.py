@@ -1,0 +1,131 @@
+"""`study trial`: one trial from the command line, with a per-epoch progress bar and a metrics table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def parse_noise(text: str) -> tuple[str, float, str | None]:
+    """'none' | 'KIND:RATE' | 'adversarial-MODE:RATE' -> (kind, rate, mode)."""
+    if text == "none":
+        return "none", 0.0, None
+    kind, sep, rate = text.partition(":")
+    if not sep:
+        raise ValueError(f"--noise must be KIND:RATE (e.g. symmetric:0.4) or none, but got {text!r}")
+    mode = None
+    if "-" in kind:
+        kind, mode = kind.split("-", 1)
+    try:
+        return kind, float(rate), mode
+    except ValueError:
+        raise ValueError(f"--noise rate must be a number in [0, 1], but got {rate!r}") from None
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param must be key=value, but got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def run_trial_command(
+    *,
+    dataset: str,
+    model: str,
+    regularizer: str,
+    params: list[str],
+    noise: str,
+    epochs: int,
+    seed: int,
+    noise_seed: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    optimizer: str,
+    root: str | None,
+    checkpoint_dir: Path | None,
+    device: str,
+    as_json: bool,
+    on_bad_input: Callable[[str], None],
+) -> None:
+    from study import data, models, regularizers
+    from study import noise as noise_lib
+    from study.train import TrialConfig, build_model, prepare_data, run_trial
+
+    # Everything that can be wrong with the input is checked before training starts (exit 2).
+    try:
+        reg_params = parse_params(params)
+        regularizers.validate_params(regularizer, reg_params)
+        kind, rate, mode = parse_noise(noise)
+        noise_lib.validate_noise(kind, rate, mode=mode)
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"--optimizer must be one of adamw, sgd, but got {optimizer!r}")
+        if dataset not in data.list_datasets():
+            raise ValueError(f"unknown dataset {dataset!r} (allowed: {', '.join(data.list_datasets())})")
+        if model not in models.list_models() and not model.startswith("tv:"):
+            raise ValueError(f"unknown model {model!r} (allowed: {', '.join(models.list_models())}, tv:<name>)")
+        cfg = TrialConfig(
+            dataset=dataset, dataset_root=root, model=model, regularizer=regularizer, reg_params=reg_params,
+            noise_kind=kind, noise_rate=rate, noise_mode=mode, noise_seed=noise_seed, seed=seed, epochs=epochs,
+            lr=lr, weight_decay=weight_decay, batch_size=batch_size, optimizer=optimizer, device=device,
+            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+        )
+        bundle = data.load_dataset(dataset, root=root)
+        build_model(cfg, bundle)
+    except (ValueError, FileNotFoundError) as exc:
+        on_bad_input(str(exc).splitlines()[0])
+        return
+    console = Console(stderr=as_json)
+    prepared = prepare_data(cfg, bundle)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=console, disable=as_json, transient=False,
+    )
+    with progress:
+        task = progress.add_task(f"{model}/{regularizer}", total=epochs, info="")
+
+        def report(row: dict[str, Any]) -> bool:
+            progress.update(task, completed=row["epoch"],
+                            info=f"loss {row['train_loss']:.3f} val acc {row['val_accuracy']:.3f}")
+            return False
+
+        result = run_trial(cfg, report, prepared=prepared)
+        progress.update(task, completed=result.epochs_run)
+    summary = {
+        "status": result.status,
+        "epochs": result.epochs_run,
+        "best_val_accuracy": result.best_value,
+        "realized_noise_rate": result.realized_noise_rate,
+        "wall_s": round(result.wall_s, 3),
+        "device": result.device,
+        "final_train_acc": result.epoch_rows[-1]["train_acc"] if result.epoch_rows else None,
+        "metrics": {r["metric"]: r["value"] for r in result.eval_rows
+                    if r["condition"] == "clean" and not r["metric"].startswith("bin_")},
+        "config": cfg.model_dump(),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        table = Table(title=f"{dataset} / {model} / {regularizer} / noise {noise}  ({result.status})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k in ("final_train_acc", "best_val_accuracy", "realized_noise_rate", "wall_s"):
+            if summary[k] is not None:
+                table.add_row(k, f"{summary[k]:.4f}" if isinstance(summary[k], float) else str(summary[k]))
+        for k, v in summary["metrics"].items():
+            table.add_row(k, f"{v:.4f}")
+        console.print(table)
+    if result.status != "completed":
+        raise typer.Exit(1)
