@@ -33,9 +33,7 @@ def _bad_input(message: str) -> NoReturn:
 def run(
     spec: Path = typer.Argument(..., help="Study spec (YAML)."),
     out: Path | None = typer.Option(None, "--out", help="Results directory (default results/<name>)."),
-    address: str | None = typer.Option(
-        None, "--address", help="Ray cluster address (default: local Ray)."
-    ),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted study in --out."),
     max_concurrent: int | None = typer.Option(None, "--max-concurrent", min=1, help="Trials at once."),
     quiet: bool = typer.Option(False, "--quiet", help="Plain log lines instead of the live view."),

@@ -20,8 +20,9 @@ def print_plan(spec: StudySpec, console: Console) -> dict[str, int]:
     table.add_column("searched", overflow="fold")
     table.add_column("fixed", overflow="fold")
     for c in cells:
-        table.add_row(c.cell_id, ", ".join(c.searched) or "-",
-                      ", ".join(f"{k}={v}" for k, v in c.fixed.items()))
+        table.add_row(
+            c.cell_id, ", ".join(c.searched) or "-", ", ".join(f"{k}={v}" for k, v in c.fixed.items())
+        )
     console.print(table)
     r = spec.resources
     console.print(

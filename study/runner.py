@@ -300,6 +300,7 @@ def run_study(
             manifest["status"] = "search_done"
             _write_json(out_dir / "manifest.json", manifest)
             tune_lib.run_final_phase(spec, out_dir, ctx, slots)
+            tune_lib.run_post_phase(spec, ctx, slots)
         write_tables(spec, out_dir)
         status = "completed"
     except KeyboardInterrupt:

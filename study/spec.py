@@ -366,7 +366,12 @@ def _yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
 
 
 def _format_error(exc: ValidationError, text: str) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # A value of a union type (number | range | choices | ...) fails once per member; the member whose
+    # own check failed (e.g. "low must be <= high") says more than "Input should be a valid number".
+    err = next((e for e in errors if e["type"] == "value_error"), None) or next(
+        (e for e in errors if e["type"] == "extra_forbidden"), errors[0]
+    )
     # Union members add their type names to the location; they mean nothing to the user.
     loc = tuple(
         p
@@ -432,6 +437,18 @@ def _check_cross_fields(spec: StudySpec, source: str) -> None:
         raise SpecError(
             f"{source}: distill.student: unknown model {spec.distill.student!r} (allowed: {', '.join(known_models)})"
         )
+    data_kind = data.DATASETS[spec.dataset.name].kind
+    named = [(f"models.{i}", m.name) for i, m in enumerate(spec.models)]
+    if spec.distill:
+        named.append(("distill.student", spec.distill.student))
+    for field_path, name in named:
+        entry = models.MODELS.get(name)
+        needs = entry.input_kind if entry else ("image" if name.startswith("tv:") else "any")
+        if needs not in ("any", data_kind):
+            raise SpecError(
+                f"{source}: {field_path}: model {name!r} needs {needs} inputs, but dataset "
+                f"{spec.dataset.name!r} has {data_kind} inputs"
+            )
     if spec.search.sampler == "grid":
         for cell in expand_cells(spec):
             if any(isinstance(v, Range) for v in cell.searched.values()):

@@ -75,11 +75,26 @@ def run_trial_command(
         if dataset not in data.list_datasets():
             raise ValueError(f"unknown dataset {dataset!r} (allowed: {', '.join(data.list_datasets())})")
         if model not in models.list_models() and not model.startswith("tv:"):
-            raise ValueError(f"unknown model {model!r} (allowed: {', '.join(models.list_models())}, tv:<name>)")
+            raise ValueError(
+                f"unknown model {model!r} (allowed: {', '.join(models.list_models())}, tv:<name>)"
+            )
         cfg = TrialConfig(
-            dataset=dataset, dataset_root=root, model=model, regularizer=regularizer, reg_params=reg_params,
-            noise_kind=kind, noise_rate=rate, noise_mode=mode, noise_seed=noise_seed, seed=seed, epochs=epochs,
-            lr=lr, weight_decay=weight_decay, batch_size=batch_size, optimizer=optimizer, device=device,
+            dataset=dataset,
+            dataset_root=root,
+            model=model,
+            regularizer=regularizer,
+            reg_params=reg_params,
+            noise_kind=kind,
+            noise_rate=rate,
+            noise_mode=mode,
+            noise_seed=noise_seed,
+            seed=seed,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            device=device,
             checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         )
         bundle = data.load_dataset(dataset, root=root)
@@ -90,15 +105,24 @@ def run_trial_command(
     console = Console(stderr=as_json)
     prepared = prepare_data(cfg, bundle)
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), console=console, disable=as_json, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=as_json,
+        transient=False,
     )
     with progress:
         task = progress.add_task(f"{model}/{regularizer}", total=epochs, info="")
 
         def report(row: dict[str, Any]) -> bool:
-            progress.update(task, completed=row["epoch"],
-                            info=f"loss {row['train_loss']:.3f} val acc {row['val_accuracy']:.3f}")
+            progress.update(
+                task,
+                completed=row["epoch"],
+                info=f"loss {row['train_loss']:.3f} val acc {row['val_accuracy']:.3f}",
+            )
             return False
 
         result = run_trial(cfg, report, prepared=prepared)
@@ -111,8 +135,11 @@ def run_trial_command(
         "wall_s": round(result.wall_s, 3),
         "device": result.device,
         "final_train_acc": result.epoch_rows[-1]["train_acc"] if result.epoch_rows else None,
-        "metrics": {r["metric"]: r["value"] for r in result.eval_rows
-                    if r["condition"] == "clean" and not r["metric"].startswith("bin_")},
+        "metrics": {
+            r["metric"]: r["value"]
+            for r in result.eval_rows
+            if r["condition"] == "clean" and not r["metric"].startswith("bin_")
+        },
         "config": cfg.model_dump(),
     }
     if as_json:

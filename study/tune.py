@@ -55,10 +55,6 @@ class DriverOnly:
         self.__dict__.update(state)
 
 
-class TrialCrash(RuntimeError):
-    """Raised inside a trial to test fault handling (see `REGSTUDY_CRASH_CELL`)."""
-
-
 def trial_key(phase: str, cell_id: str, index: int) -> str:
     return f"{phase}|{cell_id}|{index}"
 
@@ -121,10 +117,7 @@ def _trainable(config: dict[str, Any]) -> None:
     from study.train import TrialConfig, run_trial
 
     cfg = TrialConfig(**config["trial"])
-    meta = config["meta"]
-    crash_cell = os.environ.get("REGSTUDY_CRASH_CELL")
-    if crash_cell and crash_cell == meta["cell_id"]:
-        raise TrialCrash(f"injected crash in cell {crash_cell}")
+    started_at = time.time()
 
     def report(row: dict[str, Any]) -> bool:
         tune.report({**row, "objective": row[cfg.metric]})
@@ -142,6 +135,7 @@ def _trainable(config: dict[str, Any]) -> None:
         "wall_s": result.wall_s,
         "device": result.device,
         "node": node,
+        "started_at": started_at,
         "eval_rows": result.eval_rows,
         "epoch_rows": result.epoch_rows,
     }
@@ -191,6 +185,12 @@ class Records:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec.to_json(), default=str))
+        os.replace(tmp, path)
+
+    def save_dict(self, rec: dict[str, Any]) -> None:
+        path = self.path(rec["phase"], rec["key"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, default=str))
         os.replace(tmp, path)
 
     def load_all(self, phase: str) -> dict[str, dict[str, Any]]:
@@ -267,8 +267,7 @@ class Collector(Callback):
         if "final" in result:
             rec.payload = json.loads(result["final"])
         elif "epoch" in result:
-            row = {k: result[k] for k in result if k in EPOCH_KEYS or k.startswith("term_")}
-            rec.epoch_rows = [r for r in rec.epoch_rows if r["epoch"] != row["epoch"]] + [row]
+            StudyContext.add_epoch_row(rec, result)
         self.ctx.progress()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -340,19 +339,31 @@ class StudyContext(DriverOnly):
         rec = self.by_tune_id.get(tune_id)
         if rec is None or self.studies is None or rec.phase != "search":
             return False
+        self.add_epoch_row(rec, result)
         prune = self.studies.report_and_should_prune(
             rec.optuna_id, float(result["objective"]), int(result["epoch"])
         )
         if prune:
+            # Record first, then tell Optuna: a driver killed in between leaves a record whose trial
+            # Optuna still shows RUNNING (resume re-attaches it), never a finished trial without a row.
             rec.status = "pruned"
+            self.finish(tune_id, error=None)
             self.studies.tell(rec.optuna_id, TrialState.PRUNED, status="pruned")
         return prune
+
+    @staticmethod
+    def add_epoch_row(rec: TrialRecord, result: dict) -> None:
+        row = {k: result[k] for k in result if k in EPOCH_KEYS or k.startswith("term_")}
+        rec.epoch_rows = [r for r in rec.epoch_rows if r["epoch"] != row["epoch"]] + [row]
 
     def search_trial_ended(self, tune_id: str, result: dict | None, error: bool) -> None:
         rec = self.by_tune_id.get(tune_id)
         if rec is None or self.studies is None or rec.status == "pruned":
             return
-        payload = json.loads(result["final"]) if result and "final" in result else rec.payload
+        if result and "final" in result:
+            rec.payload = json.loads(result["final"])
+        self.finish(tune_id, error="trial failed" if error else None)
+        payload = rec.payload
         if error or payload is None:
             self.studies.tell(rec.optuna_id, TrialState.FAIL, status="failed")
         elif payload["status"] == "completed" and payload["best_value"] is not None:
@@ -363,7 +374,12 @@ class StudyContext(DriverOnly):
 
     def finish(self, tune_id: str, error: str | None) -> None:
         rec = self.by_tune_id.get(tune_id)
-        if rec is None or rec.ended_at is not None:
+        if rec is None:
+            return
+        if rec.ended_at is not None:
+            if error is not None and rec.status == "failed" and error != rec.error:
+                rec.error = error  # the callback knows the real error text; the searcher did not
+                self.records.save(rec)
             return
         rec.ended_at = time.time()
         if error is not None:
@@ -372,11 +388,10 @@ class StudyContext(DriverOnly):
             rec.status = rec.payload["status"] if rec.payload else "failed"
             if rec.payload is None:
                 rec.error = "trial ended without a final result"
-        if rec.payload and rec.epoch_rows == [] and rec.payload.get("epoch_rows"):
-            rec.epoch_rows = rec.payload["epoch_rows"]
         if rec.payload:
             # Epoch rows restored from a checkpoint on resume are in the payload, not in the live stream.
             rec.epoch_rows = rec.payload.get("epoch_rows") or rec.epoch_rows
+            rec.started_at = rec.payload.get("started_at", rec.started_at)
         self.records.save(rec)
         self.progress()
 
@@ -537,6 +552,57 @@ def run_final_phase(spec: StudySpec, out: Path, ctx: StudyContext, max_concurren
     tuner.fit()
 
 
+def run_post_phase(spec: StudySpec, ctx: StudyContext, max_concurrent: int) -> None:
+    """Transfer attacks (crafted on the ce model of the same cell and seed) and distillation, as Ray
+    tasks over the finished final-phase models. Skips what earlier (interrupted) runs already did."""
+    from study import post
+
+    want_transfer = "transfer" in spec.evaluate.attacks and bool(spec.evaluate.eps)
+    if not (want_transfer or spec.distill):
+        return
+    records = ctx.records.load_all("final")
+    done = {k: r for k, r in records.items() if r["status"] == "completed" and r.get("payload")}
+    by_cell_seed = {(r["cell_id"], r["index"]): r for r in done.values()}
+    jobs: list[tuple[str, str, Any]] = []  # (record key, kind, ObjectRef)
+    remote = ray.remote(num_cpus=spec.resources.cpus_per_trial, num_gpus=spec.resources.gpus_per_trial)
+    transfer_task, distill_task = remote(post.transfer_rows), remote(post.distill_rows)
+    for key, rec in done.items():
+        conditions = {row["condition"] for row in rec["payload"]["eval_rows"]}
+        cell = ctx.cells.get(rec["cell_id"])
+        if cell is None:
+            continue
+        if want_transfer and cell.regularizer != "ce" and "transfer" not in conditions:
+            ce_id = f"{cell.dataset}/{cell.model}/ce/{cell.noise_setting}"
+            source = by_cell_seed.get((ce_id, rec["index"]))
+            if source is not None:
+                jobs.append((key, "transfer", transfer_task.remote(rec["config"], source["config"])))
+        if spec.distill and "distill" not in conditions:
+            jobs.append((key, "distill", distill_task.remote(rec["config"], spec.distill.model_dump())))
+    pending = {ref: (key, kind) for key, kind, ref in jobs}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        key, kind = pending.pop(ready[0])
+        rec = done[key]
+        try:
+            rows = ray.get(ready[0])
+        except Exception as exc:  # noqa: BLE001 - one failed evaluation must not lose the others
+            rec["payload"].setdefault("post_errors", []).append(f"{kind}: {str(exc).splitlines()[-1]}")
+            ctx.records.save_dict(rec)
+            continue
+        evals = rec["payload"]["eval_rows"]
+        evals.extend(rows)
+        if kind == "transfer":
+            from study import attacks
+
+            acc_rows = [r for r in evals if r["metric"] == "accuracy" and r["condition"] in attacks.ATTACKS]
+            evals[:] = [r for r in evals if r["metric"] != "gradient_masking"]
+            flag = attacks.gradient_masking_flag(acc_rows)
+            evals.append({"split": "test", "condition": "pgd_ce", "severity": None,
+                          "metric": "gradient_masking", "value": float(flag)})
+        ctx.records.save_dict(rec)
+        ctx.progress()
+
+
 def _indexed_trainable(configs: list[dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
     def run(config: dict[str, Any]) -> None:
         _trainable(configs[config["_grid"]])
@@ -554,6 +620,7 @@ __all__ = [
     "init_ray",
     "run_search_phase",
     "run_final_phase",
+    "run_post_phase",
     "cluster_slots",
     "check_address",
     "shutdown",

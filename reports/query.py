@@ -1,0 +1,97 @@
+"""SQL over a results directory (DuckDB views on the Parquet files) and study discovery."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+
+from reports.build import TABLES, ResultsError, _one_line, check_parquet
+
+
+def run_query(out_dir: str | os.PathLike, sql: str) -> pd.DataFrame:
+    """Run ``sql`` on an in-memory DuckDB with views trials, epochs, evals, summary (those present).
+
+    The views expose the Parquet columns unchanged except ``trials.metric`` (the tuned objective),
+    which is named ``objective_metric`` so that evals/summary joins on trial_id stay unambiguous.
+
+    Raises:
+        ResultsError: not a study directory (no Parquet table), an unreadable/too-new Parquet file,
+            or any DuckDB error (its message on one line).
+    """
+    path = Path(out_dir)
+    if not path.is_dir():
+        raise ResultsError(f"{path}: not a directory")
+    present = [t for t in TABLES if (path / f"{t}.parquet").is_file()]
+    if not present:
+        raise ResultsError(f"{path}: not a study results directory (no trials/epochs/evals/summary Parquet)")
+    con = duckdb.connect(":memory:")
+    try:
+        for name in present:
+            file = path / f"{name}.parquet"
+            check_parquet(file)  # same schema-version and integrity rules as the Python reader
+            quoted = str(file).replace("'", "''")
+            # trials.metric (the tuned objective, e.g. val_accuracy) would make every
+            # `evals JOIN trials USING (trial_id)` ambiguous on `metric`: the view calls it objective_metric.
+            cols = (
+                "* RENAME (metric AS objective_metric)" if name == "trials" and _has(file, "metric") else "*"
+            )
+            con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM read_parquet('{quoted}')")
+        return con.execute(sql).df()
+    except duckdb.Error as exc:
+        raise ResultsError(_one_line(exc)) from exc
+    finally:
+        con.close()
+
+
+def _has(file: Path, column: str) -> bool:
+    return column in pq.read_schema(file).names
+
+
+def _status_counts(file: Path) -> dict[str, int]:
+    try:
+        col = pq.read_table(file, columns=["status"]).column("status").to_pylist()
+    except Exception:  # a listing should not fail on one unreadable study
+        return {}
+    counts: dict[str, int] = {}
+    for s in col:
+        counts[str(s)] = counts.get(str(s), 0) + 1
+    return counts
+
+
+def list_studies(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Studies (dirs with manifest.json) at ``root`` or up to 2 levels below, sorted by path.
+
+    Returns:
+        One dict per study: study, path, status, trials ({status: count}), last_modified (unix s,
+        newest file in the directory).
+
+    Raises:
+        ResultsError: ``root`` is not a directory.
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise ResultsError(f"{base}: not a directory")
+    found = [base, *base.glob("*/"), *base.glob("*/*/")]
+    out = []
+    for d in sorted({p for p in found if (p / "manifest.json").is_file()}):
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+            manifest = manifest if isinstance(manifest, dict) else {}
+            status = str(manifest.get("status", "unknown"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            manifest, status = {}, "unreadable manifest"
+        files = [f for f in d.iterdir() if f.is_file()]
+        out.append({
+            "study": str(manifest.get("study") or d.name),
+            "path": str(d),
+            "status": status,
+            "trials": _status_counts(d / "trials.parquet") if (d / "trials.parquet").is_file() else {},
+            "last_modified": max(f.stat().st_mtime for f in files) if files else None,
+        })  # fmt: skip
+    return out

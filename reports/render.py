@@ -1,0 +1,352 @@
+"""Report tables: rich (terminal, fits 80 columns), markdown and LaTeX from one table model.
+
+One table per question and (dataset, model): rows = regularizers (ce first), columns = noise
+settings. A value cell is "mean ± 95% CI half-width" over final-phase seeds, with the difference to
+CE of the same setting and a significance mark after Holm correction (* p_adj < 0.05, ** < 0.01).
+The best mean of each column is bold (lower is better for ECE/NLL-like metrics).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.table import Table as RichTable
+from rich.text import Text
+
+from reports.build import Study
+from reports.stats import CORRECTION, REFERENCE, best_trials, summarize
+
+HIGHER, LOWER, NEITHER = 1, -1, 0
+# (question, [(split, condition, metric, label, better)]); severity handled per condition below.
+QUESTIONS = [
+    ("Clean test accuracy", [("test", "clean", "accuracy", "accuracy", HIGHER)]),
+    (
+        "Calibration",
+        [
+            ("test", "clean", "ece", "ECE", LOWER),
+            ("test", "clean", "nll", "NLL", LOWER),
+            ("test", "clean", "ece_ts", "ECE after temperature scaling", LOWER),
+            ("test", "clean", "overconfidence_on_errors", "mean confidence on errors", LOWER),
+        ],
+    ),
+    (
+        "Feature geometry",
+        [
+            ("test", "clean", "r2", "R² = 1 - d_within/d_total (higher = more separable)", HIGHER),
+            ("test", "clean", "d_within", "d_within (within-class cosine distance)", NEITHER),
+        ],
+    ),
+    (
+        "Distillation",
+        [
+            ("test", "distill", "student_accuracy", "student accuracy", HIGHER),
+            ("test", "distill", "teacher_accuracy", "teacher accuracy", HIGHER),
+        ],
+    ),
+]
+_KIND_ORDER = ("none", "symmetric", "asymmetric", "pairflip", "instance", "adversarial")
+ROBUST_CONDITIONS = ("fgsm", "pgd_ce", "pgd_dlr", "transfer", "corruption_mean")
+_ABBREV = {"symmetric": "sym", "asymmetric": "asym", "pairflip": "pair", "instance": "inst",
+           "adversarial": "adv", "confident": "conf", "boundary": "bnd"}  # fmt: skip
+
+
+@dataclass
+class Value:
+    """One table cell: a mean over seeds with its CI half-width, delta vs CE and significance."""
+
+    mean: float
+    half: float = math.nan
+    delta: float = math.nan
+    stars: str = ""
+    is_ref: bool = False
+    best: bool = False
+
+
+@dataclass
+class Table:
+    """A rendered-agnostic table: ``rows`` hold (row label, cells); a cell is a Value, text or None."""
+
+    question: str
+    title: str
+    columns: list[str]
+    rows: list[tuple[str, list[Value | str | None]]] = field(default_factory=list)
+    first: str = "regularizer"
+    noise_columns: bool = True  # columns are noise settings (abbreviated in narrow terminals)
+
+
+def abbreviate(setting: str) -> str:
+    """Short header for a noise setting: "adversarial-confident:0.2" -> "adv-conf 0.2"."""
+    head, _, rate = setting.partition(":")
+    short = "-".join(_ABBREV.get(p, p) for p in head.split("-"))
+    return f"{short} {rate}" if rate else short
+
+
+def _order_settings(df: pd.DataFrame) -> list[str]:
+    keys = df.drop_duplicates("noise_setting")[["noise_setting", "noise_kind", "noise_rate"]]
+    kind = keys["noise_kind"].map(lambda k: _KIND_ORDER.index(k) if k in _KIND_ORDER else len(_KIND_ORDER))
+    keys = keys.assign(_k=kind).sort_values(["_k", "noise_kind", "noise_rate", "noise_setting"])
+    return keys["noise_setting"].tolist()
+
+
+def _order_regs(regs) -> list[str]:
+    regs = sorted(set(pd.unique(pd.Series(regs)).tolist()))
+    return ([REFERENCE] if REFERENCE in regs else []) + [r for r in regs if r != REFERENCE]
+
+
+def _stars(p: float) -> str:
+    return "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+def _value_table(question: str, title: str, sub: pd.DataFrame, regs: list[str], cols: list[str], better: int):
+    table = Table(question, title, cols)
+    by = {(r.regularizer, r.noise_setting): r for r in sub.itertuples(index=False)}
+    cells: dict[tuple[str, str], Value] = {}
+    for (reg, ns), r in by.items():
+        cells[reg, ns] = Value(
+            mean=float(r.mean), half=float(r.ci_high - r.mean) if pd.notna(r.ci_high) else math.nan,
+            delta=float(r.delta_vs_ce) if pd.notna(r.delta_vs_ce) else math.nan,
+            stars=_stars(r.p_adjusted) if pd.notna(r.p_adjusted) else "", is_ref=reg == REFERENCE,
+        )  # fmt: skip
+    if better != NEITHER:
+        for ns in cols:
+            vals = [
+                (v.mean * better, reg) for (reg, n), v in cells.items() if n == ns and np.isfinite(v.mean)
+            ]
+            if len(vals) > 1:
+                cells[max(vals)[1], ns].best = True
+    for reg in regs:
+        table.rows.append((reg, [cells.get((reg, ns)) for ns in cols]))
+    return table
+
+
+def _economics(trials: pd.DataFrame, regs: list[str]) -> Table:
+    search = trials[trials["phase"] == "search"]
+    cols = ["trials", "done", "pruned", "ep. saved", "failed", "diverged"]
+    title = "search trials; epochs saved = Σ over pruned (max_epochs - epochs)"
+    table = Table("Search economics", title, cols, noise_columns=False)
+    for reg in regs:
+        s = search[search["regularizer"] == reg]
+        pruned = s[s["status"] == "pruned"]
+        n = len(s)
+        row = [
+            str(n),
+            str(int((s["status"] == "completed").sum())),
+            f"{100 * len(pruned) / n:.0f}%" if n else "-",
+            str(int((pruned["max_epochs"] - pruned["epochs"]).sum())),
+            str(int((s["status"] == "failed").sum())),
+            str(int((s["status"] == "diverged").sum())),
+        ]
+        table.rows.append((reg, row))
+    return table
+
+
+_TABLE_COLS = ["dataset", "model", "regularizer", "noise_setting", "split", "condition", "severity", "metric",
+               "mean", "ci_high", "delta_vs_ce", "p_adjusted"]  # fmt: skip
+
+
+def _specs(
+    question: str, index: dict, dataset: str, model: str
+) -> list[tuple[str, str, float, str, str, int]]:
+    """(split, condition, severity, metric, label, better) of the tables answering ``question``."""
+    if question != "Robustness":
+        return [
+            (s, c, np.nan, m, lab, b) for q, items in QUESTIONS if q == question for s, c, m, lab, b in items
+        ]
+    out = []
+    for cond in sorted(ROBUST_CONDITIONS):
+        sub = index.get((dataset, model, "test", cond, "accuracy"))
+        if sub is None:
+            continue
+        for sev in sorted(sub["severity"].unique(), key=lambda v: -np.inf if pd.isna(v) else v):
+            what = "level" if cond == "corruption_mean" else "eps"
+            label = f"{cond}, {what} {sev:g}: accuracy" if pd.notna(sev) else f"{cond}: accuracy"
+            out.append(("test", cond, sev, "accuracy", label, HIGHER))
+    return out
+
+
+def _best_strength(best: dict, regs: list[str], cols: list[str], where: str) -> Table:
+    table = Table("Search economics", f"{where}: best strength (search phase)", cols)
+    for reg in regs:
+        vals: list[Value | str | None] = []
+        for ns in cols:
+            v = best.get((reg, ns))
+            vals.append(f"{v:.3g}" if v is not None and pd.notna(v) else "-")
+        table.rows.append((reg, vals))
+    return table
+
+
+def build_tables(study: Study, summary: pd.DataFrame | None = None) -> list[Table]:
+    """All report tables of a study: questions in order, then one table per (dataset, model) and metric."""
+    if summary is None:
+        summary = study.summary if study.summary is not None else summarize(study.trials, study.evals)
+    # Index the summary once: filtering a 100k-row frame per table dominated the render time.
+    keys = ["dataset", "model", "split", "condition", "metric"]
+    index = dict(iter(summary[_TABLE_COLS].groupby(keys, sort=False))) if len(summary) else {}
+    best_all = best_trials(study.trials)
+    groups = [
+        (key, tr, _order_regs(tr["regularizer"]), _order_settings(tr))
+        for key, tr in study.trials.groupby(["dataset", "model"], sort=True)
+    ]
+    tables: list[Table] = []
+    questions = [q for q, _ in QUESTIONS[:2]] + ["Robustness"] + [q for q, _ in QUESTIONS[2:]]
+    for question in [*questions, "Search economics"]:
+        for (dataset, model), tr, regs, cols in groups:
+            where = f"{dataset} / {model}"
+            if question == "Search economics":
+                econ = _economics(tr, regs)
+                econ.title = f"{where}: {econ.title}"
+                b = best_all[(best_all["dataset"] == dataset) & (best_all["model"] == model)]
+                best = dict(
+                    zip(zip(b["regularizer"], b["noise_setting"], strict=True), b["strength"], strict=True)
+                )
+                tables += [econ, _best_strength(best, regs, cols, where)]
+                continue
+            for split, cond, sev, metric, label, better in _specs(question, index, dataset, model):
+                sub = index.get((dataset, model, split, cond, metric))
+                if sub is None:
+                    continue
+                sub = sub[sub["severity"].isna()] if pd.isna(sev) else sub[sub["severity"] == sev]
+                if len(sub):
+                    tables.append(_value_table(question, f"{where}: {label}", sub, regs, cols, better))
+    return tables
+
+
+def header_lines(study: Study) -> list[str]:
+    """Report header: study, status, the statistics used, and a warning for partial results."""
+    n = len(study.trials)
+    lines = [f"Study {study.name}: status {study.status}, {n} trials ({study.path})"]
+    if study.partial:
+        lines.append("PARTIAL RESULTS: the study has not completed; numbers may change.")
+    lines.append(
+        "Cells: mean ± 95% t-CI half-width over final-phase seeds; second value: difference to ce "
+        "(same dataset/model/noise). Paired t-test across seeds (scipy ttest_rel), "
+        f"correction: {CORRECTION}; * p_adj < 0.05, ** p_adj < 0.01. Bold: best in column."
+    )
+    return lines
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3f}" if abs(v) < 100 else f"{v:.4g}"
+
+
+def _rich_cell(c: Value | str | None) -> Text:
+    if c is None:
+        return Text("-", style="dim")
+    if isinstance(c, str):
+        return Text(c)
+    out = Text(_fmt(c.mean), style="bold" if c.best else "")
+    if np.isfinite(c.half):
+        out.append(f"±{_fmt(c.half)}")
+    if c.is_ref:
+        out.append("\nref", style="dim")
+    elif np.isfinite(c.delta):
+        out.append(f"\n{c.delta:+.3f}{c.stars}", style="green" if c.stars else "dim")
+    return out
+
+
+def _chunks(t: Table, width: int) -> list[list[int]]:
+    """Column indices split into groups whose estimated rich width (cell + 3 padding/rule) fits ``width``."""
+    widths = []
+    for i, name in enumerate(t.columns):
+        texts = [c if isinstance(c, str) else "0.000±0.000" for _, cells in t.rows for c in [cells[i]] if c]
+        widths.append(max([len(abbreviate(name) if t.noise_columns else name), 1, *map(len, texts)]) + 2)
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, w in enumerate(widths):
+        if groups[-1] and used + w > width:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += w
+    return groups
+
+
+def render_rich(study: Study, console: Console, summary: pd.DataFrame | None = None) -> None:
+    """Print all tables; a table too wide for the console is split into several column groups."""
+    for i, line in enumerate(header_lines(study)):
+        console.print(line, style="bold yellow" if "PARTIAL" in line else "bold" if i == 0 else "dim")
+    tables = build_tables(study, summary)
+    question = None
+    for t in tables:
+        if t.question != question:
+            question = t.question
+            console.rule(question)
+        first_w = min(max([len(t.first), *(len(r) for r, _ in t.rows)]), 22)
+        groups = _chunks(t, console.width - first_w - 2)
+        for chunk, cols in enumerate(groups):
+            suffix = f" ({chunk + 1}/{len(groups)})" if len(groups) > 1 else ""
+            rt = RichTable(title=t.title + suffix, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False)
+            rt.add_column(t.first, overflow="fold", min_width=first_w, max_width=first_w)
+            for c in cols:
+                rt.add_column(abbreviate(t.columns[c]) if t.noise_columns else t.columns[c], overflow="fold",
+                              justify="right")  # fmt: skip
+            for label, cells in t.rows:
+                rt.add_row(label, *(_rich_cell(cells[c]) for c in cols))
+            console.print(rt)
+
+
+def _text_cell(c: Value | str | None, fmt: str) -> str:
+    if c is None:
+        return "-"
+    if isinstance(c, str):
+        return c.replace("%", r"\%") if fmt == "latex" else c
+    pm, bold = (r"$\pm$", r"\textbf{%s}") if fmt == "latex" else ("±", "**%s**")
+    s = bold % _fmt(c.mean) if c.best else _fmt(c.mean)
+    if np.isfinite(c.half):
+        s += f" {pm} {_fmt(c.half)}"
+    if c.is_ref:
+        s += " (ref)"
+    elif np.isfinite(c.delta):
+        stars = (f"$^{{{c.stars}}}$" if fmt == "latex" else c.stars.replace("*", r"\*")) if c.stars else ""
+        s += f" ({c.delta:+.3f}{stars})"
+    return s
+
+
+def render_markdown(study: Study, summary: pd.DataFrame | None = None) -> str:
+    """The report as GitHub markdown: a header paragraph, then one pipe table per table."""
+    out = [f"# {study.name}", ""] + [f"{line}  " for line in header_lines(study)] + [""]
+    question = None
+    for t in build_tables(study, summary):
+        if t.question != question:
+            question = t.question
+            out += [f"## {question}", ""]
+        out += [f"### {t.title}", "", "| " + " | ".join([t.first, *t.columns]) + " |"]
+        out.append("|" + "---|" * (len(t.columns) + 1))
+        out += [
+            "| " + " | ".join([label, *(_text_cell(c, "md") for c in cells)]) + " |"
+            for label, cells in t.rows
+        ]
+        out.append("")
+    return "\n".join(out)
+
+
+def _tex(s: str) -> str:
+    for a, b in (
+        ("\\", r"\textbackslash{}"),
+        ("_", r"\_"),
+        ("%", r"\%"),
+        ("&", r"\&"),
+        ("#", r"\#"),
+        ("Σ", r"$\Sigma$"),
+    ):
+        s = s.replace(a, b)
+    return s.replace("²", "$^2$")
+
+
+def render_latex(study: Study, summary: pd.DataFrame | None = None) -> str:
+    """The report as LaTeX (booktabs tabulars, one table environment per table)."""
+    out = [f"% {line}" for line in header_lines(study)]
+    for t in build_tables(study, summary):
+        out += [r"\begin{table}[ht]", r"\centering", rf"\caption{{{_tex(t.question)}: {_tex(t.title)}}}"]
+        out += [r"\begin{tabular}{l" + "r" * len(t.columns) + "}", r"\toprule"]
+        out.append(" & ".join(_tex(x) for x in [t.first, *t.columns]) + r" \\")
+        out.append(r"\midrule")
+        for label, cells in t.rows:
+            out.append(" & ".join([_tex(label), *(_text_cell(c, "latex") for c in cells)]) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(out)

@@ -1,0 +1,98 @@
+"""Evaluations that need two trained models of the final phase: transfer attacks and distillation.
+
+Each function takes the TrialConfig dicts of finished final-phase trials (their checkpoint dirs hold
+`model.pt`) and returns long-format eval rows for the trial they are about. tune.py runs them as Ray
+tasks after the final phase.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from study import attacks, metrics
+from study.train import TrialConfig, build_model, distill_loss, predict, prepare_data, resolve_device
+
+
+def load_trained(cfg: TrialConfig, device: torch.device, bundle: Any = None) -> tuple[torch.nn.Module, Any]:
+    """The final model of a finished trial (and its prepared data: same split and noisy labels)."""
+    prep = prepare_data(cfg, bundle)
+    model = build_model(cfg, prep.bundle).to(device)
+    state = torch.load(Path(cfg.checkpoint_dir) / "model.pt", map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, prep
+
+
+def transfer_rows(target: dict[str, Any], source: dict[str, Any]) -> list[dict[str, Any]]:
+    """PGD-CE crafted on `source` (the ce model of the same cell and seed), evaluated on `target`.
+
+    LS-family losses can mask white-box CE gradients (Fu et al. 2020); a transfer attack does not
+    depend on the target's gradients, so transfer accuracy far below white-box accuracy flags masking.
+    """
+    tcfg, scfg = TrialConfig(**target), TrialConfig(**source)
+    device = resolve_device(tcfg.device)
+    model, prep = load_trained(tcfg, device)
+    source_model, _ = load_trained(scfg, device, prep.bundle)
+    b = prep.bundle
+    n = tcfg.evaluate.get("max_samples") or len(b.y_test)
+    x, y = b.to_float(b.x_test[:n].to(device)), b.y_test[:n].to(device)
+    eps_user = tcfg.evaluate.get("eps", [])
+    eps_list = [attacks.eps_for_data(e, data_std=b.data_std, value_range=b.value_range) for e in eps_user]
+    rows = attacks.robustness_rows(
+        model, x, y, eps_list=eps_list, attacks=["transfer"], source_model=source_model,
+        steps=tcfg.evaluate.get("pgd_steps", 10), clamp=b.value_range, seed=tcfg.seed,
+    )
+    out = []
+    for r in rows:
+        eps = eps_user[eps_list.index(r["severity"])] if r["severity"] in eps_list else r["severity"]
+        out.append({"split": "test", **r, "severity": eps})
+    return out
+
+
+def distill_rows(teacher: dict[str, Any], distill: dict[str, Any]) -> list[dict[str, Any]]:
+    """Train a student on the teacher's soft targets (Hinton et al. 2015) and report both accuracies.
+
+    Reproduces the Mueller et al. 2019 experiment: teachers trained with label smoothing erase the
+    information in their non-target logits and make worse students than hard-target teachers.
+    """
+    t0 = time.perf_counter()
+    tcfg = TrialConfig(**teacher)
+    device = resolve_device(tcfg.device)
+    teacher_model, prep = load_trained(tcfg, device)
+    b = prep.bundle
+    temperature = float(distill["temperature"])
+    teacher_logits, _ = predict(teacher_model, prep.x_train, b.to_float, device)
+    scfg = tcfg.model_copy(update={"model": distill["student"], "model_options": distill.get("student_options", {})})
+    torch.manual_seed(tcfg.seed)
+    student = build_model(scfg, b).to(device)
+    epochs = distill.get("epochs") or tcfg.epochs
+    from study import data as data_lib
+
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed)
+    batches = data_lib.DeviceBatches(
+        prep.x_train.to(device), teacher_logits.to(device), tcfg.batch_size, shuffle=True, generator=gen,
+        to_float=b.to_float,
+    )
+    opt = torch.optim.AdamW(student.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=epochs * len(batches))
+    for _ in range(epochs):
+        student.train()
+        for xb, tb in batches:
+            loss = distill_loss(student(xb), tb, temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    test_student, _ = predict(student, b.x_test, b.to_float, device)
+    test_teacher, _ = predict(teacher_model, b.x_test, b.to_float, device)
+    row = {"split": "test", "condition": "distill", "severity": temperature}
+    return [
+        {**row, "metric": "student_accuracy", "value": metrics.accuracy(test_student, b.y_test)},
+        {**row, "metric": "teacher_accuracy", "value": metrics.accuracy(test_teacher, b.y_test)},
+        {**row, "metric": "student_ece", "value": metrics.ece(test_student, b.y_test)},
+        {**row, "metric": "distill_wall_s", "value": time.perf_counter() - t0},
+    ]

@@ -1,0 +1,132 @@
+"""`study report|query|ls` through typer's CliRunner: numbers, plots, and bad inputs (exit 2, no change)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from reports.build import SCHEMA_KEY, read_table
+from reports.synthetic import make_synthetic_study
+from study.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def frames_and_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("root") / "study1"
+    frames = make_synthetic_study(out, models=("mlp",), seeds=3, search_trials=5)
+    return frames, out
+
+
+def _hashes(path):
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _assert_one_line_exit2(result):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+
+
+def test_query_numbers(frames_and_dir):
+    frames, out = frames_and_dir
+    sql = "select regularizer, avg(value) as v from evals join trials using (trial_id) where metric='ece' "
+    sql += "group by 1"
+    result = runner.invoke(app, ["query", str(out), sql, "--json"])
+    assert result.exit_code == 0, result.output
+    got = {r["regularizer"]: r["v"] for r in json.loads(result.stdout)}
+    ev, tr = frames["evals"], frames["trials"]
+    expected = ev[ev.metric == "ece"].merge(tr, on="trial_id").groupby("regularizer")["value"].mean()
+    assert got == pytest.approx(expected.to_dict(), rel=1e-12)
+    csv = runner.invoke(app, ["query", str(out), sql + " order by 1", "--csv"])
+    assert pd.read_csv(io.StringIO(csv.stdout)).set_index("regularizer")["v"].to_dict() == pytest.approx(
+        expected.to_dict()
+    )
+    rich = runner.invoke(app, ["query", str(out), "select count(*) as n from epochs"])
+    assert rich.exit_code == 0 and str(len(frames["epochs"])) in rich.stdout
+
+
+def test_report_writes_summary_and_plots(frames_and_dir):
+    _, out = frames_and_dir
+    result = runner.invoke(app, ["report", str(out), "--format", "markdown"])
+    assert result.exit_code == 0, result.output
+    assert "## Clean test accuracy" in result.stdout
+    assert len(read_table(out, "summary")) > 0
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert {p.name.split("_")[0] for p in pngs} == {"accuracy", "strength", "reliability", "curves"}
+    from PIL import Image
+
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(p) as im:
+            im.verify()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # temp files cleaned up
+    rich = runner.invoke(app, ["report", str(out), "--no-plots"])
+    assert rich.exit_code == 0 and "Calibration" in rich.stdout
+
+
+def test_ls(frames_and_dir):
+    _, out = frames_and_dir
+    result = runner.invoke(app, ["ls", str(out.parent)])
+    assert result.exit_code == 0 and "synthetic" in result.stdout and "completed" in result.stdout
+
+
+def _corrupt_truncated(d):
+    data = (d / "evals.parquet").read_bytes()
+    (d / "evals.parquet").write_bytes(data[: len(data) // 3])
+
+
+def _corrupt_newer(d):
+    table = pq.read_table(d / "trials.parquet")
+    pq.write_table(table.replace_schema_metadata({SCHEMA_KEY: b"2.0"}), d / "trials.parquet")
+
+
+@pytest.mark.parametrize("damage", [None, _corrupt_truncated, _corrupt_newer])
+def test_bad_results_dir_exit2_unchanged(tmp_path, damage):
+    d = tmp_path / "s"
+    make_synthetic_study(d, models=("mlp",), noise_settings=("none",), search_trials=2, seeds=2)
+    if damage is None:
+        d = tmp_path / "empty"
+        d.mkdir()
+        (d / "notes.txt").write_text("not a study")
+    else:
+        damage(d)
+    before = _hashes(d)
+    for args in (
+        ["report", str(d)],
+        ["query", str(d), "select count(*) from evals join trials using (trial_id)"],
+    ):
+        _assert_one_line_exit2(runner.invoke(app, args))
+        assert _hashes(d) == before and sorted(p.name for p in d.iterdir()) == sorted(p.name for p in before)
+
+
+def test_sql_error_and_bad_args(frames_and_dir):
+    _, out = frames_and_dir
+    before = _hashes(out)
+    _assert_one_line_exit2(runner.invoke(app, ["query", str(out), "select nope from evals [x]"]))
+    _assert_one_line_exit2(runner.invoke(app, ["query", str(out), "select 1", "--csv", "--json"]))
+    _assert_one_line_exit2(runner.invoke(app, ["report", str(out), "--format", "html"]))
+    _assert_one_line_exit2(runner.invoke(app, ["ls", str(out / "missing")]))
+    assert _hashes(out) == before
+
+
+def test_partial_study_flagged(tmp_path):
+    make_synthetic_study(
+        tmp_path, models=("mlp",), noise_settings=("none",), search_trials=2, status="running"
+    )
+    result = runner.invoke(app, ["report", str(tmp_path), "--no-plots", "--format", "markdown"])
+    assert result.exit_code == 0 and "PARTIAL RESULTS" in result.stdout
+
+
+def test_schema_without_pyarrow_metadata_is_read(tmp_path):
+    pq.write_table(pa.table({"trial_id": ["a"], "value": [1.0]}), tmp_path / "evals.parquet")
+    result = runner.invoke(app, ["query", str(tmp_path), "select sum(value) as s from evals", "--json"])
+    assert json.loads(result.stdout) == [{"s": 1.0}]
