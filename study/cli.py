@@ -53,7 +53,7 @@ def run(
         err.print("[yellow]interrupted: continue with --resume[/yellow]")
         raise typer.Exit(130) from None
     if not no_report:
-        report(out_dir, format="rich", no_plots=False)
+        report(out_dir, fmt="rich", no_plots=False)
 
 
 @app.command()

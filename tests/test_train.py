@@ -1,0 +1,252 @@
+"""One trial end to end (study.train): determinism, checkpoint/resume, divergence, pruning, paired label
+noise, evaluation rows checked against study.metrics, LS decomposition terms, adversarial noise budget.
+
+Everything runs on a 400/200-sample slice of MNIST-1D for a few epochs, so the whole file takes seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from study import data, metrics
+from study import noise as noise_lib
+from study.oof import reference_probabilities
+from study.train import TrialConfig, build_model, prepare_data, run_trial
+
+SMALL = {"max_train": 400, "max_test": 200}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("regstudy_cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The out-of-fold probabilities (adversarial noise) are cached under $REGSTUDY_CACHE.
+    monkeypatch.setenv("REGSTUDY_CACHE", str(cache_dir))
+
+
+@pytest.fixture(scope="module")
+def bundle(cache_dir: Path) -> data.DatasetBundle:
+    return data.load_dataset("mnist1d", root=cache_dir, **SMALL)
+
+
+def make_cfg(**kw) -> TrialConfig:
+    base = {
+        "dataset": "mnist1d",
+        "dataset_options": SMALL,
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 1e-2,
+        "device": "cpu",
+    }
+    return TrialConfig(**{**base, **kw})
+
+
+def without_wall(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+
+def clean_metrics(rows: list[dict]) -> dict[tuple[str, str], float]:
+    return {
+        (r["split"], r["metric"]): r["value"]
+        for r in rows
+        if r["condition"] == "clean" and not r["metric"].startswith("bin_")
+    }
+
+
+def test_same_config_twice_gives_identical_rows(bundle):
+    cfg = make_cfg(epochs=2)
+    a, b = run_trial(cfg, bundle=bundle), run_trial(cfg, bundle=bundle)
+    assert a.status == b.status == "completed"
+    assert a.epochs_run == 2 and [r["epoch"] for r in a.epoch_rows] == [1, 2]
+    assert without_wall(a.epoch_rows) == without_wall(b.epoch_rows)
+    assert a.eval_rows and a.eval_rows == b.eval_rows
+    # No label noise: nothing is flipped, so no memorisation row.
+    assert ("train", "memorisation_rate") not in clean_metrics(a.eval_rows)
+    # A different training seed gives a different run (the test above can fail).
+    c = run_trial(cfg.model_copy(update={"seed": 1}), bundle=bundle)
+    assert without_wall(c.epoch_rows) != without_wall(a.epoch_rows)
+
+
+@pytest.mark.parametrize(
+    ("regularizer", "params"),
+    [("online_label_smoothing", {}), ("disturb_label", {"rate": 0.2})],
+)
+def test_resume_after_crash_matches_uninterrupted(bundle, tmp_path, regularizer, params):
+    # Stateful (soft-label matrix) and random (per-batch label disturbance) regularizers: their state and
+    # every RNG must survive the checkpoint for the resumed run to be bit-identical.
+    cfg = make_cfg(epochs=4, regularizer=regularizer, reg_params=params)
+    reference = run_trial(cfg, bundle=bundle)
+    ck = cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "ck")})
+
+    def crash(row: dict) -> None:
+        if row["epoch"] == 3:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_trial(ck, crash, bundle=bundle)
+    # The report of epoch 3 never went through, so the newest checkpoint is the one of epoch 2.
+    assert torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    seen: list[int] = []
+    resumed = run_trial(ck, lambda row: seen.append(row["epoch"]), bundle=bundle)
+    assert seen == [3, 4]
+    assert resumed.status == "completed" and resumed.epochs_run == 4
+    assert without_wall(resumed.epoch_rows) == without_wall(reference.epoch_rows)
+    assert resumed.eval_rows == reference.eval_rows
+    # A finished checkpoint trains nothing more and evaluates the same model again.
+    seen.clear()
+    again = run_trial(ck, lambda row: seen.append(row["epoch"]), bundle=bundle)
+    assert seen == [] and again.eval_rows == reference.eval_rows
+
+
+def test_diverging_run_ends_with_status_diverged(bundle, tmp_path):
+    cfg = make_cfg(epochs=3, optimizer="sgd", lr=1e4, checkpoint_dir=str(tmp_path / "ck"))
+    reported: list[int] = []
+    result = run_trial(cfg, lambda row: reported.append(row["epoch"]), bundle=bundle)
+    assert result.status == "diverged"
+    assert result.epochs_run == 1 and not math.isfinite(result.epoch_rows[0]["train_loss"])
+    assert reported == []  # a diverged epoch is not reported to the pruner
+    assert result.eval_rows == [] and result.best_value is None
+    # Resuming a diverged trial does not train again.
+    again = run_trial(cfg, lambda row: reported.append(row["epoch"]), bundle=bundle)
+    assert again.status == "diverged" and reported == []
+
+
+def test_report_returning_true_prunes(bundle, tmp_path):
+    cfg = make_cfg(epochs=4, checkpoint_dir=str(tmp_path / "ck"))
+    result = run_trial(cfg, lambda row: row["epoch"] == 2, bundle=bundle)
+    assert result.status == "pruned" and result.epochs_run == 2
+    assert result.eval_rows == []
+    assert result.best_value == max(r["val_accuracy"] for r in result.epoch_rows)
+    calls: list[int] = []
+    again = run_trial(cfg, lambda row: calls.append(row["epoch"]), bundle=bundle)
+    assert again.status == "pruned" and calls == []
+
+
+def test_noise_is_paired_across_regularizers_and_seeds(bundle):
+    base = make_cfg(noise_kind="symmetric", noise_rate=0.4, noise_seed=7)
+    a = prepare_data(base, bundle)
+    other = base.model_copy(update={"regularizer": "label_smoothing", "reg_params": {"alpha": 0.1}, "seed": 3})
+    b = prepare_data(other, bundle)
+    for name in ("x_train", "y_train", "flipped", "x_val", "y_val"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    # The labels are noise.corrupt of the whole clean training set, then split with the noise seed.
+    full = noise_lib.corrupt(bundle.y_train, bundle.num_classes, "symmetric", 0.4, 7, dataset="mnist1d")
+    train_idx, val_idx = data.split_train_val(len(bundle.y_train), base.val_fraction, seed=7)
+    assert torch.equal(a.y_train, full.labels[train_idx])
+    assert torch.equal(a.y_train_clean, bundle.y_train[train_idx])
+    assert torch.equal(a.flipped, a.y_train != a.y_train_clean)
+    # The validation split carries the same noise (rate ~0.4 on 80 samples) ...
+    assert torch.equal(a.y_val, full.labels[val_idx])
+    assert 0.25 < (a.y_val != bundle.y_train[val_idx]).float().mean() < 0.55
+    # ... unless clean_validation is set; the training labels do not change then.
+    oracle = prepare_data(base.model_copy(update={"clean_validation": True}), bundle)
+    assert torch.equal(oracle.y_val, bundle.y_train[val_idx])
+    assert torch.equal(oracle.y_train, a.y_train)
+    # Another noise seed gives other noisy labels.
+    c = prepare_data(base.model_copy(update={"noise_seed": 8}), bundle)
+    assert not torch.equal(c.y_train, a.y_train)
+
+
+def test_eval_rows_match_metrics_on_the_models_test_logits(bundle):
+    cfg = make_cfg(epochs=2, noise_kind="symmetric", noise_rate=0.3)
+    sink: dict[str, torch.nn.Module] = {}
+    result = run_trial(cfg, bundle=bundle, model_sink=sink)
+    got = clean_metrics(result.eval_rows)
+    model = sink["model"].eval()
+    prep = prepare_data(cfg, bundle)
+    with torch.no_grad():
+        x_test = bundle.to_float(bundle.x_test)
+        z, feats = model(x_test), model.features(x_test)
+        z_val = model(bundle.to_float(prep.x_val))
+        z_train = model(bundle.to_float(prep.x_train))
+    y = bundle.y_test
+    approx = lambda v: pytest.approx(v, rel=1e-5, abs=1e-6)  # noqa: E731
+    # Independent formulas first, then study.metrics for the binned/fitted ones.
+    assert got[("test", "accuracy")] == approx((z.argmax(1) == y).float().mean().item())
+    assert got[("test", "nll")] == approx(F.cross_entropy(z, y).item())
+    assert got[("test", "ece")] == approx(metrics.ece(z, y))
+    t = metrics.fit_temperature(z_val, prep.y_val)
+    assert got[("test", "temperature")] == approx(t)
+    assert got[("test", "ece_ts")] == approx(metrics.ece(z / t, y))
+    sep = metrics.feature_separation(feats, y)
+    assert got[("test", "d_within")] == approx(sep["d_within"])
+    assert got[("test", "r2")] == approx(sep["r2"])
+    flipped = prep.flipped
+    assert flipped.any()
+    memorised = (z_train.argmax(1)[flipped] == prep.y_train[flipped]).float().mean().item()
+    assert got[("train", "memorisation_rate")] == approx(memorised)
+    recovered = (z_train.argmax(1)[flipped] == prep.y_train_clean[flipped]).float().mean().item()
+    assert got[("train", "clean_label_recovery")] == approx(recovered)
+    # Reliability bins: 15 bins + the degenerate [1, 1] bin; counts cover the test set, and
+    # sum_b n_b |acc_b - conf_b| / N is the ECE (empty bins have no accuracy/confidence row).
+    bins: dict[str, dict[float, float]] = {}
+    for r in result.eval_rows:
+        if r["metric"].startswith("bin_"):
+            bins.setdefault(r["metric"], {})[r["severity"]] = r["value"]
+    assert len(bins["bin_count"]) == 16 and sum(bins["bin_count"].values()) == len(y)
+    ece_from_bins = sum(
+        bins["bin_count"][b] * abs(bins["bin_accuracy"][b] - bins["bin_confidence"][b])
+        for b in bins["bin_accuracy"]
+    ) / len(y)
+    assert ece_from_bins == approx(got[("test", "ece")])
+
+
+def test_label_smoothing_terms_are_logged_per_epoch(bundle):
+    alpha = 0.2
+    # One full batch per epoch: the first logged step is the initial model on the whole training split.
+    cfg = make_cfg(epochs=1, batch_size=10_000, regularizer="label_smoothing", reg_params={"alpha": alpha})
+    prep = prepare_data(cfg, bundle)
+    torch.manual_seed(cfg.seed)  # run_trial seeds, then builds the model: same initial weights
+    model0 = build_model(cfg, bundle)
+    with torch.no_grad():
+        z = model0(bundle.to_float(prep.x_train))
+    y, k = prep.y_train, bundle.num_classes
+    gap = z.gather(1, y[:, None]) - z  # z_gt - z_k
+    expected_reg = (alpha / k * gap.clamp(min=0).sum(1)).mean().item()
+    expected_amp = (alpha / k * gap.clamp(max=0).sum(1)).mean().item()
+    row = run_trial(cfg, prepared=prep).epoch_rows[0]
+    assert row["term_regularization"] == pytest.approx(expected_reg, rel=1e-4)
+    assert row["term_error_amplification"] == pytest.approx(expected_amp, rel=1e-4)
+    assert row["term_ce"] == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-5)
+    assert row["train_loss"] == pytest.approx(F.cross_entropy(z, y, label_smoothing=alpha).item(), rel=1e-5)
+    # Several epochs: both terms in every row with the signs of the decomposition.
+    rows = run_trial(make_cfg(epochs=3, regularizer="label_smoothing"), bundle=bundle).epoch_rows
+    assert all(r["term_regularization"] >= 0 >= r["term_error_amplification"] for r in rows)
+    ce_rows = run_trial(make_cfg(epochs=1), bundle=bundle).epoch_rows
+    assert "term_regularization" not in ce_rows[0] and "term_ce" in ce_rows[0]
+
+
+def test_reference_probabilities_are_cached_distributions(bundle, cache_dir):
+    probs = reference_probabilities(bundle, "cnn1d", {}, seed=0, folds=2, epochs=2)
+    assert probs.shape == (len(bundle.y_train), bundle.num_classes)
+    assert torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-5)
+    assert list((cache_dir / "oof").glob("mnist1d-*.pt"))
+    assert torch.equal(reference_probabilities(bundle, "cnn1d", {}, seed=0, folds=2, epochs=2), probs)
+
+
+def test_adversarial_noise_flips_the_per_class_budget(bundle):
+    rate = 0.2
+    cfg = make_cfg(noise_kind="adversarial", noise_rate=rate, noise_mode="confident")
+    noisy = prepare_data(cfg, bundle).noisy
+    probs = reference_probabilities(bundle, cfg.model, {}, seed=cfg.noise_seed)  # cached by prepare_data
+    y = bundle.y_train
+    others = probs.clone()
+    others[torch.arange(len(y)), y] = -1.0
+    runner_up = others.argmax(1)
+    margin = probs.gather(1, y[:, None]).squeeze(1) - others.max(1).values
+    for c in range(bundle.num_classes):
+        in_c = y == c
+        flipped_c = noisy.flipped & in_c
+        assert int(flipped_c.sum()) == math.floor(rate * int(in_c.sum()))
+        assert torch.equal(noisy.labels[flipped_c], runner_up[flipped_c])
+        # "confident": the flipped points are the highest-margin ones of their class.
+        kept = in_c & ~noisy.flipped
+        assert margin[flipped_c].min() >= margin[kept].max()
