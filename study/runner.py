@@ -157,8 +157,8 @@ def record_rows(spec: StudySpec, records: list[dict[str, Any]]) -> tuple[list, l
             "direction": spec.search.direction,
             "wall_s": payload.get("wall_s")
             or ((rec.get("ended_at") or rec["started_at"]) - rec["started_at"]),
-            "device": payload.get("device"),
-            "node": payload.get("node"),
+            "device": payload.get("device") or rec.get("device"),
+            "node": payload.get("node") or rec.get("node"),
             "error": rec.get("error"),
             "started_at": rec["started_at"],
             "ended_at": rec.get("ended_at"),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 import yaml
 from rich.console import Console
@@ -38,6 +40,36 @@ def parse_params(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"--param must be key=value, but got {item!r}")
         out[key] = yaml.safe_load(value)
     return out
+
+
+def _parse_device(text: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda[:N]' | 'mps' -> a device that exists here, else ValueError."""
+    from study.train import resolve_device
+
+    try:
+        device = resolve_device(text)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, but got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text!r} asks for CUDA, but no CUDA device is available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {text!r} asks for MPS, but no MPS device is available here")
+    return device
+
+
+SMALL_MODEL_PARAMS = 1_000_000
+
+
+def _limit_cpu_threads(device: torch.device, n_params: int) -> None:
+    """One intra-op thread for small models on the CPU unless OMP_NUM_THREADS says otherwise.
+
+    A small model's ops are too short to split across threads, and on a loaded machine spinning
+    OpenMP workers cost more than they give: cnn1d on MNIST-1D ran 3 epochs in 29 s with 2 threads
+    and in 4.6 s with 1 on 2 busy cores (bench/bench_trainer.md). Ray trials get OMP_NUM_THREADS
+    from Ray, so this only changes `study trial`.
+    """
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and n_params < SMALL_MODEL_PARAMS:
+        torch.set_num_threads(1)
 
 
 def run_trial_command(
@@ -97,11 +129,21 @@ def run_trial_command(
             device=device,
             checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         )
+        dev = _parse_device(device)
         bundle = data.load_dataset(dataset, root=root)
-        build_model(cfg, bundle)
-    except (ValueError, FileNotFoundError) as exc:
+        n_params = sum(p.numel() for p in build_model(cfg, bundle).parameters())
+    except ValueError as exc:
         on_bad_input(str(exc).splitlines()[0])
         return
+    except FileNotFoundError as exc:
+        # `study trial` has no --download flag: say how to fetch the files from the command line.
+        hint = (
+            f' (to download: python -c "from study.data import load_dataset; '
+            f"load_dataset('{dataset}', root={root!r}, download=True)\")"
+        )
+        on_bad_input(str(exc).splitlines()[0] + hint)
+        return
+    _limit_cpu_threads(dev, n_params)
     console = Console(stderr=as_json)
     prepared = prepare_data(cfg, bundle)
     progress = Progress(

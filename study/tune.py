@@ -29,7 +29,6 @@ from typing import Any
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1")
 
 import ray  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
@@ -114,17 +113,19 @@ def base_trial_config(
 
 def _trainable(config: dict[str, Any]) -> None:
     """The Ray Tune function trainable: one dict in, a typed TrialConfig on the first line."""
-    from study.train import TrialConfig, run_trial
+    from study.train import TrialConfig, resolve_device, run_trial
 
     cfg = TrialConfig(**config["trial"])
     started_at = time.time()
 
+    node = ray.util.get_node_ip_address()
+    device = str(resolve_device(cfg.device))
+
     def report(row: dict[str, Any]) -> bool:
-        tune.report({**row, "objective": row[cfg.metric]})
+        tune.report({**row, "objective": row[cfg.metric], "node": node, "device": device})
         return False
 
     result = run_trial(cfg, report)
-    node = ray.util.get_node_ip_address()
     payload = {
         "status": result.status,
         "epochs_run": result.epochs_run,
@@ -166,6 +167,8 @@ class TrialRecord:
     error: str | None = None
     started_at: float = field(default_factory=time.time)
     ended_at: float | None = None
+    node: str | None = None
+    device: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -353,6 +356,7 @@ class StudyContext(DriverOnly):
 
     @staticmethod
     def add_epoch_row(rec: TrialRecord, result: dict) -> None:
+        rec.node, rec.device = result.get("node", rec.node), result.get("device", rec.device)
         row = {k: result[k] for k in result if k in EPOCH_KEYS or k.startswith("term_")}
         rec.epoch_rows = [r for r in rec.epoch_rows if r["epoch"] != row["epoch"]] + [row]
 

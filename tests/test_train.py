@@ -133,7 +133,9 @@ def test_report_returning_true_prunes(bundle, tmp_path):
 def test_noise_is_paired_across_regularizers_and_seeds(bundle):
     base = make_cfg(noise_kind="symmetric", noise_rate=0.4, noise_seed=7)
     a = prepare_data(base, bundle)
-    other = base.model_copy(update={"regularizer": "label_smoothing", "reg_params": {"alpha": 0.1}, "seed": 3})
+    other = base.model_copy(
+        update={"regularizer": "label_smoothing", "reg_params": {"alpha": 0.1}, "seed": 3}
+    )
     b = prepare_data(other, bundle)
     for name in ("x_train", "y_train", "flipped", "x_val", "y_val"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -1,0 +1,144 @@
+"""Epoch time of study.train.run_trial against a bare PyTorch loop (MNIST-1D, cnn1d, CPU).
+
+Both sides train the same study.models network on the same tensors (prepare_data), with the same
+batch size and AdamW. Two comparisons:
+
+- "training only": the bare loop trains; run_trial is given a 1-sample validation split, so its
+  per-epoch validation costs about nothing and its epoch time is the training loop plus bookkeeping
+  (lr schedule, regularizer progress, loss/accuracy accumulation, decomposition terms).
+- "with validation": the bare loop also scores the 800-sample validation split each epoch with the
+  three metrics run_trial logs (accuracy, NLL, ECE); run_trial runs unchanged.
+
+Per-epoch times come from each epoch's own timer (run_trial's `wall_s`, perf_counter around the bare
+epoch); the first epoch of each run is dropped as warm-up; the reported figure is the median over all
+epochs of all repeats, and the two sides alternate within a repeat so that a load spike hits both.
+
+Usage: python bench/bench_trainer.py [--repeats 5] [--epochs 6] [--batch-size 32] [--threads 1]
+       python bench/bench_trainer.py --acceptance   # `study trial` defaults, 30 epochs, test accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from study import data, metrics
+from study.train import PreparedData, TrialConfig, build_model, prepare_data, run_trial
+
+
+def bare_epochs(cfg: TrialConfig, prep: PreparedData, *, validate: bool) -> list[float]:
+    """Per-epoch seconds of a plain loop: randperm, slice, forward, CE, backward, AdamW step."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, prep.bundle)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x, y = prep.bundle.to_float(prep.x_train), prep.y_train
+    x_val = prep.bundle.to_float(prep.x_val)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    times = []
+    for _ in range(cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if validate:
+            model.eval()
+            with torch.no_grad():
+                z = model(x_val)
+            metrics.accuracy(z, prep.y_val), metrics.nll(z, prep.y_val), metrics.ece(z, prep.y_val)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def trainer_epochs(cfg: TrialConfig, prep: PreparedData) -> list[float]:
+    result = run_trial(cfg, prepared=prep)
+    assert result.status == "completed", result.status
+    return [row["wall_s"] for row in result.epoch_rows]
+
+
+def compare(cfg: TrialConfig, repeats: int) -> dict[str, float]:
+    prep = prepare_data(cfg)
+    # Training only: a 1-sample validation split makes run_trial's per-epoch validation negligible.
+    prep_tiny_val = dataclasses.replace(prep, x_val=prep.x_val[:1], y_val=prep.y_val[:1])
+    runs: dict[str, list[float]] = {k: [] for k in ("bare", "trainer", "bare+val", "trainer+val")}
+    for r in range(repeats):
+        order = ["bare", "trainer", "bare+val", "trainer+val"]
+        for name in order if r % 2 == 0 else order[::-1]:
+            if name == "bare":
+                t = bare_epochs(cfg, prep, validate=False)
+            elif name == "bare+val":
+                t = bare_epochs(cfg, prep, validate=True)
+            elif name == "trainer":
+                t = trainer_epochs(cfg, prep_tiny_val)
+            else:
+                t = trainer_epochs(cfg, prep)
+            runs[name] += t[1:]  # first epoch: warm-up
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def acceptance(seeds: list[int]) -> None:
+    """The `study trial` defaults (cnn1d on MNIST-1D, 30 epochs): wall time and clean test accuracy."""
+    from study.cli import trial
+
+    defaults = {p.name: p.default.default for p in _params(trial)}
+    for seed in seeds:
+        cfg = TrialConfig(
+            epochs=30,
+            seed=seed,
+            lr=defaults["lr"],
+            weight_decay=defaults["weight_decay"],
+            batch_size=defaults["batch_size"],
+            optimizer=defaults["optimizer"],
+        )
+        t0 = time.perf_counter()
+        result = run_trial(cfg)
+        wall = time.perf_counter() - t0
+        print(
+            f"seed {seed}: test accuracy {result.metric('accuracy'):.3f}  "
+            f"train acc {result.epoch_rows[-1]['train_acc']:.3f}  wall {wall:.1f} s"
+        )
+
+
+def _params(fn):  # noqa: ANN001, ANN202 - typer options live in the signature defaults
+    import inspect
+
+    return inspect.signature(fn).parameters.values()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--acceptance", action="store_true")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}")
+    data.load_dataset("mnist1d")  # generate/cache once, outside the timings
+    if args.acceptance:
+        acceptance(args.seeds)
+        return
+    for bs in args.batch_size:
+        cfg = TrialConfig(epochs=args.epochs, batch_size=bs, lr=1e-2, device="cpu", full_eval=False)
+        med = compare(cfg, args.repeats)
+        print(f"batch {bs}: median epoch ms " + "  ".join(f"{k} {1000 * v:.1f}" for k, v in med.items()))
+        print(
+            f"batch {bs}: trainer/bare  training only {med['trainer'] / med['bare']:.3f}  "
+            f"with validation {med['trainer+val'] / med['bare+val']:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

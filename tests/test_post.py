@@ -1,0 +1,54 @@
+"""Post phase on real Ray: transfer attacks from the ce model of the same cell, and distillation."""
+
+from __future__ import annotations
+
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from study.cli import app
+from study.runner import run_study
+
+pytestmark = pytest.mark.slow
+
+SPEC = """\
+name: distill
+dataset: {name: mnist1d, options: {max_train: 1200, max_test: 300}}
+models: [cnn1d]
+regularizers:
+  ce: {}
+  label_smoothing: {alpha: 0.2}
+  maxsup: {alpha: 0.2}
+train: {epochs: 4, lr: 0.01}
+search: {trials_per_cell: 1, pruner: {kind: none}}
+final: {seeds: 1}
+evaluate: {attacks: [pgd_ce, transfer], eps: [0.1], max_samples: 200}
+distill: {student: mlp, temperature: 4.0, epochs: 3}
+"""
+
+
+def test_distillation_and_transfer_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGSTUDY_CACHE", str(tmp_path / "cache"))
+    spec = tmp_path / "distill.yaml"
+    spec.write_text(SPEC)
+    out = run_study(spec, out=tmp_path / "out", quiet=True)
+    trials = pd.read_parquet(out / "trials.parquet")
+    evals = pd.read_parquet(out / "evals.parquet").merge(trials[["trial_id", "regularizer", "phase"]])
+    final = evals[evals.phase == "final"]
+    distill = final[final.condition == "distill"].pivot_table(index="regularizer", columns="metric", values="value")
+    assert set(distill.index) == {"ce", "label_smoothing", "maxsup"}
+    assert distill["student_accuracy"].between(0.1, 1.0).all()
+    # The teacher accuracy of the distillation rows is the trial's own clean test accuracy.
+    clean = final[(final.condition == "clean") & (final.metric == "accuracy")].set_index("regularizer")["value"]
+    assert (distill["teacher_accuracy"] - clean).abs().max() < 1e-9
+    transfer = final[final.condition == "transfer"]
+    assert set(transfer.regularizer) == {"label_smoothing", "maxsup"}  # crafted on ce: not for ce itself
+    assert set(transfer.severity) == {0.1}
+    assert transfer["value"].between(0.0, 1.0).all()
+    flags = final[final.metric == "gradient_masking"]
+    assert len(flags) == 3 and set(flags["value"]) <= {0.0, 1.0}
+
+    res = CliRunner().invoke(app, ["report", str(out), "--format", "markdown", "--no-plots"])
+    assert res.exit_code == 0, res.output
+    assert "student" in res.output.lower() and "teacher" in res.output.lower()
