@@ -204,6 +204,40 @@ def _curves(
     _save(fig, path, written)
 
 
+def _projections(study: Study, out: Path, written: list[Path]) -> None:
+    """Penultimate features on the plane through three class templates (Mueller et al. 2019), one
+    panel per regularizer (rows: noise settings), first final seed of each cell."""
+    path = study.path / "projections.parquet"
+    if not path.exists():
+        return
+    proj = pd.read_parquet(path)
+    meta = study.trials[study.trials["phase"] == "final"][
+        ["trial_id", "dataset", "model", "regularizer", "noise_setting", "seed"]
+    ]
+    proj = proj.merge(meta, on="trial_id")
+    if proj.empty:
+        return
+    first = proj.groupby(["dataset", "model", "regularizer", "noise_setting"])["seed"].transform("min")
+    proj = proj[proj["seed"] == first]
+    for (dataset, model), df in proj.groupby(["dataset", "model"], sort=True):
+        regs = _order_regs(df["regularizer"])
+        settings = [s for s in _order_settings(study.trials) if s in set(df["noise_setting"])]
+        fig, axes = _panels(settings, regs, 2.6, 2.4)
+        for i, setting in enumerate(settings):
+            for j, reg in enumerate(regs):
+                ax = axes[i][j]
+                cell = df[(df["noise_setting"] == setting) & (df["regularizer"] == reg)]
+                for k, (cls, pts) in enumerate(cell.groupby("cls")):
+                    ax.scatter(pts["x"], pts["y"], s=4, alpha=0.5, color=f"C{k}", label=f"class {cls}")
+                ax.set_title(f"{reg}\n{setting}", fontsize=8)
+                ax.tick_params(labelsize=6)
+        axes[0][0].legend(fontsize=6, markerscale=2, loc="best")
+        fig.suptitle(
+            f"{dataset}/{model}: penultimate features projected on the plane of 3 class templates", fontsize=9
+        )
+        _save(fig, out / f"projection_{_slug(dataset, model)}.png", written)
+
+
 def write_plots(study: Study, plots_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write every figure for ``study``; returns the written paths (figures without data are skipped).
 
@@ -234,4 +268,5 @@ def write_plots(study: Study, plots_dir: str | os.PathLike | None = None) -> lis
         ep = study.epochs[study.epochs["trial_id"].isin(tr["trial_id"])]
         _curves(tr, ep, regs, settings, f"{where}: search trials (blue: completed, red: pruned)",
                 out / f"curves_{name}.png", written)  # fmt: skip
+    _projections(study, out, written)
     return written

@@ -19,11 +19,6 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
-def _not_built(command: str) -> None:
-    err.print(f"[red]study {command}: not built yet[/red]")
-    raise typer.Exit(1)
-
-
 def _bad_input(message: str) -> NoReturn:
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -38,15 +33,17 @@ def run(
     max_concurrent: int | None = typer.Option(None, "--max-concurrent", min=1, help="Trials at once."),
     quiet: bool = typer.Option(False, "--quiet", help="Plain log lines instead of the live view."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the report at the end."),
+    storage: str | None = typer.Option(
+        None, "--storage", help="Mirror results to s3://bucket/prefix or a shared path (and resume from it)."
+    ),
 ) -> None:
     """Run a study spec: search phase, final phase, report."""
     from study.runner import RunError, run_study
     from study.spec import SpecError
 
     try:
-        out_dir = run_study(
-            spec, out=out, address=address, resume=resume, max_concurrent=max_concurrent, quiet=quiet
-        )
+        out_dir = run_study(spec, out=out, address=address, resume=resume, max_concurrent=max_concurrent,
+                            quiet=quiet, storage=storage)
     except (SpecError, RunError) as exc:
         _bad_input(str(exc))
     except KeyboardInterrupt:
@@ -54,6 +51,10 @@ def run(
         raise typer.Exit(130) from None
     if not no_report:
         report(out_dir, fmt="rich", no_plots=False)
+        if storage:
+            from study.runner import sync_storage
+
+            sync_storage(storage, out_dir)
 
 
 @app.command()
@@ -68,9 +69,9 @@ def trial(
     epochs: int = typer.Option(30, "--epochs", min=1),
     seed: int = typer.Option(0, "--seed"),
     noise_seed: int = typer.Option(0, "--noise-seed"),
-    lr: float = typer.Option(1e-2, "--lr", min=0.0),
+    lr: float = typer.Option(2e-2, "--lr", min=0.0),
     weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0),
-    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
     optimizer: str = typer.Option("adamw", "--optimizer"),
     root: str | None = typer.Option(None, "--root", help="Dataset root directory."),
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Checkpoint/resume here."),

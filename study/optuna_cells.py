@@ -153,6 +153,19 @@ class CellStudies:
         else:
             trial.study.tell(trial, state=state)
 
+    def tell_recorded(self, cell_id: str, frozen: optuna.trial.FrozenTrial, rec: dict[str, Any]) -> None:
+        """Tell Optuna the outcome of a trial from its record (resume after a badly timed kill)."""
+        trial = optuna.Trial(self.studies[cell_id], frozen._trial_id)
+        payload = rec.get("payload") or {}
+        status = rec["status"]
+        trial.set_user_attr("status", status)
+        if status == "completed" and payload.get("best_value") is not None:
+            trial.study.tell(trial, payload["best_value"])
+        elif status == "pruned":
+            trial.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            trial.study.tell(trial, state=TrialState.FAIL)
+
     def best_params(self, cell: Cell) -> tuple[dict[str, Any], float | None]:
         done = self.trials(cell.cell_id, (TrialState.COMPLETE,))
         if not done:

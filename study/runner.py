@@ -191,6 +191,17 @@ def write_tables(spec: StudySpec, out: Path) -> None:
     records = list(recs.load_all("search").values()) + list(recs.load_all("final").values())
     trials, epochs, evals = record_rows(spec, records)
     write_results(out, trials=trials, epochs=epochs, evals=evals)
+    projections = [
+        {"trial_id": rec["trial_id"], **row}
+        for rec in records
+        for row in (rec.get("payload") or {}).get("projection") or []
+    ]
+    if projections:
+        import pandas as pd
+
+        tmp = out / "projections.parquet.tmp"
+        pd.DataFrame(projections).to_parquet(tmp, index=False)
+        tmp.replace(out / "projections.parquet")
 
 
 class LiveView:
@@ -265,6 +276,15 @@ class LiveView:
         return t
 
 
+def sync(remote: tuple[Any, str] | None, out_dir: Path, *, light: bool = False) -> None:
+    """Mirror the results directory to --storage (no-op without one); `light`: journal and records
+    only (after every trial, so a study killed mid-phase resumes from the storage without re-runs)."""
+    if remote is not None:
+        from study.storage import upload
+
+        upload(remote[0], remote[1], out_dir, light=light)
+
+
 def run_study(
     spec_path: str | Path,
     *,
@@ -274,6 +294,7 @@ def run_study(
     max_concurrent: int | None = None,
     quiet: bool = False,
     console: Console | None = None,
+    storage: str | None = None,
 ) -> Path:
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
@@ -284,7 +305,20 @@ def run_study(
         problem = tune_lib.check_address(address)
         if problem:
             raise RunError(problem)
+    remote = None
+    if storage:
+        from study import storage as storage_lib
+
+        try:
+            fs, base = storage_lib.open_storage(storage)
+            remote = (fs, f"{base}/{spec.name}")
+            storage_lib.check_writable(fs, remote[1], storage)
+        except storage_lib.StorageError as exc:
+            raise RunError(str(exc)) from None
+        if resume and not (out_dir / "manifest.json").exists():
+            storage_lib.download(fs, remote[1], out_dir)
     manifest = prepare_out_dir(spec, spec_path.read_text(), out_dir, resume)
+    sync(remote, out_dir)
     console = console or Console()
     handle = tune_lib.init_ray(address)
     holder: dict[str, Any] = {"ctx": None}
@@ -295,10 +329,14 @@ def run_study(
         with LiveView(spec, lambda: holder["ctx"], console, quiet) as view:
             ctx = tune_lib.StudyContext(spec, out_dir, studies, view)
             holder["ctx"] = ctx
+            if remote:
+                ctx.tune_storage = (f"{remote[1]}/ray", remote[0])
+                ctx.after_trial = lambda: sync(remote, out_dir, light=True)
             tune_lib.run_search_phase(spec, out_dir, ctx, slots)
             write_tables(spec, out_dir)
             manifest["status"] = "search_done"
             _write_json(out_dir / "manifest.json", manifest)
+            sync(remote, out_dir)
             tune_lib.run_final_phase(spec, out_dir, ctx, slots)
             tune_lib.run_post_phase(spec, ctx, slots)
         write_tables(spec, out_dir)
@@ -318,4 +356,14 @@ def run_study(
 
         manifest["schema_version"] = SCHEMA_VERSION
         _write_json(out_dir / "manifest.json", manifest)
+        sync(remote, out_dir)
     return out_dir
+
+
+def sync_storage(uri: str, out_dir: Path) -> None:
+    """Mirror a finished results directory (report and plots included) to --storage."""
+    from study.storage import open_storage, upload
+
+    spec = load_spec(out_dir / "spec.yaml")
+    fs, base = open_storage(uri)
+    upload(fs, f"{base}/{spec.name}", out_dir)

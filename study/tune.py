@@ -211,9 +211,16 @@ class CellSearcher(Searcher):
         super().__init__(metric="objective", mode="max" if spec.search.direction == "maximize" else "min")
         self.spec, self.cells, self.studies, self.ctx = spec, cells, studies, ctx
         self.orphans: list[tuple[Cell, Any]] = []
+        recorded = ctx.records.load_all("search")
         for cell in cells:
             for frozen in studies.trials(cell.cell_id, (TrialState.RUNNING, TrialState.WAITING)):
-                self.orphans.append((cell, frozen))
+                rec = recorded.get(trial_key("search", cell.cell_id, frozen.number))
+                if rec is not None and rec["status"] != "running":
+                    # The driver died between writing the record and telling Optuna: tell it now
+                    # instead of running the trial again.
+                    studies.tell_recorded(cell.cell_id, frozen, rec)
+                else:
+                    self.orphans.append((cell, frozen))
 
     def _asked(self, cell: Cell) -> int:
         return len(self.studies.trials(cell.cell_id))
@@ -275,9 +282,11 @@ class Collector(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ctx.finish(trial.trial_id, error=None)
+        self.ctx.after_trial()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ctx.finish(trial.trial_id, error=_error_text(trial))
+        self.ctx.after_trial()
 
 
 EPOCH_KEYS = {"epoch", "lr", "train_loss", "train_acc", "val_accuracy", "val_nll", "val_ece", "wall_s"}
@@ -305,6 +314,10 @@ class StudyContext(DriverOnly):
         self.by_tune_id: dict[str, TrialRecord] = {}
         self.on_progress = on_progress
         self.cells = {c.cell_id: c for c in expand_cells(spec)}
+        # (path, pyarrow filesystem) for Tune's own experiment state when --storage is given.
+        self.tune_storage: tuple[str, Any] | None = None
+        # Called after each trial has been recorded and told to Optuna (runner mirrors to --storage).
+        self.after_trial: Callable[[], None] = lambda: None
 
     def progress(self) -> None:
         self.on_progress()
@@ -441,8 +454,19 @@ class RayHandle:
     started_here: bool
 
 
+# The handle of the Ray this process runs on (set by init_ray): cluster_slots tells local from remote.
+_current_handle: RayHandle | None = None
+
+
 def init_ray(address: str | None, *, num_cpus: int | None = None) -> RayHandle:
-    """Local Ray with a private temp dir (never joins another instance), or connect to `address`."""
+    """Local Ray with a private temp dir (never joins another instance), or connect to `address`.
+
+    Args:
+        address: None or "local" for a private local Ray; else host:port, ray://host:port or "auto"
+            (check it first with `check_address`: ray.init itself may wait a minute on a bad one).
+        num_cpus: CPUs of the local Ray (None: all of this machine's); ignored when connecting.
+    """
+    global _current_handle
     if address in (None, "local"):
         # Unix socket paths must stay short: a private dir directly under /tmp.
         temp_dir = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
@@ -456,38 +480,82 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> RayHandle:
             logging_level="ERROR",
             _node_ip_address="127.0.0.1",
         )
-        return RayHandle("local", temp_dir, True)
-    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    return RayHandle(address, None, False)
+        _current_handle = RayHandle("local", temp_dir, True)
+    else:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        _current_handle = RayHandle(address, None, False)
+    return _current_handle
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> str | None:
-    """None if a Ray cluster answers at host:port quickly, else a one-line reason (checked before any trial)."""
+    """None if a Ray cluster's GCS port at `address` accepts a TCP connection, else a one-line reason.
+
+    Runs before the results dir is touched, so a wrong address fails in seconds instead of in ray.init.
+    Accepts host:port (IPv6 as [addr]:port), ray://host:port and "auto" ($RAY_ADDRESS, else the cluster
+    last started here with `ray start`; resolved now so that "no cluster" also fails early). "local" is
+    always fine. Only opens and closes one TCP connection: a port that answers but is not Ray is caught
+    later by ray.init.
+
+    Args:
+        address: the --address value.
+        timeout_s: how long to wait for the TCP handshake (an unroutable host takes this long).
+    """
     import socket
 
-    if address in ("auto", "local") or address.startswith("ray://") is False and ":" not in address:
+    if address == "local":
+        return None
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as exc:
+            lines = str(exc).strip().splitlines() or [repr(exc)]
+            return f"--address auto found no Ray cluster to join ({lines[0]})"
+        except Exception:  # noqa: BLE001 - Ray's private helper moved: let ray.init resolve "auto"
+            return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         return (
-            None
-            if address in ("auto", "local")
-            else f"--address must be host:port, 'auto' or 'local', got {address!r}"
+            "--address must be host:port, ray://host:port, 'auto' or 'local' (e.g. 10.0.0.5:6379), "
+            f"but got {address!r}"
         )
-    hostport = address.removeprefix("ray://")
-    host, _, port = hostport.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             return None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         return f"cannot reach a Ray cluster at {address} ({exc})"
 
 
-def cluster_slots(spec: StudySpec) -> int:
-    """How many trials fit at once: every CPU/GPU slot busy, never more than the resources allow."""
+def cluster_slots(spec: StudySpec, handle: RayHandle | None = None) -> int:
+    """How many trials to run at once when --max-concurrent is not given.
+
+    Rule: as many trials as fit in the resources the cluster has right now (CPUs // cpus_per_trial and,
+    when trials take GPUs, GPUs / gpus_per_trial), at least 1. On a local Ray that is exact. On a remote
+    cluster (`handle`, default the one init_ray returned last, did not start Ray here) it is only a lower
+    bound: an autoscaling cluster that starts with no GPU workers reports 0 GPUs, which gives 1, and Tune
+    then keeps only one trial pending, so the autoscaler never adds a second node. The cluster's maximum
+    cannot be read reliably, so we do not guess it: we print a one-line hint to stderr to pass
+    --max-concurrent (trials beyond the current resources wait PENDING, which is what makes the
+    autoscaler add nodes).
+    """
+    import sys
+
+    handle = handle or _current_handle
     res = ray.cluster_resources()
-    cpus = res.get("CPU", 1.0)
-    slots = int(cpus // spec.resources.cpus_per_trial)
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    slots = int(cpus // spec.resources.cpus_per_trial + 1e-9)
     if spec.resources.gpus_per_trial > 0:
-        slots = min(slots, int(res.get("GPU", 0.0) / spec.resources.gpus_per_trial + 1e-9))
-    return max(slots, 1)
+        slots = min(slots, int(gpus / spec.resources.gpus_per_trial + 1e-9))
+    slots = max(slots, 1)
+    if handle is not None and not handle.started_here:
+        print(
+            f"study: running {slots} trial(s) at once, sized from the cluster's current resources "
+            f"({cpus:g} CPU, {gpus:g} GPU); if it autoscales, pass --max-concurrent for its full size.",
+            file=sys.stderr,
+        )
+    return slots
 
 
 def _resources(spec: StudySpec) -> dict[str, float]:
@@ -511,7 +579,8 @@ def run_search_phase(spec: StudySpec, out: Path, ctx: StudyContext, max_concurre
         ),
         run_config=tune.RunConfig(
             name=f"search-{int(time.time())}",
-            storage_path=str(out / "ray"),
+            storage_path=ctx.tune_storage[0] if ctx.tune_storage else str(out / "ray"),
+            storage_filesystem=ctx.tune_storage[1] if ctx.tune_storage else None,
             callbacks=[Collector(ctx)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0,
@@ -547,7 +616,8 @@ def run_final_phase(spec: StudySpec, out: Path, ctx: StudyContext, max_concurren
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=False),
         run_config=tune.RunConfig(
             name=f"final-{int(time.time())}",
-            storage_path=str(out / "ray"),
+            storage_path=ctx.tune_storage[0] if ctx.tune_storage else str(out / "ray"),
+            storage_filesystem=ctx.tune_storage[1] if ctx.tune_storage else None,
             callbacks=[FinalTracker(ctx, configs), Collector(ctx)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0,

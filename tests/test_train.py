@@ -222,6 +222,11 @@ def test_label_smoothing_terms_are_logged_per_epoch(bundle):
     # Several epochs: both terms in every row with the signs of the decomposition.
     rows = run_trial(make_cfg(epochs=3, regularizer="label_smoothing"), bundle=bundle).epoch_rows
     assert all(r["term_regularization"] >= 0 >= r["term_error_amplification"] for r in rows)
+    # A scheduled alpha follows training progress step by step: 0 at the first step, 0.5 at the last.
+    ramp = {"schedule": "linear", "start": 0.0, "end": 0.5}
+    sched = cfg.model_copy(update={"epochs": 2, "reg_params": {"alpha": ramp}})
+    first, last = run_trial(sched, prepared=prep).epoch_rows
+    assert first["term_regularization"] == 0.0 and last["term_regularization"] > 0.0
     ce_rows = run_trial(make_cfg(epochs=1), bundle=bundle).epoch_rows
     assert "term_regularization" not in ce_rows[0] and "term_ce" in ce_rows[0]
 
