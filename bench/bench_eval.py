@@ -45,8 +45,10 @@ def main(name: str) -> None:
             train_s.append(t1 - t0)
             eval_s.append(t2 - t1)
     tr, ev = statistics.median(train_s), statistics.median(eval_s)
-    print(f"{name}: cell {cell.cell_id}, {cfg.epochs} epochs; training {tr:.2f} s, evaluation {ev:.2f} s "
-          f"(median of {len(train_s)}); evaluation / training = {ev / tr:.1%}; evaluate block {cfg.evaluate}")
+    print(
+        f"{name}: cell {cell.cell_id}, {cfg.epochs} epochs; training {tr:.2f} s, evaluation {ev:.2f} s "
+        f"(median of {len(train_s)}); evaluation / training = {ev / tr:.1%}; evaluate block {cfg.evaluate}"
+    )
 
 
 if __name__ == "__main__":

@@ -40,22 +40,29 @@ def pruning() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("median", "none"):
             spec = dict(base, name=f"prune-{kind}")
-            spec["search"] = dict(base["search"], pruner={"kind": kind, "n_startup_trials": 2, "n_warmup_steps": 2})
+            spec["search"] = dict(
+                base["search"], pruner={"kind": kind, "n_startup_trials": 2, "n_warmup_steps": 2}
+            )
             path = Path(tmp) / f"{kind}.yaml"
             path.write_text(yaml.safe_dump(spec))
             wall = _run(path, Path(tmp) / kind)
             t = pd.read_parquet(Path(tmp) / kind / "trials.parquet")
             s = t[t.phase == "search"]
-            results[kind] = {"wall_s": wall, "epochs": int(s.epochs.sum()),
-                             "best": s.groupby("cell_id").best_value.max().to_dict()}
+            results[kind] = {
+                "wall_s": wall,
+                "epochs": int(s.epochs.sum()),
+                "best": s.groupby("cell_id").best_value.max().to_dict(),
+            }
     saved = 1 - results["median"]["epochs"] / results["none"]["epochs"]
     diffs = {c: results["median"]["best"][c] - results["none"]["best"][c] for c in results["none"]["best"]}
-    print(f"| pruner | search epochs | wall s |\n|---|---|---|")
+    print("| pruner | search epochs | wall s |\n|---|---|---|")
     for k, r in results.items():
         print(f"| {k} | {r['epochs']} | {r['wall_s']:.0f} |")
     print(f"\nepochs saved by pruning: {saved:.1%}")
-    print("best validation accuracy per cell, median - none (points): "
-          + ", ".join(f"{c.split('/', 2)[2]} {100 * d:+.2f}" for c, d in diffs.items()))
+    print(
+        "best validation accuracy per cell, median - none (points): "
+        + ", ".join(f"{c.split('/', 2)[2]} {100 * d:+.2f}" for c, d in diffs.items())
+    )
     print(json.dumps(results))
 
 
@@ -81,9 +88,11 @@ def overhead() -> None:
             run_trial(TrialConfig(**cfg), (lambda row, s=stop_at: s is not None and row["epoch"] >= s))
         bare = time.perf_counter() - t0
     concurrency = os.cpu_count() or 1
-    print(f"smoke study wall {wall:.1f} s ({len(records)} trials, manifest planned {manifest['planned']}); "
-          f"bare loop {bare:.1f} s; concurrency {concurrency}; "
-          f"overhead ratio wall / (bare / concurrency) = {wall / (bare / concurrency):.2f}")
+    print(
+        f"smoke study wall {wall:.1f} s ({len(records)} trials, manifest planned {manifest['planned']}); "
+        f"bare loop {bare:.1f} s; concurrency {concurrency}; "
+        f"overhead ratio wall / (bare / concurrency) = {wall / (bare / concurrency):.2f}"
+    )
 
 
 def quickstart() -> None:

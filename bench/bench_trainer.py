@@ -16,6 +16,7 @@ median over all epochs of all repeats, and the order of the runs alternates betw
 
 Usage: python bench/bench_trainer.py [--repeats 5] [--epochs 6] [--batch-size 32] [--threads 1]
        python bench/bench_trainer.py --acceptance   # `study trial` defaults, 30 epochs, test accuracy
+       python bench/bench_trainer.py --acceptance --lr 1e-2 2e-2 --batch-size 32 64 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -104,27 +105,27 @@ def compare(cfg: TrialConfig, repeats: int) -> dict[str, float]:
     return out
 
 
-def acceptance(seeds: list[int]) -> None:
-    """The `study trial` defaults (cnn1d on MNIST-1D, 30 epochs): wall time and clean test accuracy."""
+def accuracy_runs(
+    seeds: list[int], lrs: list[float] | None, batch_sizes: list[int] | None, wd: float
+) -> None:
+    """cnn1d on MNIST-1D for 30 epochs: clean test accuracy and wall time per (batch, lr, seed).
+
+    Without lrs/batch_sizes it uses the `study trial` defaults (the acceptance command).
+    """
     from study.cli import trial
 
     defaults = {p.name: p.default.default for p in _params(trial)}
-    for seed in seeds:
-        cfg = TrialConfig(
-            epochs=30,
-            seed=seed,
-            lr=defaults["lr"],
-            weight_decay=defaults["weight_decay"],
-            batch_size=defaults["batch_size"],
-            optimizer=defaults["optimizer"],
-        )
-        t0 = time.perf_counter()
-        result = run_trial(cfg)
-        wall = time.perf_counter() - t0
-        print(
-            f"seed {seed}: test accuracy {result.metric('accuracy'):.3f}  "
-            f"train acc {result.epoch_rows[-1]['train_acc']:.3f}  wall {wall:.1f} s"
-        )
+    for bs in batch_sizes or [defaults["batch_size"]]:
+        for lr in lrs or [defaults["lr"]]:
+            for seed in seeds:
+                cfg = TrialConfig(epochs=30, seed=seed, lr=lr, weight_decay=wd, batch_size=bs)
+                t0 = time.perf_counter()
+                result = run_trial(cfg)
+                print(
+                    f"batch {bs} lr {lr:g} wd {wd:g} seed {seed}: test accuracy "
+                    f"{result.metric('accuracy'):.3f}  train acc {result.epoch_rows[-1]['train_acc']:.3f}  "
+                    f"wall {time.perf_counter() - t0:.1f} s"
+                )
 
 
 def _params(fn):  # noqa: ANN001, ANN202 - typer options live in the signature defaults
@@ -144,12 +145,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--acceptance", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lr", type=float, nargs="+", default=None, help="--acceptance: lr grid")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}")
     data.load_dataset("mnist1d")  # generate/cache once, outside the timings
     if args.acceptance:
-        acceptance(args.seeds)
+        bs = args.batch_size if args.lr else None
+        accuracy_runs(args.seeds, args.lr, bs, args.weight_decay)
         return
     for bs in args.batch_size:
         cfg = TrialConfig(epochs=args.epochs, batch_size=bs, lr=1e-2, device="cpu", full_eval=False)

@@ -32,9 +32,11 @@ def evaluate_model(
     device: torch.device,
     *,
     source_model: torch.nn.Module | None = None,
+    extras: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Clean-test metrics, temperature scaling, reliability bins, feature geometry, memorisation,
-    and the attacks/corruptions the spec's `evaluate:` block asks for."""
+    and the attacks/corruptions the spec's `evaluate:` block asks for. `extras`, when given,
+    receives the template-plane projection of the test features (classes 0, 1, 2)."""
     from study.train import predict
 
     b = prep.bundle
@@ -52,6 +54,10 @@ def evaluate_model(
     for i in range(len(bins["count"])):
         for key in ("accuracy", "confidence", "count"):
             rows.append(_row("test", "clean", f"bin_{key}", float(bins[key][i]), severity=float(i)))
+    if extras is not None and b.num_classes >= 3:
+        from study.projection import project_features
+
+        extras["projection"] = project_features(test_feats, y_test, model.head.weight)
     for name, value in metrics.feature_separation(test_feats, y_test).items():
         rows.append(_row("test", "clean", name, value))
     if bool(prep.flipped.any()):

@@ -32,6 +32,8 @@ def reference_probabilities(
     seed: int,
     folds: int = 5,
     epochs: int = 15,
+    lr: float = 2e-2,
+    batch_size: int = 32,
 ) -> torch.Tensor:
     """(N_train, K) out-of-fold softmax probabilities of a CE model on the clean training labels."""
     key = json.dumps(
@@ -43,6 +45,8 @@ def reference_probabilities(
             "s": seed,
             "f": folds,
             "e": epochs,
+            "lr": lr,
+            "b": batch_size,
         },
         sort_keys=True,
     )
@@ -51,7 +55,9 @@ def reference_probabilities(
     with FileLock(str(path) + ".lock"):
         if path.exists():
             return torch.load(path, weights_only=True)
-        probs = _compute(bundle, model, model_options, seed=seed, folds=folds, epochs=epochs)
+        probs = _compute(
+            bundle, model, model_options, seed=seed, folds=folds, epochs=epochs, lr=lr, batch_size=batch_size
+        )
         tmp = path.with_suffix(".tmp")
         torch.save(probs, tmp)
         os.replace(tmp, path)
@@ -66,6 +72,8 @@ def _compute(
     seed: int,
     folds: int,
     epochs: int,
+    lr: float,
+    batch_size: int,
 ) -> torch.Tensor:
     from study import noise as noise_lib
     from study.train import PreparedData, TrialConfig, predict, run_trial
@@ -97,7 +105,8 @@ def _compute(
             epochs=epochs,
             seed=seed + k,
             full_eval=False,
-            lr=3e-3,
+            lr=lr,
+            batch_size=batch_size,
             weight_decay=1e-4,
         )
         holder: dict[str, torch.nn.Module] = {}

@@ -29,7 +29,8 @@ def print_plan(spec: StudySpec, console: Console) -> dict[str, int]:
         f"search: {counts['search']} trials x <= {spec.train.epochs} epochs "
         f"({spec.search.sampler} sampler, {spec.search.pruner.kind} pruner, metric {spec.search.metric})\n"
         f"final:  {counts['final']} trials ({spec.final.seeds} seeds per cell) x {final_epochs} epochs\n"
-        f"budget: at most {budget} epochs; resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU",
+        f"budget: at most {budget} epochs; "
+        f"resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU",
         highlight=False,
     )
     return {**counts, "cells": len(cells), "epoch_budget": budget}

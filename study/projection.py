@@ -29,7 +29,10 @@ def template_plane_basis(templates: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def project_features(
-    features: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor, classes: tuple[int, int, int] = (0, 1, 2)
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    head_weight: torch.Tensor,
+    classes: tuple[int, int, int] = (0, 1, 2),
 ) -> list[dict[str, float]]:
     """Rows {cls, x, y} for the samples of `classes`, projected onto the templates' plane.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import subprocess
@@ -26,10 +27,8 @@ def _versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("regstudy", "torch", "torchvision", "ray", "optuna", "pyarrow"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -346,10 +345,9 @@ def run_study(
         raise
     finally:
         tune_lib.shutdown(handle)
-        try:
+        # The tables are rebuilt on resume: never mask the real error with a failure here.
+        with contextlib.suppress(Exception):
             write_tables(spec, out_dir)
-        except Exception:  # noqa: BLE001 - the tables are rebuilt on resume; never mask the real error
-            pass
         manifest["status"] = status
         manifest["ended_at"] = time.time()
         from reports.build import SCHEMA_VERSION

@@ -427,7 +427,8 @@ def _check_cross_fields(spec: StudySpec, source: str) -> None:
     for i, m in enumerate(spec.models):
         if m.name not in known_models and not m.name.startswith("tv:"):
             raise SpecError(
-                f"{source}: models.{i}: unknown model {m.name!r} (allowed: {', '.join(known_models)}, tv:<name>)"
+                f"{source}: models.{i}: unknown model {m.name!r} "
+                f"(allowed: {', '.join(known_models)}, tv:<name>)"
             )
     if (
         spec.distill
@@ -435,7 +436,8 @@ def _check_cross_fields(spec: StudySpec, source: str) -> None:
         and not spec.distill.student.startswith("tv:")
     ):
         raise SpecError(
-            f"{source}: distill.student: unknown model {spec.distill.student!r} (allowed: {', '.join(known_models)})"
+            f"{source}: distill.student: unknown model {spec.distill.student!r} "
+            f"(allowed: {', '.join(known_models)})"
         )
     data_kind = data.DATASETS[spec.dataset.name].kind
     named = [(f"models.{i}", m.name) for i, m in enumerate(spec.models)]
@@ -468,5 +470,6 @@ def _check_cross_fields(spec: StudySpec, source: str) -> None:
         raise SpecError(f"{source}: evaluate.eps: attacks are listed but no eps values are given")
     if "transfer" in spec.evaluate.attacks and "ce" not in spec.regularizers:
         raise SpecError(
-            f"{source}: evaluate.attacks: 'transfer' crafts on the ce model of each cell, so regularizers must include ce"
+            f"{source}: evaluate.attacks: 'transfer' crafts on the ce model of each cell, "
+            "so regularizers must include ce"
         )

@@ -75,6 +75,7 @@ class TrialResult:
     best_epoch: int | None
     epoch_rows: list[dict[str, Any]] = field(default_factory=list)
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
+    projection: list[dict[str, float]] = field(default_factory=list)
     realized_noise_rate: float = 0.0
     noise_note: str = ""
     wall_s: float = 0.0
@@ -376,7 +377,9 @@ def _finish(
     if status == "completed" and cfg.full_eval:
         from study.evaluation import evaluate_model
 
-        result.eval_rows = evaluate_model(model, prep, cfg, device)
+        extras: dict[str, Any] = {}
+        result.eval_rows = evaluate_model(model, prep, cfg, device, extras=extras)
+        result.projection = extras.get("projection", [])
     if status == "completed" and cfg.save_model and cfg.checkpoint_dir:
         path = Path(cfg.checkpoint_dir) / "model.pt"
         _save_checkpoint(path, {"model": model.state_dict(), "config": cfg.model_dump()})

@@ -138,6 +138,7 @@ def _trainable(config: dict[str, Any]) -> None:
         "node": node,
         "started_at": started_at,
         "eval_rows": result.eval_rows,
+        "projection": result.projection,
         "epoch_rows": result.epoch_rows,
     }
     tune.report(
@@ -671,8 +672,15 @@ def run_post_phase(spec: StudySpec, ctx: StudyContext, max_concurrent: int) -> N
             acc_rows = [r for r in evals if r["metric"] == "accuracy" and r["condition"] in attacks.ATTACKS]
             evals[:] = [r for r in evals if r["metric"] != "gradient_masking"]
             flag = attacks.gradient_masking_flag(acc_rows)
-            evals.append({"split": "test", "condition": "pgd_ce", "severity": None,
-                          "metric": "gradient_masking", "value": float(flag)})
+            evals.append(
+                {
+                    "split": "test",
+                    "condition": "pgd_ce",
+                    "severity": None,
+                    "metric": "gradient_masking",
+                    "value": float(flag),
+                }
+            )
         ctx.records.save_dict(rec)
         ctx.progress()
 

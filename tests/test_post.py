@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -36,11 +35,15 @@ def test_distillation_and_transfer_rows(tmp_path, monkeypatch):
     trials = pd.read_parquet(out / "trials.parquet")
     evals = pd.read_parquet(out / "evals.parquet").merge(trials[["trial_id", "regularizer", "phase"]])
     final = evals[evals.phase == "final"]
-    distill = final[final.condition == "distill"].pivot_table(index="regularizer", columns="metric", values="value")
+    distill = final[final.condition == "distill"].pivot_table(
+        index="regularizer", columns="metric", values="value"
+    )
     assert set(distill.index) == {"ce", "label_smoothing", "maxsup"}
     assert distill["student_accuracy"].between(0.1, 1.0).all()
     # The teacher accuracy of the distillation rows is the trial's own clean test accuracy.
-    clean = final[(final.condition == "clean") & (final.metric == "accuracy")].set_index("regularizer")["value"]
+    clean = final[(final.condition == "clean") & (final.metric == "accuracy")].set_index("regularizer")[
+        "value"
+    ]
     assert (distill["teacher_accuracy"] - clean).abs().max() < 1e-9
     transfer = final[final.condition == "transfer"]
     assert set(transfer.regularizer) == {"label_smoothing", "maxsup"}  # crafted on ce: not for ce itself

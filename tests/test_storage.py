@@ -46,8 +46,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3_env(tmp_path_factory):
     port = _free_port()
-    proc = subprocess.Popen([MOTO_BIN, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [MOTO_BIN, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -56,15 +60,18 @@ def s3_env(tmp_path_factory):
         except OSError:
             time.sleep(0.2)
     env = {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "REGSTUDY_CACHE": str(tmp_path_factory.mktemp("cache")),
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     # The bucket exists before the study (regstudy never creates buckets).
-    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True,
-                      region="us-east-1").create_dir("bucket")
+    pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True, region="us-east-1"
+    ).create_dir("bucket")
     yield env
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -80,8 +87,13 @@ def test_unreachable_or_bad_storage_fails_fast_with_exit_2(tmp_path, s3_env):
     spec.write_text(SPEC)
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"}  # nothing listens there
     t0 = time.time()
-    res = subprocess.run([STUDY_BIN, "run", str(spec), "--out", str(tmp_path / "o"), "--storage", "s3://bucket/x"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run(
+        [STUDY_BIN, "run", str(spec), "--out", str(tmp_path / "o"), "--storage", "s3://bucket/x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 2 and "cannot write there" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert time.time() - t0 < 60
@@ -96,8 +108,12 @@ def test_study_writes_to_s3_and_resumes_from_it(tmp_path, s3_env):
     spec.write_text(SPEC)
     first = tmp_path / "first"
     cmd = [STUDY_BIN, "run", str(spec), "--storage", "s3://bucket/prefix", "--quiet", "--no-report"]
-    proc = subprocess.Popen([*cmd, "--out", str(first)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(first)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     fs, _ = open_storage("s3://bucket/prefix")
     remote_records = "bucket/prefix/s3study/records/search"
     deadline = time.time() + 300
@@ -108,24 +124,34 @@ def test_study_writes_to_s3_and_resumes_from_it(tmp_path, s3_env):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {f.base_name: json.loads(fs.open_input_stream(f.path).read())
-              for f in fs.get_file_info(pafs.FileSelector(remote_records)) if f.path.endswith(".json")}
+    before = {
+        f.base_name: json.loads(fs.open_input_stream(f.path).read())
+        for f in fs.get_file_info(pafs.FileSelector(remote_records))
+        if f.path.endswith(".json")
+    }
     assert 3 <= len(before) < 10
     shutil.rmtree(first)  # another machine: only the storage is left
 
     second = tmp_path / "second"
-    res = subprocess.run([*cmd, "--out", str(second), "--resume"], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [*cmd, "--out", str(second), "--resume"], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     table = pq.read_table("bucket/prefix/s3study/trials.parquet", filesystem=fs).to_pandas()
     assert table["trial_id"].is_unique
     assert table.groupby(["cell_id", "phase"]).size().to_dict() == {
-        ("mnist1d/cnn1d/ce/none", "final"): 1, ("mnist1d/cnn1d/ce/none", "search"): 5,
-        ("mnist1d/cnn1d/label_smoothing/none", "final"): 1, ("mnist1d/cnn1d/label_smoothing/none", "search"): 5,
+        ("mnist1d/cnn1d/ce/none", "final"): 1,
+        ("mnist1d/cnn1d/ce/none", "search"): 5,
+        ("mnist1d/cnn1d/label_smoothing/none", "final"): 1,
+        ("mnist1d/cnn1d/label_smoothing/none", "search"): 5,
     }
     local = pd.read_parquet(second / "trials.parquet")
     assert sorted(local["trial_id"]) == sorted(table["trial_id"])
-    after = {f.base_name: json.loads(fs.open_input_stream(f.path).read())
-             for f in fs.get_file_info(pafs.FileSelector(remote_records)) if f.path.endswith(".json")}
+    after = {
+        f.base_name: json.loads(fs.open_input_stream(f.path).read())
+        for f in fs.get_file_info(pafs.FileSelector(remote_records))
+        if f.path.endswith(".json")
+    }
     for name, rec in before.items():
         assert after[name]["ended_at"] == rec["ended_at"], f"{name} was re-run"
     manifest = json.loads(fs.open_input_stream("bucket/prefix/s3study/manifest.json").read())

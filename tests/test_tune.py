@@ -132,7 +132,7 @@ def test_journal_holds_one_study_per_cell_with_pruned_trials(tiny_study):
 def test_two_trials_run_at_the_same_time(tiny_study):
     _, out = tiny_study
     trials = pd.read_parquet(out / "trials.parquet")
-    intervals = list(zip(trials["started_at"], trials["ended_at"]))
+    intervals = list(zip(trials["started_at"], trials["ended_at"], strict=True))
     overlaps = sum(1 for (a0, a1), (b0, b1) in combinations(intervals, 2) if a0 < b1 and b0 < a1)
     assert overlaps >= 1
 
@@ -140,7 +140,7 @@ def test_two_trials_run_at_the_same_time(tiny_study):
 def test_final_phase_uses_each_cells_best_search_params(tiny_study):
     _, out = tiny_study
     trials = pd.read_parquet(out / "trials.parquet")
-    for cell_id, group in trials.groupby("cell_id"):
+    for _, group in trials.groupby("cell_id"):
         search = group[(group.phase == "search") & (group.status == "completed")]
         best = search.loc[search["best_value"].idxmax()]
         final = group[group.phase == "final"]
@@ -148,7 +148,7 @@ def test_final_phase_uses_each_cells_best_search_params(tiny_study):
         assert (final["seed"] >= 1).all()  # seed 0 trained the search trials
 
 
-CRASH_MODULE = '''
+CRASH_MODULE = """
 import os, pathlib, torch
 import torch.nn.functional as F
 
@@ -161,7 +161,7 @@ class Crashing(torch.nn.Module):
 
 def make():
     return Crashing()
-'''
+"""
 
 
 def test_crashing_trial_is_retried_then_recorded_failed(tmp_path, env_cache, monkeypatch):
@@ -183,7 +183,7 @@ def test_crashing_trial_is_retried_then_recorded_failed(tmp_path, env_cache, mon
     # max_failures: 1 -> every failed trial ran twice.
     assert len(log.read_text().split()) == 2 * len(crashed)
     ok = trials[trials.regularizer == "ce"]
-    assert (ok.groupby("phase").size() == {"search": 4, "final": 2}).all()
+    assert ok.groupby("phase").size().to_dict() == {"search": 4, "final": 2}
     assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
     for cell_id, frozen in _journal_trials(out).items():
         if "crashmod" in cell_id:
@@ -222,7 +222,9 @@ def test_resume_after_sigkill_has_no_missing_duplicate_or_rerun_trials(tmp_path,
 def test_run_refuses_existing_or_foreign_results_dir(tiny_study, tmp_path):
     spec_path, out = tiny_study
     before = {p: p.read_bytes() for p in out.glob("*.parquet")}
-    res = subprocess.run([STUDY_BIN, "run", str(spec_path), "--out", str(out)], capture_output=True, text=True)
+    res = subprocess.run(
+        [STUDY_BIN, "run", str(spec_path), "--out", str(out)], capture_output=True, text=True
+    )
     assert res.returncode == 2 and "--resume" in res.stderr
     other = _write_spec(tmp_path / "other.yaml", "other", epochs=3)
     res = subprocess.run([STUDY_BIN, "run", str(other), "--out", str(out)], capture_output=True, text=True)
