@@ -58,7 +58,10 @@ def _colors(regs: list[str]) -> dict[str, tuple]:
 def _accuracy_vs_noise(sm: pd.DataFrame, regs, colors, title: str, path: Path, written: list[Path]) -> None:
     acc = sm[(sm["split"] == "test") & (sm["condition"] == "clean") & (sm["metric"] == "accuracy")]
     # kind label from the setting so adversarial-confident and adversarial-boundary get separate panels
-    acc = acc[acc["severity"].isna()].assign(_kind=lambda d: d["noise_setting"].str.partition(":")[0])
+    acc = acc[acc["severity"].isna()]
+    if acc.empty:  # no finished final trial yet (partial study)
+        return
+    acc = acc.assign(_kind=acc["noise_setting"].str.split(":").str[0])
     order = ("symmetric", "asymmetric", "pairflip", "instance", "adversarial")
     rank = {
         k: (order.index(k.split("-")[0]) if k.split("-")[0] in order else len(order), k) for k in acc["_kind"]
@@ -192,6 +195,10 @@ def _curves(
                 ]
                 if segs:
                     ax.add_collection(LineCollection(segs, colors=color, alpha=alpha, lw=1, label=status))
+                if segs and status == "pruned":
+                    # The point where each trial was stopped; also shows trials pruned after one epoch.
+                    ends = [seg[-1] for seg in segs]
+                    ax.scatter([p[0] for p in ends], [p[1] for p in ends], marker="x", s=14, color=color)
             ax.set(xlim=(0.5, e["epoch"].max() + 0.5), ylim=(lo - pad, hi + pad), title=f"{reg}\n{ns}")
             ax.title.set_fontsize(9)
             ax.grid(alpha=0.3)

@@ -294,3 +294,27 @@ def test_check_address_accepts_a_listening_port():
         assert check_address(f"127.0.0.1:{port}") is None
         assert check_address(f"ray://127.0.0.1:{port}") is None
     assert check_address("local") is None
+
+
+@pytest.mark.slow
+def test_cluster_slots_sizes_from_current_resources_and_hints_on_remote_clusters(tmp_path, capsys):
+    from study import tune as tune_lib
+
+    spec_path = tmp_path / "multinode.yaml"
+    spec_path.write_text(SPEC.format(prune_after=1))
+    spec = load_spec(spec_path)
+    gpu_spec = spec.model_copy(
+        update={"resources": spec.resources.model_copy(update={"gpus_per_trial": 0.5})}
+    )
+    num_cpus = 3
+    handle = tune_lib.init_ray(None, num_cpus=num_cpus)
+    try:
+        assert tune_lib.cluster_slots(spec) == num_cpus // spec.resources.cpus_per_trial
+        assert capsys.readouterr().err == ""  # a local Ray is sized exactly: nothing to hint
+        # A remote cluster whose GPU workers are not up yet (0 GPUs now): one trial, and the hint.
+        remote = tune_lib.RayHandle("10.0.0.5:6379", None, started_here=False)
+        assert tune_lib.cluster_slots(gpu_spec, remote) == 1
+        err = capsys.readouterr().err
+        assert "--max-concurrent" in err and f"{num_cpus} CPU, 0 GPU" in err and len(err.splitlines()) == 1
+    finally:
+        tune_lib.shutdown(handle)

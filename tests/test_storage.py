@@ -3,6 +3,7 @@ from the storage into an empty local directory after the driver was killed mid-s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -103,7 +104,7 @@ def test_unreachable_or_bad_storage_fails_fast_with_exit_2(tmp_path, s3_env):
 
 
 @pytest.mark.slow
-def test_study_writes_to_s3_and_resumes_from_it(tmp_path, s3_env):
+def test_study_writes_to_s3_and_resumes_from_it_after_ctrl_c(tmp_path, s3_env):
     spec = tmp_path / "s.yaml"
     spec.write_text(SPEC)
     first = tmp_path / "first"
@@ -122,14 +123,22 @@ def test_study_writes_to_s3_and_resumes_from_it(tmp_path, s3_env):
         if len([f for f in found if f.path.endswith(".json")]) >= 3:
             break
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # Ctrl-C (SIGINT to the driver): the study stops, says so, and can be resumed (test_tune covers SIGKILL).
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind in the driver's session
+    assert rc == 130
+    manifest = json.loads(fs.open_input_stream("bucket/prefix/s3study/manifest.json").read())
+    assert manifest["status"] == "interrupted"
     before = {
         f.base_name: json.loads(fs.open_input_stream(f.path).read())
         for f in fs.get_file_info(pafs.FileSelector(remote_records))
         if f.path.endswith(".json")
     }
-    assert 3 <= len(before) < 10
+    assert 3 <= len(before) < 10, "the driver must be interrupted mid-search"
     shutil.rmtree(first)  # another machine: only the storage is left
 
     second = tmp_path / "second"
