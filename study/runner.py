@@ -60,7 +60,8 @@ def planned_counts(spec: StudySpec, cells: list[Cell]) -> dict[str, int]:
     return {"search": search, "final": len(cells) * spec.final.seeds}
 
 
-def prepare_out_dir(spec: StudySpec, spec_text: str, out: Path, resume: bool) -> dict[str, Any]:
+def check_out_dir(spec: StudySpec, out: Path, resume: bool) -> None:
+    """Raise RunError if `out` holds another study, or this one without --resume (writes nothing)."""
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         try:
@@ -74,12 +75,19 @@ def prepare_out_dir(spec: StudySpec, spec_text: str, out: Path, resume: bool) ->
             )
         if not resume:
             raise RunError(f"{out}: study {spec.name!r} already exists here; pass --resume to continue it")
+    elif resume and out.exists() and any(out.iterdir()):
+        raise RunError(f"{out}: not a study results directory (no manifest.json); nothing to resume")
+
+
+def prepare_out_dir(spec: StudySpec, spec_text: str, out: Path, resume: bool) -> dict[str, Any]:
+    check_out_dir(spec, out, resume)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
         old["status"] = "running"
         old["resumed_at"] = time.time()
         _write_json(manifest_path, old)
         return old
-    if resume and out.exists() and any(out.iterdir()):
-        raise RunError(f"{out}: not a study results directory (no manifest.json); nothing to resume")
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(spec_text)
     cells = expand_cells(spec)
@@ -316,14 +324,23 @@ def run_study(
             raise RunError(str(exc)) from None
         if resume and not (out_dir / "manifest.json").exists():
             storage_lib.download(fs, remote[1], out_dir)
-    manifest = prepare_out_dir(spec, spec_path.read_text(), out_dir, resume)
+    check_out_dir(spec, out_dir, resume)  # refuse a foreign or existing study before starting Ray
+    try:
+        handle = tune_lib.init_ray(address)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"--address {address or 'local'}: cannot start or join Ray ({first})") from None
+    try:
+        manifest = prepare_out_dir(spec, spec_path.read_text(), out_dir, resume)
+    except BaseException:
+        tune_lib.shutdown(handle)
+        raise
     sync(remote, out_dir)
     console = console or Console()
-    handle = tune_lib.init_ray(address)
     holder: dict[str, Any] = {"ctx": None}
     status = "failed"
     try:
-        slots = max_concurrent or tune_lib.cluster_slots(spec)
+        slots = max_concurrent or tune_lib.cluster_slots(spec, handle)
         studies = tune_lib.CellStudies(spec, expand_cells(spec), out_dir / "optuna.journal")
         with LiveView(spec, lambda: holder["ctx"], console, quiet) as view:
             ctx = tune_lib.StudyContext(spec, out_dir, studies, view)
