@@ -267,7 +267,7 @@ class LiveView:
                 best[k] = max(best.get(k, v), v)
         done = sum(1 for r in ctx.by_tune_id.values() if r.ended_at is not None)
         total = self.planned["search"] + self.planned["final"]
-        for (phase, cell_id), c in sorted(by_cell.items()):
+        for (phase, cell_id), c in sorted(by_cell.items(), key=lambda kv: (kv[0][0] != "search", kv[0][1])):
             b = best.get((phase, cell_id))
             t.add_row(
                 f"{phase[0]} {cell_id}",
