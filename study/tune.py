@@ -14,6 +14,7 @@ nothing is duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -297,13 +298,21 @@ EPOCH_KEYS = {"epoch", "lr", "train_loss", "train_acc", "val_accuracy", "val_nll
 
 
 def _error_text(trial: Any) -> str:
-    try:
+    """The exception line of a failed trial's traceback (e.g. "RuntimeError: boom")."""
+    texts = []
+    with contextlib.suppress(Exception):  # best effort: the error file may be missing or unreadable
+        # The local copy first: the one in the storage path is uploaded asynchronously.
+        if trial.error_file and Path(trial.error_file).exists():
+            texts.append(Path(trial.error_file).read_text())
+    with contextlib.suppress(Exception):
         err = trial.get_error()
         if err is not None:
-            text = str(err).strip().splitlines()
-            return text[-1] if text else repr(err)
-    except Exception:  # noqa: BLE001 - best effort: the error file may be unreadable
-        pass
+            texts.append(str(err))
+    for text in texts:
+        lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+        exc_lines = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*", ln)]
+        if exc_lines or lines:
+            return (exc_lines or lines)[-1]
     return "trial failed (see Ray logs)"
 
 
