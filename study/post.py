@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from study import attacks, metrics
+from study import metrics
+from study.evaluation import attack_rows, eval_subset
 from study.train import TrialConfig, build_model, distill_loss, predict, prepare_data, resolve_device
 
 
@@ -37,27 +38,17 @@ def transfer_rows(target: dict[str, Any], source: dict[str, Any]) -> list[dict[s
     device = resolve_device(tcfg.device)
     model, prep = load_trained(tcfg, device)
     source_model, _ = load_trained(scfg, device, prep.bundle)
-    b = prep.bundle
-    n = tcfg.evaluate.get("max_samples") or len(b.y_test)
-    x, y = b.to_float(b.x_test[:n].to(device)), b.y_test[:n].to(device)
-    eps_user = tcfg.evaluate.get("eps", [])
-    eps_list = [attacks.eps_for_data(e, data_std=b.data_std, value_range=b.value_range) for e in eps_user]
-    rows = attacks.robustness_rows(
+    x, y = eval_subset(prep, tcfg, device)
+    return attack_rows(
         model,
+        prep.bundle,
+        tcfg.evaluate,
         x,
         y,
-        eps_list=eps_list,
-        attacks=["transfer"],
+        attack_names=["transfer"],
         source_model=source_model,
-        steps=tcfg.evaluate.get("pgd_steps", 10),
-        clamp=b.value_range,
         seed=tcfg.seed,
     )
-    out = []
-    for r in rows:
-        eps = eps_user[eps_list.index(r["severity"])] if r["severity"] in eps_list else r["severity"]
-        out.append({"split": "test", **r, "severity": eps})
-    return out
 
 
 def distill_rows(teacher: dict[str, Any], distill: dict[str, Any]) -> list[dict[str, Any]]:

@@ -38,6 +38,12 @@ class SpecError(ValueError):
     """A bad spec: one line naming the field path, the problem and (when known) the YAML line."""
 
 
+def _one_of(value: str, allowed: Any, what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r} (allowed: {', '.join(allowed)})")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -133,9 +139,7 @@ class PrunerSpec(_Strict):
     @field_validator("kind")
     @classmethod
     def _kind(cls, v: str) -> str:
-        if v not in PRUNERS:
-            raise ValueError(f"unknown pruner {v!r} (allowed: {', '.join(PRUNERS)})")
-        return v
+        return _one_of(v, PRUNERS, "pruner")
 
 
 class TrainSpec(_Strict):
@@ -165,16 +169,12 @@ class SearchSpec(_Strict):
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, v: str) -> str:
-        if v not in SAMPLERS:
-            raise ValueError(f"unknown sampler {v!r} (allowed: {', '.join(SAMPLERS)})")
-        return v
+        return _one_of(v, SAMPLERS, "sampler")
 
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        if v not in METRICS:
-            raise ValueError(f"unknown metric {v!r} (allowed: {', '.join(METRICS)})")
-        return v
+        return _one_of(v, METRICS, "metric")
 
     @property
     def direction(self) -> str:

@@ -23,6 +23,7 @@ from study import data as data_lib
 from study import metrics, models, regularizers
 from study import noise as noise_lib
 from study.oof import reference_probabilities
+from study.spec import METRICS
 
 STATUSES = ("completed", "pruned", "failed", "diverged")
 
@@ -347,7 +348,8 @@ def _update_best(best: tuple, row: dict[str, Any], epoch: int, metric: str) -> t
     value = row[metric]
     if not math.isfinite(value):
         return best
-    if best[0] is None or (value > best[0] if metric == "val_accuracy" else value < best[0]):
+    maximize = METRICS[metric] == "maximize"
+    if best[0] is None or (value > best[0] if maximize else value < best[0]):
         return (value, epoch)
     return best
 

@@ -189,14 +189,11 @@ class Records:
         return self.root / phase / f"{_safe(key)}.json"
 
     def save(self, rec: TrialRecord) -> None:
-        path = self.path(rec.phase, rec.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec.to_json(), default=str))
-        os.replace(tmp, path)
+        self.save_dict(rec.to_json())
 
     def save_dict(self, rec: dict[str, Any]) -> None:
         path = self.path(rec["phase"], rec["key"])
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, default=str))
         os.replace(tmp, path)
@@ -227,18 +224,17 @@ class CellSearcher(Searcher):
                 else:
                     self.orphans.append((cell, frozen))
 
-    def _asked(self, cell: Cell) -> int:
-        return len(self.studies.trials(cell.cell_id))
-
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self.orphans:
             cell, frozen = self.orphans.pop(0)
             trial = self.studies.reattach(cell.cell_id, frozen)
         else:
-            open_cells = [c for c in self.cells if self._asked(c) < self.studies.budget(c)]
+            # One journal read per cell and suggestion (each read syncs with the journal file).
+            asked = {c.cell_id: len(self.studies.trials(c.cell_id)) for c in self.cells}
+            open_cells = [c for c in self.cells if asked[c.cell_id] < self.studies.budget(c)]
             if not open_cells:
                 return Searcher.FINISHED
-            cell = min(open_cells, key=self._asked)
+            cell = min(open_cells, key=lambda c: asked[c.cell_id])
             trial = self.studies.ask(cell)
         return self.ctx.new_search_trial(trial_id, cell, trial)
 
@@ -362,7 +358,7 @@ class StudyContext(DriverOnly):
         )
         self.by_tune_id[tune_id] = rec
         self.progress()
-        return {"trial": config, "meta": {"cell_id": cell.cell_id, "key": key, "phase": "search"}}
+        return {"trial": config}
 
     def epoch_result(self, tune_id: str, result: dict) -> bool:
         rec = self.by_tune_id.get(tune_id)
@@ -644,6 +640,7 @@ def run_post_phase(spec: StudySpec, ctx: StudyContext, max_concurrent: int) -> N
     """Transfer attacks (crafted on the ce model of the same cell and seed) and distillation, as Ray
     tasks over the finished final-phase models. Skips what earlier (interrupted) runs already did."""
     from study import post
+    from study.evaluation import gradient_masking_row
 
     want_transfer = "transfer" in spec.evaluate.attacks and bool(spec.evaluate.eps)
     if not (want_transfer or spec.distill):
@@ -680,20 +677,9 @@ def run_post_phase(spec: StudySpec, ctx: StudyContext, max_concurrent: int) -> N
         evals = rec["payload"]["eval_rows"]
         evals.extend(rows)
         if kind == "transfer":
-            from study import attacks
-
-            acc_rows = [r for r in evals if r["metric"] == "accuracy" and r["condition"] in attacks.ATTACKS]
+            # The flag now also sees the transfer attack: recompute it.
             evals[:] = [r for r in evals if r["metric"] != "gradient_masking"]
-            flag = attacks.gradient_masking_flag(acc_rows)
-            evals.append(
-                {
-                    "split": "test",
-                    "condition": "pgd_ce",
-                    "severity": None,
-                    "metric": "gradient_masking",
-                    "value": float(flag),
-                }
-            )
+            evals.append(gradient_masking_row(evals))
         ctx.records.save_dict(rec)
         ctx.progress()
 
