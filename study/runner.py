@@ -305,7 +305,8 @@ def run_study(
 ) -> Path:
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
-    out_dir = Path(out) if out else Path("results") / spec.name
+    # Absolute: Ray Tune takes the storage path as a URI and refuses a relative one.
+    out_dir = (Path(out) if out else Path("results") / spec.name).resolve()
     from study import tune as tune_lib
 
     if address not in (None, "local"):

@@ -176,7 +176,10 @@ def test_crashing_trial_is_retried_then_recorded_failed(tmp_path, env_cache, mon
     monkeypatch.setenv("CRASH_LOG", str(log))
     regs = '  ce: {}\n  "crashmod:make": {}'
     spec_path = _write_spec(tmp_path / "crash.yaml", "crash", regularizers=regs, epochs=2, trials=2)
-    out = run_study(spec_path, out=tmp_path / "out", quiet=True)
+    # The default results dir is relative (results/<name>): Tune needs it absolute, run_study resolves it.
+    monkeypatch.chdir(tmp_path)
+    out = run_study(spec_path, quiet=True)
+    assert out == tmp_path / "results" / "crash"
     trials = pd.read_parquet(out / "trials.parquet")
     crashed = trials[trials.regularizer == "crashmod:make"]
     assert len(crashed) == 2 * 2  # 2 noise settings x 2 search trials, no final phase for them
