@@ -1,9 +1,12 @@
 """Report tables: rich (terminal, fits 80 columns), markdown and LaTeX from one table model.
 
 One table per question and (dataset, model): rows = regularizers (ce first), columns = noise
-settings. A value cell is "mean ± 95% CI half-width" over final-phase seeds, with the difference to
-CE of the same setting and a significance mark after Holm correction (* p_adj < 0.05, ** < 0.01).
-The best mean of each column is bold (lower is better for ECE/NLL-like metrics).
+settings; per-corruption accuracy instead gets one table per (dataset, model, noise setting) with the
+corruptions as columns (accuracy averaged over the severities, then over seeds; reference.md defines
+no corruption-error normalisation such as mCE, so none is shown). A value cell is "mean ± 95% CI
+half-width" over final-phase seeds, with the difference to CE of the same setting and a significance
+mark after Holm correction (* p_adj < 0.05, ** < 0.01). The best mean of each column is bold (lower
+is better for ECE/NLL-like metrics).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from reports.build import Study
-from reports.stats import CORRECTION, REFERENCE, best_trials, summarize
+from reports.stats import CORRECTION, REFERENCE, best_trials, corruption_mask, corruption_summary, summarize
 
 HIGHER, LOWER, NEITHER = 1, -1, 0
 # (question, [(split, condition, metric, label, better)]); severity handled per condition below.
@@ -102,9 +105,13 @@ def _stars(p: float) -> str:
     return "**" if p < 0.01 else "*" if p < 0.05 else ""
 
 
-def _value_table(question: str, title: str, sub: pd.DataFrame, regs: list[str], cols: list[str], better: int):
-    table = Table(question, title, cols)
-    by = {(r.regularizer, r.noise_setting): r for r in sub.itertuples(index=False)}
+def _value_table(
+    question: str, title: str, sub: pd.DataFrame, regs: list[str], cols: list[str], better: int,
+    column: str = "noise_setting",
+) -> Table:  # fmt: skip
+    """Rows = regs, columns = values of the summary column `column` (noise settings unless told)."""
+    table = Table(question, title, cols, noise_columns=column == "noise_setting")
+    by = {(r.regularizer, getattr(r, column)): r for r in sub.itertuples(index=False)}
     cells: dict[tuple[str, str], Value] = {}
     for (reg, ns), r in by.items():
         cells[reg, ns] = Value(
@@ -169,6 +176,45 @@ def _specs(
     return out
 
 
+CORRUPTION_QUESTION = "Corruption robustness"
+
+
+def _levels(severities: pd.Series) -> str:
+    """ "1-5" for a contiguous run of severities, else "1, 3, 5"."""
+    levels = sorted(int(v) for v in pd.unique(severities))
+    if len(levels) > 2 and levels == list(range(levels[0], levels[-1] + 1)):
+        return f"{levels[0]}-{levels[-1]}"
+    return ", ".join(map(str, levels))
+
+
+def _corruption_tables(study: Study) -> dict[tuple[str, str], list[Table]]:
+    """Per (dataset, model): one table per noise setting, rows = regularizers, columns = corruptions."""
+    ev = study.evals[corruption_mask(study.evals)]
+    final = study.trials[(study.trials["phase"] == "final") & (study.trials["status"] == "completed")]
+    ev = ev.merge(final[["trial_id", "dataset", "model"]], on="trial_id")
+    if ev.empty:
+        return {}
+    summary = corruption_summary(study.trials, ev, study=study.name)
+    out: dict[tuple[str, str], list[Table]] = {}
+    for (dataset, model), tr in study.trials.groupby(["dataset", "model"], sort=True):
+        rows = ev[(ev["dataset"] == dataset) & (ev["model"] == model)]
+        if rows.empty:
+            continue
+        names = pd.unique(rows["condition"]).tolist()  # the order the study evaluated them in
+        what = f"accuracy per corruption, mean over severities {_levels(rows['severity'])}"
+        sub = summary[(summary["dataset"] == dataset) & (summary["model"] == model)]
+        regs = _order_regs(tr["regularizer"])
+        for ns in _order_settings(tr):
+            cells = sub[sub["noise_setting"] == ns]
+            if len(cells):
+                title = f"{dataset} / {model}, noise {ns}: {what}"
+                table = _value_table(
+                    CORRUPTION_QUESTION, title, cells, regs, names, HIGHER, column="condition"
+                )
+                out.setdefault((dataset, model), []).append(table)
+    return out
+
+
 def _best_strength(best: dict, regs: list[str], cols: list[str], where: str) -> Table:
     table = Table("Search economics", f"{where}: best strength (search phase)", cols)
     for reg in regs:
@@ -181,7 +227,11 @@ def _best_strength(best: dict, regs: list[str], cols: list[str], where: str) -> 
 
 
 def build_tables(study: Study, summary: pd.DataFrame | None = None) -> list[Table]:
-    """All report tables of a study: questions in order, then one table per (dataset, model) and metric."""
+    """All report tables of a study: questions in order, then one table per (dataset, model) and metric.
+
+    Per-corruption tables are computed from ``study.evals`` (the summary keeps each severity apart); a
+    study without corruption rows has no such section.
+    """
     if summary is None:
         summary = study.summary if study.summary is not None else summarize(study.trials, study.evals)
     # Index the summary once: filtering a 100k-row frame per table dominated the render time.
@@ -193,10 +243,16 @@ def build_tables(study: Study, summary: pd.DataFrame | None = None) -> list[Tabl
         for key, tr in study.trials.groupby(["dataset", "model"], sort=True)
     ]
     tables: list[Table] = []
-    questions = [q for q, _ in QUESTIONS[:2]] + ["Robustness"] + [q for q, _ in QUESTIONS[2:]]
+    questions = (
+        [q for q, _ in QUESTIONS[:2]] + ["Robustness", CORRUPTION_QUESTION] + [q for q, _ in QUESTIONS[2:]]
+    )
+    per_corruption = _corruption_tables(study)
     for question in [*questions, "Search economics"]:
         for (dataset, model), tr, regs, cols in groups:
             where = f"{dataset} / {model}"
+            if question == CORRUPTION_QUESTION:
+                tables += per_corruption.get((dataset, model), [])
+                continue
             if question == "Search economics":
                 econ = _economics(tr, regs)
                 econ.title = f"{where}: {econ.title}"

@@ -172,3 +172,45 @@ def summarize(
     agg["test"] = np.where(agg["p_value"].notna(), TEST_NAME, None)
     agg = agg.sort_values(["dataset", "model", "noise_setting", "regularizer", *KEYS], kind="mergesort")
     return agg[SUMMARY_COLUMNS].reset_index(drop=True)
+
+
+# Conditions of evals.parquet that are not corruptions (attacks, clean, derived means, distillation).
+NOT_CORRUPTIONS = frozenset({"clean", "fgsm", "pgd_ce", "pgd_dlr", "transfer", "corruption_mean", "distill"})
+
+
+def corruption_mask(evals: pd.DataFrame) -> pd.Series:
+    """True on the per-corruption accuracy rows of evals: test split, metric accuracy, a condition that is
+    not an attack/clean/derived one, and an integer severity in 1..5 (corruption levels)."""
+    sev = evals["severity"].astype(float)
+    return (
+        (evals["split"] == "test")
+        & (evals["metric"] == "accuracy")
+        & ~evals["condition"].isin(NOT_CORRUPTIONS)
+        & sev.between(1, 5)
+        & (sev == sev.round())
+    )
+
+
+def corruption_summary(
+    trials: pd.DataFrame, evals: pd.DataFrame, *, study: str | None = None
+) -> pd.DataFrame:
+    """Summary of each corruption's accuracy averaged over its severities, with the usual seed statistics.
+
+    Per final trial and corruption, the accuracies at the severities present are averaged first; that
+    per-seed value then goes through `summarize` (mean, t-CI over seeds, delta and paired test vs the ce
+    cell, Holm within each corruption's family), so the CI covers the severity-averaged quantity itself.
+
+    Returns:
+        `summarize` output (SUMMARY_COLUMNS) with condition = corruption name and severity NaN; zero rows
+        when evals hold no corruption rows.
+    """
+    ev = evals[corruption_mask(evals)]
+    if ev.empty:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in SUMMARY_COLUMNS})
+    per_trial = (
+        ev.groupby(["trial_id", "split", "condition", "metric"], sort=False, observed=True)["value"]
+        .mean()
+        .reset_index()
+        .assign(severity=np.nan)
+    )
+    return summarize(trials, per_trial, study=study)

@@ -293,6 +293,24 @@ MNIST1D_OPTIONS = (
     "seed",
 )
 
+# mnist1d.data.get_dataset_args() without its download url (a test keeps the two equal). A copy, so
+# that reading the cached file does not import mnist1d (with scipy and matplotlib: over a second in
+# every fresh Ray worker); the package is imported only to generate the data.
+MNIST1D_DEFAULTS: dict[str, Any] = {
+    "num_samples": 5000,
+    "train_split": 0.8,
+    "template_len": 12,
+    "padding": [36, 60],
+    "scale_coeff": 0.4,
+    "max_translation": 48,
+    "corr_noise_scale": 0.25,
+    "iid_noise_scale": 0.02,
+    "shear_scale": 0.75,
+    "shuffle_seq": False,
+    "final_seq_length": 40,
+    "seed": 42,
+}
+
 
 def load_mnist1d(root: Path, download: bool, **overrides: Any) -> RawSplits:
     """MNIST-1D generated offline with ``mnist1d.data.make_dataset`` (defaults: 4000/1000, length 40).
@@ -300,14 +318,10 @@ def load_mnist1d(root: Path, download: bool, **overrides: Any) -> RawSplits:
     ``overrides`` replace entries of ``get_dataset_args()`` (names in MNIST1D_OPTIONS). The result is
     cached under root, keyed by a hash of the full argument dict; ``download`` is ignored (nothing to fetch).
     """
-    from mnist1d.data import get_dataset_args
-
     unknown = sorted(set(overrides) - set(MNIST1D_OPTIONS))
     if unknown:
         raise ValueError(f"mnist1d options must be among {sorted(MNIST1D_OPTIONS)}, but got {unknown}.")
-    args = get_dataset_args(as_dict=True)
-    args.pop("url")  # never downloaded: generation is offline and takes about a second
-    args.update(overrides)
+    args = {**MNIST1D_DEFAULTS, **overrides}
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
     path = root / f"mnist1d_{key}.npz"
     if not path.exists():

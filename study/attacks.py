@@ -39,13 +39,25 @@ def _validate_eps(eps: float) -> float:
     return float(eps)
 
 
+def _validate_step_size(step_size: float | None) -> float | None:
+    if step_size is None:
+        return None
+    if not (0.0 < step_size < float("inf")):  # also rejects NaN
+        raise ValueError(
+            f"step_size must be a finite number > 0 or None (allowed: (0, inf) or None for eps / 4), "
+            f"but got {step_size}."
+        )
+    return float(step_size)
+
+
 def eps_for_data(eps: float, *, data_std: float | None, value_range: tuple[float, float] | None) -> float:
     """Converts a study's eps into input units.
 
     Images with a valid range (e.g. (0, 1)) use eps as given (8/255 is 8 grey levels). Standardised data
     without a range (MNIST-1D) has no natural pixel unit, so there eps is read in units of the data's
     standard deviation and the returned eps is ``eps * data_std``; such data must also be attacked with
-    ``clamp=None``.
+    ``clamp=None``. A PGD step size written by the user (spec ``evaluate.pgd_step_size``) is a length in
+    the same units as eps, so it goes through this same conversion.
 
     Args:
         eps: Requested radius, >= 0.
@@ -168,7 +180,9 @@ def pgd(
         y: (B,) targets.
         eps: L-inf radius >= 0; eps == 0 returns a copy of x.
         steps: Number of ascent steps, >= 0.
-        step_size: Step size; defaults to eps / 4 (CIFAR-10 convention: eps 8/255, step 2/255).
+        step_size: Step size > 0 in the same (input) units as eps, the same for every eps; None means
+            eps / 4 (CIFAR-10 convention: eps 8/255, step 2/255). A step larger than 2 * eps only
+            bounces between corners of the ball, since every iterate is projected back.
         loss: "ce" or "dlr" (DLR needs K >= 3).
         random_start: Start from a uniform random point of the ball instead of x.
         clamp: Valid input range (low, high), or None for unbounded data.
@@ -184,7 +198,8 @@ def pgd(
         )
     if steps < 0:
         raise ValueError(f"steps must be >= 0 (allowed: 0, 1, 2, ...), but got {steps}.")
-    alpha = eps / 4 if step_size is None else float(step_size)
+    step_size = _validate_step_size(step_size)
+    alpha = eps / 4 if step_size is None else step_size
     x = x.detach()
     if eps == 0.0:
         return x.clone()
@@ -277,6 +292,7 @@ def adversarial_accuracy(
     """
     validate_attack(attack)
     eps = _validate_eps(eps)
+    step_size = _validate_step_size(step_size)
     if attack == "transfer" and source_model is None:
         raise ValueError(
             "source_model must be given for attack 'transfer' (allowed: an nn.Module), but got None."
@@ -304,6 +320,7 @@ def robustness_rows(
     attacks: Sequence[str] = ATTACKS,
     source_model: nn.Module | None = None,
     steps: int = 10,
+    step_size: float | None = None,
     clamp: tuple[float, float] | None = None,
     batch_size: int = 512,
     seed: int = 0,
@@ -313,6 +330,15 @@ def robustness_rows(
     Each row uses a fresh generator seeded with `seed`, so a row does not depend on which other rows were
     computed and every model of a study sees the same random starts. eps 0 rows hold the clean accuracy.
 
+    Args:
+        model, x, y, source_model, clamp, batch_size: As in `adversarial_accuracy`.
+        eps_list: Radii in input units (see `eps_for_data`).
+        attacks: Names from ATTACKS.
+        steps: PGD steps (pgd_ce, pgd_dlr, transfer); FGSM ignores it.
+        step_size: PGD step in input units, one value for every eps; None means eps / 4 per eps.
+            FGSM ignores it (its step is eps).
+        seed: Seed of each row's random-start generator.
+
     Returns:
         Dicts {"condition": attack, "severity": eps, "metric": "accuracy", "value": accuracy}.
     """
@@ -320,6 +346,7 @@ def robustness_rows(
         validate_attack(a)
     for e in eps_list:
         _validate_eps(e)
+    step_size = _validate_step_size(step_size)
     if "transfer" in attacks and source_model is None:
         raise ValueError("source_model must be given when attacks include 'transfer', but got None.")
     clean = accuracy(model, x, y, batch_size=batch_size) if 0 in eps_list else None
@@ -331,8 +358,8 @@ def robustness_rows(
             else:
                 gen = torch.Generator(device=x.device).manual_seed(seed)
                 value = adversarial_accuracy(
-                    model, x, y, attack, eps, source_model=source_model, steps=steps, clamp=clamp,
-                    batch_size=batch_size, generator=gen,
+                    model, x, y, attack, eps, source_model=source_model, steps=steps,
+                    step_size=step_size, clamp=clamp, batch_size=batch_size, generator=gen,
                 )  # fmt: skip
             rows.append({"condition": attack, "severity": float(eps), "metric": "accuracy", "value": value})
     return rows

@@ -42,8 +42,15 @@ def run(
     from study.spec import SpecError
 
     try:
-        out_dir = run_study(spec, out=out, address=address, resume=resume, max_concurrent=max_concurrent,
-                            quiet=quiet, storage=storage)
+        out_dir = run_study(
+            spec,
+            out=out,
+            address=address,
+            resume=resume,
+            max_concurrent=max_concurrent,
+            quiet=quiet,
+            storage=storage,
+        )
     except (SpecError, RunError) as exc:
         _bad_input(str(exc))
     except KeyboardInterrupt:

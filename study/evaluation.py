@@ -115,13 +115,23 @@ def attack_rows(
     seed: int,
 ) -> list[dict[str, Any]]:
     """Attack accuracy rows; `severity` is the eps the user wrote (in std units for standardised data),
-    not the eps the attack used after scaling."""
+    not the eps the attack used after scaling.
+
+    `evaluate` is the spec's `evaluate:` block as a dict (keys eps, pgd_steps, pgd_step_size; the rest
+    is ignored here). ``pgd_step_size`` is written in the same units as eps and converted the same way
+    (`attacks.eps_for_data`: as given for images in [0, 1], times the data std for standardised data);
+    missing or None keeps PGD's eps / 4 for each eps. Used by the final evaluation and the transfer post
+    phase, so both attack with the same steps.
+    """
     from study import attacks
 
+    def to_input_units(value: float) -> float:
+        return attacks.eps_for_data(value, data_std=bundle.data_std, value_range=bundle.value_range)
+
     eps_user = evaluate.get("eps", [])
-    eps_list = [
-        attacks.eps_for_data(e, data_std=bundle.data_std, value_range=bundle.value_range) for e in eps_user
-    ]
+    eps_list = [to_input_units(e) for e in eps_user]
+    step_user = evaluate.get("pgd_step_size")
+    step_size = None if step_user is None else to_input_units(step_user)
     user_eps = dict(zip(eps_list, eps_user, strict=True))
     rows = attacks.robustness_rows(
         model,
@@ -131,6 +141,7 @@ def attack_rows(
         attacks=attack_names,
         source_model=source_model,
         steps=evaluate.get("pgd_steps", 10),
+        step_size=step_size,
         clamp=bundle.value_range,
         seed=seed,
     )

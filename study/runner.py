@@ -349,12 +349,14 @@ def run_study(
             if remote:
                 ctx.tune_storage = (f"{remote[1]}/ray", remote[0])
                 ctx.after_trial = lambda: sync(remote, out_dir, light=True)
-            tune_lib.run_search_phase(spec, out_dir, ctx, slots)
-            write_tables(spec, out_dir)
-            manifest["status"] = "search_done"
-            _write_json(out_dir / "manifest.json", manifest)
-            sync(remote, out_dir)
-            tune_lib.run_final_phase(spec, out_dir, ctx, slots)
+
+            def search_done() -> None:
+                write_tables(spec, out_dir)
+                manifest["status"] = "search_done"
+                _write_json(out_dir / "manifest.json", manifest)
+                sync(remote, out_dir)
+
+            tune_lib.run_trials(spec, out_dir, ctx, slots, on_search_done=search_done)
             tune_lib.run_post_phase(spec, ctx, slots)
         write_tables(spec, out_dir)
         status = "completed"

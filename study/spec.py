@@ -190,7 +190,16 @@ class EvaluateSpec(_Strict):
     attacks: list[str] = Field(default_factory=list)
     eps: list[float] = Field(default_factory=list)
     pgd_steps: int = Field(10, ge=1)
-    pgd_step_size: float | None = Field(None, gt=0)
+    pgd_step_size: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "PGD step size (pgd_ce, pgd_dlr, transfer), in the same units as eps and converted the same "
+            "way: [0, 1] pixel units for images (eps 8/255 with step 2/255), data-std units for "
+            "standardised data such as MNIST-1D (scaled by the std like eps). Absolute, not a fraction of "
+            "eps: one step for every eps in the list. None (default) uses eps / 4 for each eps."
+        ),
+    )
     corruptions: list[str] | Literal["all"] = Field(default_factory=list)
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
     max_samples: int | None = Field(None, ge=1)

@@ -7,6 +7,7 @@ lives on the training device and batches are slices picked by a device-side perm
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -108,10 +109,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# The last dataset this process loaded: a Ray worker re-used across trials (reuse_actors) reads and
+# decodes its dataset once, not per trial (CIFAR from its pickles takes about a second). One entry
+# keeps memory bounded; trials only ever index the bundle's tensors, never write into them.
+_BUNDLE_CACHE: dict[str, data_lib.DatasetBundle] = {}
+
+
 def load_bundle(cfg: TrialConfig) -> data_lib.DatasetBundle:
-    return data_lib.load_dataset(
-        cfg.dataset, root=cfg.dataset_root, download=cfg.download, **cfg.dataset_options
+    key = json.dumps(
+        [cfg.dataset, cfg.dataset_root, cfg.download, cfg.dataset_options], sort_keys=True, default=str
     )
+    bundle = _BUNDLE_CACHE.get(key)
+    if bundle is None:
+        bundle = data_lib.load_dataset(
+            cfg.dataset, root=cfg.dataset_root, download=cfg.download, **cfg.dataset_options
+        )
+        _BUNDLE_CACHE.clear()
+        _BUNDLE_CACHE[key] = bundle
+    return bundle
 
 
 def prepare_data(cfg: TrialConfig, bundle: data_lib.DatasetBundle | None = None) -> PreparedData:

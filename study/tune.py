@@ -1,10 +1,12 @@
 """Ray Tune execution of a study. THE ONLY MODULE THAT IMPORTS ray.
 
-Search phase: one Tuner whose Searcher asks each cell's Optuna study for the next configuration
-(spreading trials across cells so all progress together) and whose TrialScheduler reports every epoch's
-validation value to that study and asks its pruner; pruned trials are told to Optuna as PRUNED (Ray's
-own OptunaSearch would store them as COMPLETE with a partial-budget value). Final phase: each cell's best
-configuration retrained over seeds with full evaluation.
+One Tuner runs both phases. Its Searcher asks each cell's Optuna study for the next configuration
+(spreading trials across cells so all progress together) and, once a cell's search has ended, hands out
+that cell's final trials: its best configuration retrained over seeds with full evaluation. Final trials
+thus fill the slots that the search's last trials leave idle, and the worker processes (each with torch
+imported and the dataset loaded) serve both phases. The TrialScheduler reports every epoch's validation
+value to the cell's study and asks its pruner; pruned trials are told to Optuna as PRUNED (Ray's own
+OptunaSearch would store them as COMPLETE with a partial-budget value).
 
 Resume: the Optuna journal and the per-trial records under `records/` are the source of truth. A
 resumed run re-issues trials the killed driver left RUNNING (same Optuna trial, same checkpoint dir, so
@@ -207,11 +209,20 @@ class Records:
 
 
 class CellSearcher(Searcher):
-    """Asks each cell's Optuna study in turn (fewest asked first) until every cell has its budget."""
+    """Search trials from each cell's Optuna study (fewest asked first) until every cell has its budget;
+    then, cell by cell as each one's search ends, that cell's final trials."""
 
-    def __init__(self, spec: StudySpec, cells: list[Cell], studies: CellStudies, ctx: StudyContext) -> None:
+    def __init__(
+        self,
+        spec: StudySpec,
+        cells: list[Cell],
+        studies: CellStudies,
+        ctx: StudyContext,
+        on_search_done: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__(metric="objective", mode="max" if spec.search.direction == "maximize" else "min")
         self.spec, self.cells, self.studies, self.ctx = spec, cells, studies, ctx
+        self.on_search_done = on_search_done
         self.orphans: list[tuple[Cell, Any]] = []
         recorded = ctx.records.load_all("search")
         for cell in cells:
@@ -223,20 +234,60 @@ class CellSearcher(Searcher):
                     studies.tell_recorded(cell.cell_id, frozen, rec)
                 else:
                     self.orphans.append((cell, frozen))
+        self.final_done = {
+            k for k, r in ctx.records.load_all("final").items() if r["status"] in FINAL_DONE_STATUSES
+        }
+        self.search_ended: set[str] = set()  # cells whose search trials have all ended
+        self.final_queue: list[tuple[Cell, dict[str, Any], int]] = []
+        self.search_done_told = False
+
+    def remaining(self) -> int:
+        """Trials still to run: the search budget not yet ended plus final trials not yet done."""
+        search = sum(
+            max(self.studies.budget(c) - len(self.studies.trials(c.cell_id, _DONE)), 0) for c in self.cells
+        )
+        final = sum(
+            trial_key("final", c.cell_id, seed) not in self.final_done
+            for c in self.cells
+            for seed in final_seeds(self.spec)
+        )
+        return search + final
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self.orphans:
             cell, frozen = self.orphans.pop(0)
-            trial = self.studies.reattach(cell.cell_id, frozen)
-        else:
-            # One journal read per cell and suggestion (each read syncs with the journal file).
-            asked = {c.cell_id: len(self.studies.trials(c.cell_id)) for c in self.cells}
-            open_cells = [c for c in self.cells if asked[c.cell_id] < self.studies.budget(c)]
-            if not open_cells:
-                return Searcher.FINISHED
+            return self.ctx.new_search_trial(trial_id, cell, self.studies.reattach(cell.cell_id, frozen))
+        # One journal read per cell and suggestion (each read syncs with the journal file).
+        asked = {c.cell_id: len(self.studies.trials(c.cell_id)) for c in self.cells}
+        open_cells = [c for c in self.cells if asked[c.cell_id] < self.studies.budget(c)]
+        if open_cells:
             cell = min(open_cells, key=lambda c: asked[c.cell_id])
-            trial = self.studies.ask(cell)
-        return self.ctx.new_search_trial(trial_id, cell, trial)
+            return self.ctx.new_search_trial(trial_id, cell, self.studies.ask(cell))
+        self.queue_finals()
+        if self.final_queue:
+            cell, params, seed = self.final_queue.pop(0)
+            return self.ctx.new_final_trial(trial_id, cell, params, seed)
+        if len(self.search_ended) == len(self.cells):
+            return Searcher.FINISHED
+        return None  # the last search trials of some cells are still running: ask again later
+
+    def queue_finals(self) -> None:
+        """Queue the final trials of every cell whose search has just ended (all its trials told)."""
+        for cell in self.cells:
+            if cell.cell_id in self.search_ended:
+                continue
+            if len(self.studies.trials(cell.cell_id, _DONE)) < self.studies.budget(cell):
+                continue
+            self.search_ended.add(cell.cell_id)
+            params, _ = self.studies.best_params(cell)
+            if not params and cell.searched:
+                continue  # every search trial of this cell failed: nothing to retrain
+            for seed in final_seeds(self.spec):
+                if trial_key("final", cell.cell_id, seed) not in self.final_done:
+                    self.final_queue.append((cell, params, seed))
+        if len(self.search_ended) == len(self.cells) and not self.search_done_told:
+            self.search_done_told = True
+            self.on_search_done()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.ctx.search_trial_ended(trial_id, result, error)
@@ -247,6 +298,16 @@ class CellSearcher(Searcher):
 
     def restore_from_dir(self, checkpoint_dir: str) -> None:
         return None
+
+
+_DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+FINAL_DONE_STATUSES = ("completed", "diverged", "failed")
+
+
+def final_seeds(spec: StudySpec) -> range:
+    # Final seeds start at 1: seed 0 trained the search trials, and re-using it would carry the
+    # selection's luck (winner's curse) into the final estimate.
+    return range(1, spec.final.seeds + 1)
 
 
 class OptunaPruningScheduler(FIFOScheduler):
@@ -384,7 +445,7 @@ class StudyContext(DriverOnly):
 
     def search_trial_ended(self, tune_id: str, result: dict | None, error: bool) -> None:
         rec = self.by_tune_id.get(tune_id)
-        if rec is None or self.studies is None or rec.status == "pruned":
+        if rec is None or self.studies is None or rec.phase != "search" or rec.status == "pruned":
             return
         if result and "final" in result:
             rec.payload = json.loads(result["final"])
@@ -421,39 +482,22 @@ class StudyContext(DriverOnly):
         self.records.save(rec)
         self.progress()
 
-    def new_final_config(self, cell: Cell, params: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
+    def new_final_trial(self, tune_id: str, cell: Cell, params: dict[str, Any], seed: int) -> dict[str, Any]:
         key = trial_key("final", cell.cell_id, seed)
         config = base_trial_config(
             self.spec, cell, params, seed=seed, phase="final", checkpoint_dir=self._checkpoint_dir(key)
         )
-        return key, {
-            "trial": config,
-            "meta": {"cell_id": cell.cell_id, "key": key, "phase": "final", "params": params, "seed": seed},
-        }
-
-
-class FinalTracker(Callback):
-    """Creates the record of a final-phase trial when Tune starts it (configs come from a grid)."""
-
-    def __init__(self, ctx: StudyContext, configs: list[dict[str, Any]]) -> None:
-        self.ctx, self.configs = ctx, configs
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id in self.ctx.by_tune_id:
-            return
-        config = self.configs[trial.config["_grid"]]
-        meta = config["meta"]
-        key = meta["key"]
-        self.ctx.by_tune_id[trial.trial_id] = TrialRecord(
+        self.by_tune_id[tune_id] = TrialRecord(
             key=key,
-            trial_id=trial_id_for(self.ctx.spec.name, key),
+            trial_id=trial_id_for(self.spec.name, key),
             phase="final",
-            cell_id=meta["cell_id"],
-            index=meta["seed"],
-            config=config["trial"],
-            params=meta["params"],
+            cell_id=cell.cell_id,
+            index=seed,
+            config=config,
+            params=dict(params),
         )
-        self.ctx.progress()
+        self.progress()
+        return {"trial": config}
 
 
 @dataclass
@@ -571,64 +615,37 @@ def _resources(spec: StudySpec) -> dict[str, float]:
     return {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
 
 
-def run_search_phase(spec: StudySpec, out: Path, ctx: StudyContext, max_concurrent: int) -> None:
+def run_trials(
+    spec: StudySpec,
+    out: Path,
+    ctx: StudyContext,
+    max_concurrent: int,
+    on_search_done: Callable[[], None] = lambda: None,
+) -> None:
+    """Both phases in one Tuner (see the module docstring); `on_search_done` runs once, in the driver,
+    when every cell's search has ended (also at once when a resumed study's search had ended before)."""
     cells = list(ctx.cells.values())
-    searcher = CellSearcher(spec, cells, ctx.studies, ctx)
-    remaining = sum(max(ctx.studies.budget(c) - len(ctx.studies.trials(c.cell_id, _DONE)), 0) for c in cells)
+    searcher = CellSearcher(spec, cells, ctx.studies, ctx, on_search_done)
+    remaining = searcher.remaining()
     if remaining == 0:
+        searcher.queue_finals()  # nothing to run: still tells on_search_done
         return
     tuner = tune.Tuner(
         tune.with_resources(_trainable, _resources(spec)),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=OptunaPruningScheduler(ctx),
+            # An upper bound: the searcher says FINISHED early when a cell has no final trials.
             num_samples=remaining,
             max_concurrent_trials=max_concurrent,
-            # Re-using worker processes saves a Python + torch import per trial (seconds on a small CPU).
+            # Re-using worker processes saves a Python + torch import and a dataset load per trial.
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=f"search-{int(time.time())}",
+            name=f"trials-{int(time.time())}",
             storage_path=ctx.tune_storage[0] if ctx.tune_storage else str(out / "ray"),
             storage_filesystem=ctx.tune_storage[1] if ctx.tune_storage else None,
             callbacks=[Collector(ctx)],
-            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            verbose=0,
-        ),
-    )
-    tuner.fit()
-
-
-_DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-def run_final_phase(spec: StudySpec, out: Path, ctx: StudyContext, max_concurrent: int) -> None:
-    done = ctx.records.load_all("final")
-    configs = []
-    for cell in ctx.cells.values():
-        params, _ = ctx.studies.best_params(cell)
-        if not params and cell.searched:
-            continue  # every search trial of this cell failed: nothing to retrain
-        # Final seeds start at 1: seed 0 trained the search trials, and re-using it would carry the
-        # selection's luck (winner's curse) into the final estimate.
-        for seed in range(1, spec.final.seeds + 1):
-            key, config = ctx.new_final_config(cell, params, seed)
-            if key in done and done[key]["status"] in ("completed", "diverged", "failed"):
-                continue
-            configs.append(config)
-    if not configs:
-        return
-    # A grid over indices, configs resolved in the trainable: Tune would otherwise treat nested lists
-    # in the configs as search spaces and put whole configs into trial names.
-    tuner = tune.Tuner(
-        tune.with_resources(_indexed_trainable(configs), _resources(spec)),
-        param_space={"_grid": tune.grid_search(list(range(len(configs))))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=f"final-{int(time.time())}",
-            storage_path=ctx.tune_storage[0] if ctx.tune_storage else str(out / "ray"),
-            storage_filesystem=ctx.tune_storage[1] if ctx.tune_storage else None,
-            callbacks=[FinalTracker(ctx, configs), Collector(ctx)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0,
         ),
@@ -684,13 +701,6 @@ def run_post_phase(spec: StudySpec, ctx: StudyContext, max_concurrent: int) -> N
         ctx.progress()
 
 
-def _indexed_trainable(configs: list[dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
-    def run(config: dict[str, Any]) -> None:
-        _trainable(configs[config["_grid"]])
-
-    return run
-
-
 def shutdown(handle: RayHandle) -> None:
     ray.shutdown()
 
@@ -699,8 +709,7 @@ __all__ = [
     "CellStudies",
     "StudyContext",
     "init_ray",
-    "run_search_phase",
-    "run_final_phase",
+    "run_trials",
     "run_post_phase",
     "cluster_slots",
     "check_address",

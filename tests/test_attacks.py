@@ -247,3 +247,62 @@ def test_eps_for_data():
         eps_for_data(0.1, data_std=None, value_range=None)
     with pytest.raises(ValueError, match=r"eps must be .*but got -1"):
         eps_for_data(-1, data_std=1.0, value_range=None)
+
+
+def _linear_ce_grad(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d/dx of sum_i CE(W x_i + b, y_i) = (softmax(W x + b) - onehot(y)) W, in float64 (no autograd)."""
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    p = torch.softmax(x.double() @ w.T + b, dim=1)
+    return (p - nn.functional.one_hot(y, w.shape[0]).double()) @ w
+
+
+@pytest.mark.parametrize("eps,step", [(1.0, 0.05), (1.0, 0.3), (0.02, 0.05)])
+def test_one_pgd_step_moves_each_coordinate_by_the_step_size(eps, step):
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    with torch.no_grad():
+        layer.weight[:, 0] = 0.0  # input coordinate 0 does not matter: its gradient is exactly 0
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    sign = _linear_ce_grad(layer, x, y).sign().float()
+    assert (sign[:, 0] == 0).all() and (sign[:, 1:] != 0).all()
+    x_adv = pgd(layer, x, y, eps, steps=1, step_size=step, random_start=False, clamp=None)
+    # From x itself (no random start) one step is x + step * sign(grad), then projected onto the eps-ball.
+    moved = min(step, eps)
+    torch.testing.assert_close(x_adv, x + moved * sign, rtol=0, atol=1e-6)
+    assert torch.equal(x_adv[:, 0], x[:, 0])
+    # Only the default step is eps / 4.
+    x_default = pgd(layer, x, y, eps, steps=1, random_start=False, clamp=None)
+    torch.testing.assert_close(x_default, x + eps / 4 * sign, rtol=0, atol=1e-6)
+
+
+def test_step_size_validation():
+    model, x, y = nn.Linear(4, 3), torch.rand(2, 4), torch.tensor([0, 1])
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"step_size must be a finite number > 0 .*but got {bad}"):
+            pgd(model, x, y, 0.1, step_size=bad)
+        with pytest.raises(ValueError, match="step_size must be"):
+            robustness_rows(model, x, y, eps_list=[0.1], attacks=["pgd_ce"], step_size=bad)
+
+
+def test_robustness_rows_pass_the_step_size_to_pgd(setup):
+    model, source, x, y = setup
+    attacks = ["fgsm", "pgd_ce", "pgd_dlr", "transfer"]
+    kw = dict(eps_list=[EPS], attacks=attacks, source_model=source, steps=3, batch_size=len(x), seed=7)
+    for step in (1e-4, 0.05):
+        rows = {r["condition"]: r["value"] for r in robustness_rows(model, x, y, step_size=step, **kw)}
+        direct = {
+            "pgd_ce": pgd(model, x, y, EPS, steps=3, step_size=step, generator=_gen(7)),
+            "pgd_dlr": pgd(model, x, y, EPS, steps=3, step_size=step, loss="dlr", generator=_gen(7)),
+            "fgsm": fgsm(model, x, y, EPS, clamp=None),  # FGSM's step is eps whatever step_size says
+        }
+        for name, x_adv in direct.items():
+            assert rows[name] == accuracy(model, x_adv, y), name
+        crafted = pgd(source, x, y, EPS, steps=3, step_size=step, generator=_gen(7))
+        assert rows["transfer"] == accuracy(model, crafted, y)
+    # The step really changed the attack: a tiny step leaves PGD at its random start's accuracy, far
+    # above the default eps / 4 steps.
+    start = x + (2 * torch.rand(x.shape, generator=_gen(7)) - 1) * EPS
+    tiny = {r["condition"]: r["value"] for r in robustness_rows(model, x, y, step_size=1e-7, **kw)}
+    default = {r["condition"]: r["value"] for r in robustness_rows(model, x, y, **kw)}
+    assert tiny["pgd_ce"] == accuracy(model, start, y)
+    assert default["pgd_ce"] < tiny["pgd_ce"] - 0.3

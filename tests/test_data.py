@@ -238,6 +238,28 @@ def test_mnist1d_generates_offline_caches_and_keeps_global_rng(tmp_path):
         data.load_dataset("mnist1d", root=tmp_path, n_samples=10)
 
 
+def test_mnist1d_defaults_match_the_package_and_a_cached_load_does_not_import_it(tmp_path):
+    import subprocess
+    import sys
+
+    from mnist1d.data import get_dataset_args
+
+    from study._datasets_tv import MNIST1D_DEFAULTS
+
+    # Our copy keys the cache: if mnist1d changes a default, this fails instead of serving stale data.
+    package = get_dataset_args(as_dict=True)
+    package.pop("url")
+    assert package == MNIST1D_DEFAULTS
+    data.load_dataset("mnist1d", root=tmp_path, num_samples=300)  # generates and caches
+    code = (
+        "import sys; from study import data; "
+        f"b = data.load_dataset('mnist1d', root={str(tmp_path)!r}, num_samples=300); "
+        "print(b.x_train.shape[0], 'mnist1d' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["240", "False"]
+
+
 def test_digits_split_is_fixed_and_complete():
     from sklearn.datasets import load_digits
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from rich.console import Console
+from scipy import stats as sps
 
-from reports.build import build_summary, load_study
+from reports.build import build_summary, load_study, write_table
 from reports.render import abbreviate, build_tables, render_latex, render_markdown, render_rich
 from reports.synthetic import make_synthetic_study
 
@@ -83,3 +85,99 @@ def test_markdown_and_latex(wide_study):
 def test_abbreviate():
     assert abbreviate("adversarial-confident:0.2") == "adv-conf 0.2"
     assert abbreviate("none") == "none" and abbreviate("symmetric:0.4") == "sym 0.4"
+
+
+CORRUPTED = ("gaussian_noise", "shot_noise", "impulse_noise")
+
+
+@pytest.fixture(scope="module")
+def corruption_study(tmp_path_factory):
+    """Synthetic study whose per-corruption accuracies are replaced by known random values."""
+    out = tmp_path_factory.mktemp("corr")
+    frames = make_synthetic_study(
+        out, models=("mlp",), noise_settings=("none", "symmetric:0.4"), corruptions=3
+    )
+    ev = frames["evals"].copy()
+    is_c = ev["condition"].isin(CORRUPTED)
+    rng = np.random.default_rng(1)
+    # Per-corruption offsets so the columns differ, per-row noise so seeds and severities differ.
+    offset = ev.loc[is_c, "condition"].map({c: 0.1 * i for i, c in enumerate(CORRUPTED)})
+    ev.loc[is_c, "value"] = 0.5 + offset + rng.normal(0, 0.03, is_c.sum())
+    # One clear effect, so that the significance marks are exercised too: maxsup resists shot noise.
+    reg = ev["trial_id"].map(frames["trials"].set_index("trial_id")["regularizer"])
+    ev.loc[(reg == "maxsup") & (ev["condition"] == "shot_noise"), "value"] += 0.15
+    write_table(out, "evals", ev)
+    study = load_study(out)
+    study.summary = build_summary(out, write=False)
+    return study
+
+
+def _expected_corruption_rows(study) -> dict[tuple[str, str], dict[str, str]]:
+    """Markdown cells per (noise setting, regularizer) and corruption, from the raw rows: mean over
+    severities per seed, then mean ± t-CI over seeds, delta vs ce, paired t-test + Holm over regularizers."""
+    ev = study.evals.merge(study.trials[study.trials.phase == "final"], on="trial_id")
+    ev = ev[ev.condition.isin(CORRUPTED)]
+    per_seed = ev.groupby(["noise_setting", "regularizer", "condition", "seed"])["value"].mean()
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for (ns, cond), s in per_seed.groupby(level=["noise_setting", "condition"]):
+        by_reg = {reg: v.droplevel([0, 1, 2]).sort_index() for reg, v in s.groupby(level="regularizer")}
+        ce = by_reg["ce"]
+        p = {r: sps.ttest_rel(v.values, ce.values).pvalue for r, v in by_reg.items() if r != "ce"}
+        order = sorted(p, key=p.get)  # Holm step-down over the regularizers compared with ce
+        adj, running = {}, 0.0
+        for i, r in enumerate(order):
+            running = max(running, min(1.0, (len(order) - i) * p[r]))
+            adj[r] = running
+        best = max(by_reg, key=lambda r: by_reg[r].mean())
+        for reg, v in by_reg.items():
+            half = sps.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+            mean = f"**{v.mean():.3f}**" if reg == best else f"{v.mean():.3f}"
+            if reg == "ce":
+                cell = f"{mean} ± {half:.3f} (ref)"
+            else:
+                stars = "\\*\\*" if adj[reg] < 0.01 else "\\*" if adj[reg] < 0.05 else ""
+                cell = f"{mean} ± {half:.3f} ({v.mean() - ce.mean():+.3f}{stars})"
+            out.setdefault((ns, reg), {})[cond] = cell
+    return out
+
+
+def test_per_corruption_tables_match_the_raw_rows(corruption_study):
+    md = render_markdown(corruption_study)
+    assert "## Corruption robustness" in md
+    expected = _expected_corruption_rows(corruption_study)
+    for ns in ("none", "symmetric:0.4"):
+        title = f"### mnist1d / mlp, noise {ns}: accuracy per corruption, mean over severities 1-5"
+        block = md.split(title, 1)[1].split("###", 1)[0].strip().splitlines()
+        assert block[0] == "| regularizer | " + " | ".join(CORRUPTED) + " |"
+        for reg in ("ce", "label_smoothing", "maxsup"):
+            row = next(line for line in block if line.startswith(f"| {reg} |"))
+            assert row == f"| {reg} | " + " | ".join(expected[ns, reg][c] for c in CORRUPTED) + " |"
+    shot = expected["none", "maxsup"]["shot_noise"]  # the planted effect: large and marked significant
+    assert shot.startswith("**") and "(+0.1" in shot and shot.endswith("\\*)")
+    # The per-severity rows and corruption_mean stay where they were; the section sits after Robustness.
+    assert md.index("## Robustness") < md.index("## Corruption robustness") < md.index("## Feature geometry")
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_per_corruption_tables_in_the_terminal(corruption_study, width):
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    render_rich(corruption_study, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= width
+    section = text.split("Corruption robustness", 1)[1].split("Feature geometry", 1)[0]
+    for cells in _expected_corruption_rows(corruption_study).values():
+        for cell in cells.values():
+            # "0.612 ± 0.011 (+0.010)" in markdown is "0.612±0.011" over "+0.010" in the terminal.
+            mean_ci = cell.replace("**", "").split(" (")[0].replace(" ± ", "±")
+            assert mean_ci in section
+
+
+def test_no_corruption_section_without_corruptions(tmp_path):
+    make_synthetic_study(tmp_path, models=("mlp",), corruptions=0)
+    study = load_study(tmp_path)
+    assert not any(t.question == "Corruption robustness" for t in build_tables(study))
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    render_rich(study, console)
+    text = console.export_text()
+    assert "Corruption robustness" not in text and "Corruption robustness" not in render_markdown(study)
+    assert "Robustness" in text and "pgd_ce" in text  # the attack tables are still there

@@ -257,3 +257,20 @@ def test_adversarial_noise_flips_the_per_class_budget(bundle):
         # "confident": the flipped points are the highest-margin ones of their class.
         kept = in_c & ~noisy.flipped
         assert margin[flipped_c].min() >= margin[kept].max()
+
+
+def test_dataset_is_loaded_once_per_process_and_never_modified(bundle, cache_dir):
+    from study import train
+
+    train._BUNDLE_CACHE.clear()
+    cfg = make_cfg(dataset_root=str(cache_dir), noise_kind="symmetric", noise_rate=0.4, epochs=1)
+    first = train.load_bundle(cfg)
+    assert train.load_bundle(cfg) is first  # a re-used Ray worker does not read the dataset again
+    before = (first.x_train.clone(), first.y_train.clone())
+    cached = run_trial(cfg)  # through the cache, with label noise
+    assert torch.equal(first.x_train, before[0]) and torch.equal(first.y_train, before[1])
+    fresh = run_trial(cfg, bundle=data.load_dataset("mnist1d", root=cache_dir, **SMALL))
+    assert without_wall(cached.epoch_rows) == without_wall(fresh.epoch_rows)
+    # Other dataset options are another key: the entry is replaced, not served stale.
+    other = train.load_bundle(make_cfg(dataset_root=str(cache_dir), dataset_options={"max_train": 300}))
+    assert len(other.y_train) == 300 and train.load_bundle(cfg) is not first
