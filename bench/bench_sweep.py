@@ -1,7 +1,7 @@
 """Sweep benchmarks (issue "The sweep"): pruning savings, orchestration overhead, quickstart wall time.
 
     python bench/bench_sweep.py pruning      # epochs with vs without the pruner, same sampler seed
-    python bench/bench_sweep.py overhead     # smoke study wall vs the same trials back to back / concurrency
+    python bench/bench_sweep.py overhead [EPOCHS]  # smoke study vs the same trials back to back
     python bench/bench_sweep.py quickstart   # wall time of the README's main job
 
 Results are printed as markdown lines; bench/bench_sweep.md records them with the machine.
@@ -66,32 +66,88 @@ def pruning() -> None:
     print(json.dumps(results))
 
 
-def overhead() -> None:
+BARE_PROGRAM = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+from study.train import TrialConfig, run_trial
+for rec in json.loads(open(sys.argv[1]).read()):
+    stop_at = len(rec["epoch_rows"]) if rec["status"] == "pruned" else None
+    run_trial(TrialConfig(**dict(rec["config"], checkpoint_dir=None)),
+              lambda row, s=stop_at: s is not None and row["epoch"] >= s)
+"""
+
+
+def overhead(epochs: int | None = None) -> None:
+    """The smoke study (optionally with `epochs` per trial) vs the same trials back to back.
+
+    Three readings: (1) run_study's wall vs the trials back to back in this process (imports and the
+    dataset load not timed) / concurrency; (2) whole programs: a fresh `python` running run_study vs a
+    fresh `python` running the bare loop (both pay their imports and dataset load) / concurrency;
+    (3) the split of (1) into fixed costs (start until the first trial starts + last trial's end until
+    run_study returns) and the trial span, whose per-slot idle share is the per-trial overhead.
+    """
+    import subprocess
+
     import torch
 
     from study.train import TrialConfig, run_trial
     from study.tune import Records
 
     torch.set_num_threads(1)
+    spec = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    if epochs:
+        spec["train"]["epochs"] = epochs
+    concurrency = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "smoke.yaml"
+        spec_path.write_text(yaml.safe_dump(spec))
         out = Path(tmp) / "smoke"
-        wall = _run(ROOT / "search_spaces" / "smoke.yaml", out)
+        t_start = time.time()
+        wall = _run(spec_path, out)
+        t_end = time.time()
         records = list(Records(out / "records").load_all("search").values())
         records += list(Records(out / "records").load_all("final").values())
         manifest = json.loads((out / "manifest.json").read_text())
         # Back to back in one process: each trial's config with exactly the epochs it ran in the sweep.
         t0 = time.perf_counter()
         for rec in records:
-            cfg = dict(rec["config"], checkpoint_dir=None, epochs=rec["config"]["epochs"])
-            ran = len(rec["epoch_rows"])
-            stop_at = ran if rec["status"] == "pruned" else None
+            cfg = dict(rec["config"], checkpoint_dir=None)
+            stop_at = len(rec["epoch_rows"]) if rec["status"] == "pruned" else None
             run_trial(TrialConfig(**cfg), (lambda row, s=stop_at: s is not None and row["epoch"] >= s))
         bare = time.perf_counter() - t0
-    concurrency = os.cpu_count() or 1
+        # Whole programs, each in a fresh interpreter.
+        recs_path = Path(tmp) / "records.json"
+        recs_path.write_text(json.dumps(records))
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", BARE_PROGRAM, str(recs_path)], check=True, cwd=ROOT)
+        bare_prog = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        code = (
+            "import sys; from study.runner import run_study as r; r(sys.argv[1], out=sys.argv[2], quiet=True)"
+        )
+        subprocess.run(
+            [sys.executable, "-c", code, str(spec_path), str(Path(tmp) / "prog")],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+        study_prog = time.perf_counter() - t0
+    first = min(r["started_at"] for r in records)
+    last = max(r["ended_at"] for r in records)
+    busy = sum(r["ended_at"] - r["started_at"] for r in records)
+    span = last - first
+    fixed = (first - t_start) + (t_end - last)
     print(
-        f"smoke study wall {wall:.1f} s ({len(records)} trials, manifest planned {manifest['planned']}); "
-        f"bare loop {bare:.1f} s; concurrency {concurrency}; "
-        f"overhead ratio wall / (bare / concurrency) = {wall / (bare / concurrency):.2f}"
+        f"epochs per trial {spec['train']['epochs']}; {len(records)} trials (planned {manifest['planned']}); "
+        f"concurrency {concurrency}\n"
+        f"(1) run_study wall {wall:.1f} s; bare loop in-process {bare:.1f} s; "
+        f"ratio {wall / (bare / concurrency):.2f}\n"
+        f"(2) whole programs: study {study_prog:.1f} s; bare {bare_prog:.1f} s; "
+        f"ratio {study_prog / (bare_prog / concurrency):.2f}\n"
+        f"(3) fixed {fixed:.1f} s (to first trial {first - t_start:.1f} s, after last {t_end - last:.1f} s); "
+        f"trial span {span:.1f} s, slots busy {busy / (span * concurrency):.1%}; "
+        f"span / (bare / concurrency) = {span / (bare / concurrency):.2f}"
     )
 
 
@@ -103,4 +159,7 @@ def quickstart() -> None:
 
 
 if __name__ == "__main__":
-    {"pruning": pruning, "overhead": overhead, "quickstart": quickstart}[sys.argv[1]]()
+    if sys.argv[1] == "overhead":
+        overhead(int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    else:
+        {"pruning": pruning, "quickstart": quickstart}[sys.argv[1]]()

@@ -36,7 +36,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.io import decode_jpeg, encode_jpeg
 
 from study.attacks import eval_mode
 
@@ -153,6 +152,10 @@ def _jpeg(x: Tensor, quality: float) -> Tensor:
     if x.shape[1] not in (1, 3):
         raise ValueError(f"jpeg needs images with 1 or 3 channels (allowed: 1, 3), but got {x.shape[1]}.")
     u8 = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    # Imported here: `import torchvision` pulls in torch._dynamo (about 2 s), which the driver (spec checks)
+    # and every MNIST-1D worker would pay for a corruption they never run.
+    from torchvision.io import decode_jpeg, encode_jpeg
+
     decoded = decode_jpeg(encode_jpeg(list(u8), quality=int(quality)))
     return torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255
 

@@ -175,11 +175,20 @@ def build_model(cfg: TrialConfig, bundle: data_lib.DatasetBundle) -> models.Clas
 
 
 def _optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # On CUDA the fused kernels update every parameter in one launch: small models there are bound by
+    # kernel launches (bench/bench_gpu.md), not by arithmetic. The CPU keeps the default (foreach) path.
+    params = list(model.parameters())
+    fused = (bool(params) and all(p.is_cuda for p in params)) or None
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=True,
+            fused=fused,
         )
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def _lr_factor(cfg: TrialConfig, step: int, total: int) -> float:

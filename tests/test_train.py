@@ -274,3 +274,40 @@ def test_dataset_is_loaded_once_per_process_and_never_modified(bundle, cache_dir
     # Other dataset options are another key: the entry is replaced, not served stale.
     other = train.load_bundle(make_cfg(dataset_root=str(cache_dir), dataset_options={"max_train": 300}))
     assert len(other.y_train) == 300 and train.load_bundle(cfg) is not first
+
+
+def test_optimizer_is_fused_on_cuda_only():
+    from study.train import _optimizer
+
+    for name in ("sgd", "adamw"):
+        cpu = _optimizer(make_cfg(optimizer=name), torch.nn.Linear(3, 2))
+        assert not cpu.defaults.get("fused")  # CPU: the default foreach path, results unchanged
+        if torch.cuda.is_available():
+            gpu = _optimizer(make_cfg(optimizer=name), torch.nn.Linear(3, 2).cuda())
+            assert gpu.defaults["fused"] is True
+
+
+@pytest.mark.gpu
+def test_cuda_trial_learns_and_resumes(bundle, tmp_path):
+    # bf16 autocast + fused optimizer on CUDA: the run learns, and a run killed in epoch 3 resumes from
+    # the checkpoint of epoch 2 (its rows restored exactly, training continued on the GPU).
+    cfg = make_cfg(device="cuda", epochs=4, batch_size=32, lr=2e-2)
+    full = run_trial(cfg, bundle=bundle)
+    assert full.status == "completed" and full.device.startswith("cuda")
+    assert full.epoch_rows[-1]["train_loss"] < 0.8 * full.epoch_rows[0]["train_loss"]
+    assert full.epoch_rows[-1]["train_acc"] > 0.3  # chance is 0.1
+    ck = cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "ck")})
+
+    def crash(row: dict) -> None:
+        if row["epoch"] == 3:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_trial(ck, crash, bundle=bundle)
+    first_two = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)["epoch_rows"]
+    seen: list[int] = []
+    resumed = run_trial(ck, lambda row: seen.append(row["epoch"]), bundle=bundle)
+    assert seen == [3, 4] and resumed.status == "completed"
+    assert resumed.epoch_rows[:2] == first_two and len(first_two) == 2
+    # cuDNN's backward kernels are not bit-deterministic: same run up to float noise.
+    assert resumed.epoch_rows[-1]["train_loss"] == pytest.approx(full.epoch_rows[-1]["train_loss"], rel=0.1)
