@@ -1,6 +1,6 @@
 """Sweep benchmarks (issue "The sweep"): pruning savings, orchestration overhead, quickstart wall time.
 
-    python bench/bench_sweep.py pruning      # epochs with vs without the pruner, same sampler seed
+    python bench/bench_sweep.py pruning [SEEDS]  # epochs with vs without the pruner, same sampler seeds
     python bench/bench_sweep.py overhead [EPOCHS]  # smoke study vs the same trials back to back
     python bench/bench_sweep.py quickstart   # wall time of the README's main job
 
@@ -30,40 +30,79 @@ def _run(spec_path: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def pruning() -> None:
+# The pruned arms compared with `none` (each a spec `search.pruner` block).
+PRUNER_ARMS = {
+    "median": {"kind": "median", "n_startup_trials": 2, "n_warmup_steps": 2},
+    "successive_halving": {"kind": "successive_halving", "min_resource": 2, "reduction_factor": 2},
+}
+
+
+def pruning(seeds: int = 3) -> None:
+    """smoke.yaml at 10 epochs and 8 trials per cell: each pruner of PRUNER_ARMS vs none, for `seeds`
+    sampler seeds (search.seed drives the sampler and the search trials' training in every arm)."""
     base = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
     base["train"]["epochs"] = 10
-    base["search"]["trials_per_cell"] = 8
     base["final"] = {"seeds": 1}
     base["evaluate"] = {}
-    results = {}
+    arms = {"none": {"kind": "none"}, **PRUNER_ARMS}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("median", "none"):
-            spec = dict(base, name=f"prune-{kind}")
-            spec["search"] = dict(
-                base["search"], pruner={"kind": kind, "n_startup_trials": 2, "n_warmup_steps": 2}
-            )
-            path = Path(tmp) / f"{kind}.yaml"
-            path.write_text(yaml.safe_dump(spec))
-            wall = _run(path, Path(tmp) / kind)
-            t = pd.read_parquet(Path(tmp) / kind / "trials.parquet")
-            s = t[t.phase == "search"]
-            results[kind] = {
-                "wall_s": wall,
-                "epochs": int(s.epochs.sum()),
-                "best": s.groupby("cell_id").best_value.max().to_dict(),
-            }
-    saved = 1 - results["median"]["epochs"] / results["none"]["epochs"]
-    diffs = {c: results["median"]["best"][c] - results["none"]["best"][c] for c in results["none"]["best"]}
-    print("| pruner | search epochs | wall s |\n|---|---|---|")
-    for k, r in results.items():
-        print(f"| {k} | {r['epochs']} | {r['wall_s']:.0f} |")
-    print(f"\nepochs saved by pruning: {saved:.1%}")
+        for seed in range(seeds):
+            for arm, pruner in arms.items():
+                name = f"prune-{arm}-{seed}".replace("_", "-")
+                spec = dict(base, name=name)
+                spec["search"] = dict(base["search"], trials_per_cell=8, seed=seed, pruner=pruner)
+                path = Path(tmp) / f"{name}.yaml"
+                path.write_text(yaml.safe_dump(spec))
+                wall = _run(path, Path(tmp) / name)
+                t = pd.read_parquet(Path(tmp) / name / "trials.parquet")
+                search = t[t.phase == "search"]
+                best = search.groupby("cell_id").best_value.max()
+                rows.append(
+                    {
+                        "seed": seed,
+                        "arm": arm,
+                        "epochs": int(search.epochs.sum()),
+                        "wall_s": wall,
+                        **{c.split("/", 2)[2]: v for c, v in best.items()},
+                    }
+                )
+    df = pd.DataFrame(rows).set_index(["arm", "seed"])
+    cells = [c for c in df.columns if c not in ("epochs", "wall_s")]
+    none = df.loc["none"]
     print(
-        "best validation accuracy per cell, median - none (points): "
-        + ", ".join(f"{c.split('/', 2)[2]} {100 * d:+.2f}" for c, d in diffs.items())
+        "| pruner | seed | search epochs (none) | saved | wall s (none) | best val. acc. minus none, points |"
     )
-    print(json.dumps(results))
+    print("|---|---|---|---|---|---|")
+    for arm in PRUNER_ARMS:
+        d = df.loc[arm]
+        for seed in range(seeds):
+            diffs = 100 * (d.loc[seed, cells] - none.loc[seed, cells])
+            print(
+                f"| {arm} | {seed} | {d.loc[seed, 'epochs']:.0f} ({none.loc[seed, 'epochs']:.0f}) | "
+                f"{1 - d.loc[seed, 'epochs'] / none.loc[seed, 'epochs']:.1%} | "
+                f"{d.loc[seed, 'wall_s']:.0f} ({none.loc[seed, 'wall_s']:.0f}) | "
+                + ", ".join(f"{c} {v:+.2f}" for c, v in diffs.items())
+                + " |"
+            )
+    print("\n| pruner | epochs saved (mean) | mean best diff per cell, points | cell x seed within 1 point |")
+    print("|---|---|---|---|")
+    for arm in PRUNER_ARMS:
+        d = df.loc[arm]
+        saved = 1 - d["epochs"].sum() / none["epochs"].sum()
+        diffs = 100 * (d[cells] - none[cells])
+        within = int((diffs.abs() <= 1.0).sum().sum())
+        print(
+            f"| {arm} | {saved:.1%} | "
+            + ", ".join(f"{c} {v:+.2f}" for c, v in diffs.mean().items())
+            + f" | {within} of {diffs.size} |"
+        )
+    # The noise floor: how far two unpruned searches that differ only in their seed land apart.
+    spread = 100 * (none[cells].max() - none[cells].min())
+    print(
+        "\nnoise floor, unpruned searches across seeds (max - min of the best per cell, points): "
+        + ", ".join(f"{c} {v:.2f}" for c, v in spread.items())
+    )
 
 
 BARE_PROGRAM = """
@@ -116,23 +155,27 @@ def overhead(epochs: int | None = None) -> None:
             stop_at = len(rec["epoch_rows"]) if rec["status"] == "pruned" else None
             run_trial(TrialConfig(**cfg), (lambda row, s=stop_at: s is not None and row["epoch"] >= s))
         bare = time.perf_counter() - t0
-        # Whole programs, each in a fresh interpreter.
-        recs_path = Path(tmp) / "records.json"
-        recs_path.write_text(json.dumps(records))
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", BARE_PROGRAM, str(recs_path)], check=True, cwd=ROOT)
-        bare_prog = time.perf_counter() - t0
+        # Whole programs, each in a fresh interpreter: a second study run, then the bare loop over THAT
+        # run's trials (pruning decisions depend on timing, so two runs may stop different trials).
         t0 = time.perf_counter()
         code = (
             "import sys; from study.runner import run_study as r; r(sys.argv[1], out=sys.argv[2], quiet=True)"
         )
+        prog_out = Path(tmp) / "prog"
         subprocess.run(
-            [sys.executable, "-c", code, str(spec_path), str(Path(tmp) / "prog")],
+            [sys.executable, "-c", code, str(spec_path), str(prog_out)],
             check=True,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
         )
         study_prog = time.perf_counter() - t0
+        prog_records = list(Records(prog_out / "records").load_all("search").values())
+        prog_records += list(Records(prog_out / "records").load_all("final").values())
+        recs_path = Path(tmp) / "records.json"
+        recs_path.write_text(json.dumps(prog_records))
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", BARE_PROGRAM, str(recs_path)], check=True, cwd=ROOT)
+        bare_prog = time.perf_counter() - t0
     first = min(r["started_at"] for r in records)
     last = max(r["ended_at"] for r in records)
     busy = sum(r["ended_at"] - r["started_at"] for r in records)
@@ -159,7 +202,10 @@ def quickstart() -> None:
 
 
 if __name__ == "__main__":
+    arg = int(sys.argv[2]) if len(sys.argv) > 2 else None
     if sys.argv[1] == "overhead":
-        overhead(int(sys.argv[2]) if len(sys.argv) > 2 else None)
+        overhead(arg)
+    elif sys.argv[1] == "pruning":
+        pruning(arg or 3)
     else:
-        {"pruning": pruning, "quickstart": quickstart}[sys.argv[1]]()
+        quickstart()
