@@ -83,11 +83,11 @@ def synthetic_bundle(n_train: int, n_test: int, seed: int = 0) -> data.DatasetBu
     )
 
 
-def trial_config(epochs: int, device: str, batch_size: int = BATCH) -> TrialConfig:
-    """The cifar10_noise spec's training recipe for resnet20 (ce, no noise, no final evaluation)."""
+def trial_config(epochs: int, device: str, batch_size: int = BATCH, model: str = "resnet20") -> TrialConfig:
+    """The cifar10_noise spec's training recipe (ce, no noise, no final evaluation); resnet20 by default."""
     return TrialConfig(
         dataset="cifar10",
-        model="resnet20",
+        model=model,
         epochs=epochs,
         batch_size=batch_size,
         optimizer="sgd",
@@ -251,9 +251,11 @@ def dataloader_rate(
     return _timed_steps(_cycle(loader), model, opt, device, warmup, steps)
 
 
-def run_trial_rate(bundle: data.DatasetBundle, device: torch.device, epochs: int) -> dict[str, float]:
+def run_trial_rate(
+    bundle: data.DatasetBundle, device: torch.device, epochs: int, model: str = "resnet20"
+) -> dict[str, float]:
     """(c) study.train.run_trial on the bundle: median wall_s of epochs 2.. and training images/s."""
-    res = run_trial(trial_config(epochs, str(device)), bundle=bundle)
+    res = run_trial(trial_config(epochs, str(device), model=model), bundle=bundle)
     walls = [row["wall_s"] for row in res.epoch_rows[1:]] or [res.epoch_rows[0]["wall_s"]]
     n_train = round(len(bundle.y_train) * (1 - VAL_FRACTION))
     epoch_s = statistics.median(walls)
@@ -312,7 +314,7 @@ def cmd_trainer(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         for name, factory in (("fused", fused_factory), ("foreach", foreach_factory)):
             train._optimizer = factory
             try:
-                rt = run_trial_rate(bundle, device, args.trial_epochs)
+                rt = run_trial_rate(bundle, device, args.trial_epochs, args.model)
             finally:
                 train._optimizer = fused_factory
             rows.append({"optimizer": name, "repeat": rep, **rt})
@@ -346,7 +348,8 @@ def _trial_worker(
                 barrier.wait(timeout=600)  # every trial is warm before anyone's timed window opens
             stamps.append(time.monotonic())  # CLOCK_MONOTONIC: comparable across processes
 
-        res = run_trial(trial_config(args["epochs"], args["device"]), report, bundle=bundle)
+        cfg = trial_config(args["epochs"], args["device"], model=args["model"])
+        res = run_trial(cfg, report, bundle=bundle)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
         n_train = round(args["n_train"] * (1 - VAL_FRACTION))
@@ -391,6 +394,7 @@ def pack(n: int, args: argparse.Namespace, device: torch.device) -> dict[str, An
     wargs = {
         "device": str(device),
         "epochs": args.epochs,
+        "model": args.model,
         "n_train": args.n_train,
         "n_test": args.n_test,
         "threads": threads,
@@ -458,7 +462,7 @@ def cmd_packing(args: argparse.Namespace, device: torch.device) -> dict[str, Any
             f"| {r['max_reserved_mib']:,.0f} | {'-' if smi is None else f'{smi:,.0f}'} "
             f"| {'-' if gu is None else f'{gu:.0f}'} |"
         )
-    return {"packing": rows, "epochs": args.epochs}
+    return {"packing": rows, "epochs": args.epochs, "model": args.model}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -500,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads per trial (0: cores/N, 1..4)")
     p.add_argument("--cores", type=int, default=16, help="CPU cores to share between packed trials")
     p.add_argument("--repeats", type=int, default=3, help="A/B repeats (trainer)")
+    p.add_argument("--model", default="resnet20", help="registered model for run_trial (trainer, packing)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     device = torch.device(args.device)

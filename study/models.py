@@ -6,8 +6,9 @@ and linear probes need; normalisation with the data's mean/std is the first op i
 so attacks and corruptions operate on raw inputs ([0, 1] for images).
 
 Registered names: ``mlp``, ``cnn1d`` (MNIST-1D ConvBase), ``cnn``, ``resnet20/32/44/56/110``
-(He et al. 2016 CIFAR ResNets), ``wide_resnet`` (WRN-28-10 by default), and any torchvision
-classification model as ``tv:<name>`` (e.g. ``tv:resnet18``, random init).
+(He et al. 2016 CIFAR ResNets), ``resnet18/34`` (the ImageNet ResNets' CIFAR variant: 3x3 stem, no
+max-pool, as in the MaxSup and OLS papers' CIFAR-100 code), ``wide_resnet`` (WRN-28-10 by default),
+and any torchvision classification model as ``tv:<name>`` (e.g. ``tv:resnet18``, random init).
 """
 
 from __future__ import annotations
@@ -189,6 +190,32 @@ def _resnet_cifar(depth: int) -> Callable[..., tuple[nn.Module, int]]:
     return build
 
 
+def _resnet_cifar_wide(blocks: tuple[int, ...], depth: int) -> Callable[..., tuple[nn.Module, int]]:
+    def build(shape: tuple[int, ...], k: int) -> tuple[nn.Module, int]:
+        # The CIFAR variant of the ImageNet ResNet-18/34 used by the MaxSup and OLS reference code: a
+        # 3x3 stride-1 stem with no max-pool (torchvision's 7x7 stride-2 stem + max-pool would shrink
+        # a 32x32 image to 8x8 before the first block), then 64/128/256/512 channels with 1x1
+        # projection shortcuts (option B).
+        layers: list[nn.Module] = [
+            nn.Conv2d(shape[0], 64, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+        ]
+        cin = 64
+        for stage, (n, cout) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True)):
+            for i in range(n):
+                layers.append(_BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1, "B"))
+                cin = cout
+        body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        for m in body.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        return body, 512
+
+    build.__doc__ = f"ResNet-{depth}, CIFAR variant: 3x3 stem, no max-pool, blocks {list(blocks)}, 64-512 ch."
+    return build
+
+
 class _WideBlock(nn.Module):
     """Pre-activation wide block (Zagoruyko & Komodakis 2016): BN-ReLU-conv-(dropout)-BN-ReLU-conv."""
 
@@ -303,6 +330,15 @@ MODELS: dict[str, ModelEntry] = {
         *(
             ModelEntry(f"resnet{d}", _resnet_cifar(d), "image", f"CIFAR ResNet-{d}, option-A shortcuts")
             for d in (20, 32, 44, 56, 110)
+        ),
+        *(
+            ModelEntry(
+                f"resnet{d}",
+                _resnet_cifar_wide(blocks, d),
+                "image",
+                f"ResNet-{d}, CIFAR variant (3x3 stem, no max-pool), 64-512 channels",
+            )
+            for d, blocks in ((18, (2, 2, 2, 2)), (34, (3, 4, 6, 3)))
         ),
         ModelEntry("wide_resnet", _wide_resnet, "image", "Wide ResNet, WRN-28-10 by default"),
     ]

@@ -101,6 +101,33 @@ def test_sizes_match_the_papers():
     assert _n_params(b) - sizes["resnet20"] == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
 
 
+def test_cifar_resnet18_and_34_are_torchvisions_with_a_cifar_stem():
+    import torchvision
+
+    # Same blocks and widths as torchvision's ImageNet ResNet-18/34; only the stem differs: a 3x3x3x64
+    # conv instead of 7x7x3x64 (the max-pool has no parameters). 11.17M for 10 classes, the figure of
+    # the common CIFAR ResNet-18 (kuangliu/pytorch-cifar).
+    with torch.device("meta"):
+        for depth, tv in ((18, torchvision.models.resnet18), (34, torchvision.models.resnet34)):
+            for k in (10, 100):
+                ours = _n_params(models.create_model(f"resnet{depth}", (3, 32, 32), k))
+                assert ours == _n_params(tv(num_classes=k)) - 7 * 7 * 3 * 64 + 3 * 3 * 3 * 64
+    model = models.create_model("resnet18", (3, 32, 32), 100).eval()
+    assert model.feature_dim == 512
+    sizes = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+        for m in model.body
+        if isinstance(m, torch.nn.Module) and type(m).__name__ == "_BasicBlock"
+    ]
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    # 32x32 kept through stage 1, then halved at each stage: 4x4 before the pooling.
+    assert sizes == [32, 32, 16, 16, 8, 8, 4, 4]
+
+
 def test_shape_mismatch_and_bad_options():
     with pytest.raises(ValueError) as e:
         models.create_model("cnn1d", (3, 32, 32), 10)
