@@ -81,6 +81,24 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def _tell(trial: optuna.Trial, value: float | None, state: TrialState) -> None:
+    """study.tell, tolerating the grid sampler's end-of-grid stop.
+
+    GridSampler.after_trial calls study.stop() once its grid is exhausted, and stop() raises
+    RuntimeError outside study.optimize (ask-and-tell; optuna issues #4121, #5141). tell stores the
+    trial's state before that (in a finally), and our own budget (trials_per_cell <= grid size) already
+    ends the cell's search, so the error carries no information here.
+    """
+    try:
+        if state == TrialState.COMPLETE:
+            trial.study.tell(trial, value)
+        else:
+            trial.study.tell(trial, state=state)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
+
+
 @dataclass
 class CellStudies:
     """The journal, one study per cell, and the live Optuna trial objects of running Tune trials."""
@@ -148,10 +166,7 @@ class CellStudies:
             return
         if status:
             trial.set_user_attr("status", status)
-        if state == TrialState.COMPLETE:
-            trial.study.tell(trial, value)
-        else:
-            trial.study.tell(trial, state=state)
+        _tell(trial, value if state == TrialState.COMPLETE else None, state)
 
     def tell_recorded(self, cell_id: str, frozen: optuna.trial.FrozenTrial, rec: dict[str, Any]) -> None:
         """Tell Optuna the outcome of a trial from its record (resume after a badly timed kill)."""
@@ -160,11 +175,9 @@ class CellStudies:
         status = rec["status"]
         trial.set_user_attr("status", status)
         if status == "completed" and payload.get("best_value") is not None:
-            trial.study.tell(trial, payload["best_value"])
-        elif status == "pruned":
-            trial.study.tell(trial, state=TrialState.PRUNED)
+            _tell(trial, payload["best_value"], TrialState.COMPLETE)
         else:
-            trial.study.tell(trial, state=TrialState.FAIL)
+            _tell(trial, None, TrialState.PRUNED if status == "pruned" else TrialState.FAIL)
 
     def best_params(self, cell: Cell) -> tuple[dict[str, Any], float | None]:
         done = self.trials(cell.cell_id, (TrialState.COMPLETE,))

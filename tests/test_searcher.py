@@ -1,0 +1,106 @@
+"""The Tune searcher's hand-over from search to final trials, on real Optuna studies (no Ray needed:
+the searcher is driven the way Tune drives it, one suggest per free slot, results told back)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from study.spec import expand_cells, parse_spec
+from study.tune import CellSearcher, CellStudies, Records, Searcher, StudyContext
+
+# Grid sampler: ce has nothing to search (budget 1 trial), label smoothing a grid of 3 values.
+SPEC = """\
+name: handover
+dataset: {name: mnist1d}
+models: [cnn1d]
+regularizers:
+  ce: {}
+  label_smoothing: {alpha: {grid: [0.0, 0.1, 0.2]}}
+noise: [{kind: none}]
+train: {epochs: 2, lr: 0.01}
+search: {trials_per_cell: 3, sampler: grid, pruner: {kind: none}}
+final: {seeds: 2}
+"""
+
+
+def _searcher(out: Path) -> tuple[CellSearcher, StudyContext, list[str]]:
+    spec = parse_spec(SPEC)
+    cells = expand_cells(spec)
+    studies = CellStudies(spec, cells, out / "optuna.journal")
+    ctx = StudyContext(spec, out, studies, lambda: None)
+    told: list[str] = []
+    searcher = CellSearcher(spec, cells, studies, ctx, on_search_done=lambda: told.append("search_done"))
+    return searcher, ctx, told
+
+
+def _complete(searcher: CellSearcher, ctx: StudyContext, tune_id: str, value: float) -> None:
+    """What Tune does when a trial ends: the last result, then on_trial_complete."""
+    rec = ctx.by_tune_id[tune_id]
+    rec.payload = {"status": "completed", "best_value": value, "epoch_rows": []}
+    searcher.on_trial_complete(tune_id, {"objective": value})
+    ctx.finish(tune_id, error=None)
+
+
+def test_final_trials_of_a_cell_start_when_its_search_ends(tmp_path):
+    searcher, ctx, told = _searcher(tmp_path)
+    assert searcher.remaining() == 1 + 3 + 2 * 2  # search budget + 2 final seeds per cell
+
+    def phase_cell(tid: str) -> tuple[str, str]:
+        rec = ctx.by_tune_id[tid]
+        return rec.phase, rec.cell_id.split("/")[2]
+
+    # Two slots: the fewest-asked cell first.
+    assert searcher.suggest("t1") and searcher.suggest("t2")
+    assert {phase_cell("t1"), phase_cell("t2")} == {("search", "ce"), ("search", "label_smoothing")}
+    ce_tid = "t1" if phase_cell("t1")[1] == "ce" else "t2"
+    ls_first = "t2" if ce_tid == "t1" else "t1"
+    _complete(searcher, ctx, ce_tid, 0.5)
+    # ce's search has ended, but label smoothing still has trials to ask: those come first.
+    assert searcher.suggest("t3") and phase_cell("t3") == ("search", "label_smoothing")
+    _complete(searcher, ctx, ls_first, 0.6)
+    assert searcher.suggest("t4") and phase_cell("t4") == ("search", "label_smoothing")
+    _complete(searcher, ctx, "t3", 0.9)
+    # Nothing left to ask: ce's final trials start while label smoothing's last search trial runs.
+    cfg = searcher.suggest("t5")
+    assert phase_cell("t5") == ("final", "ce") and ctx.by_tune_id["t4"].ended_at is None
+    assert cfg["trial"]["full_eval"] is True and cfg["trial"]["seed"] == 1
+    assert searcher.suggest("t6") and phase_cell("t6") == ("final", "ce")
+    assert ctx.by_tune_id["t6"].config["seed"] == 2
+    # Label smoothing's finals wait for its search: no suggestion yet, but not finished either.
+    assert searcher.suggest("t7") is None and told == []
+    _complete(searcher, ctx, "t4", 0.7)
+    cfg = searcher.suggest("t7")
+    assert told == ["search_done"] and phase_cell("t7") == ("final", "label_smoothing")
+    # The final trials retrain the cell's best search configuration (alpha 0.1 or 0.2 scored 0.9).
+    best_alpha = ctx.by_tune_id["t3"].params["alpha"]
+    assert cfg["trial"]["reg_params"] == {"alpha": best_alpha}
+    assert searcher.suggest("t8") and searcher.suggest("t9") == Searcher.FINISHED
+    assert told == ["search_done"]
+    # Optuna: every search trial COMPLETE, and no final trial ever entered the studies.
+    counts = {c: [t.state for t in searcher.studies.trials(c)] for c in searcher.studies.studies}
+    assert sorted(len(v) for v in counts.values()) == [1, 3]
+    assert all(s == TrialState.COMPLETE for v in counts.values() for s in v)
+
+
+def test_a_resumed_searcher_asks_only_what_is_missing(tmp_path):
+    searcher, ctx, _ = _searcher(tmp_path)
+    ids = [f"t{i}" for i in range(4)]
+    for tid in ids:
+        assert searcher.suggest(tid)
+    for i, tid in enumerate(ids):
+        _complete(searcher, ctx, tid, 0.5 + 0.1 * i)
+    first_final = searcher.suggest("f1")
+    _complete(searcher, ctx, "f1", 0.8)  # one final trial done, then the driver is "killed"
+    assert ctx.by_tune_id["f1"].phase == "final"
+    assert Records(tmp_path / "records").load_all("final")  # its record is on disk
+
+    again, ctx2, told = _searcher(tmp_path)
+    assert again.remaining() == 3  # 4 final trials planned, 1 done; the search is complete
+    keys = []
+    while again.suggest(f"r{len(keys)}") not in (None, Searcher.FINISHED):
+        keys.append(ctx2.by_tune_id[f"r{len(keys)}"].key)
+    assert told == ["search_done"] and len(keys) == 3
+    assert ctx.by_tune_id["f1"].key not in keys and len(set(keys)) == 3
+    assert first_final["trial"]["seed"] == 1
