@@ -46,8 +46,6 @@ def make_sampler(spec: StudySpec, cell: Cell) -> optuna.samplers.BaseSampler:
     if kind == "grid":
         space = {k: (v.grid if isinstance(v, Grid) else v.choices) for k, v in cell.searched.items()}
         return optuna.samplers.GridSampler(space, seed=seed)
-    if kind == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=spec.search.n_startup_trials)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.search.n_startup_trials)
 
 

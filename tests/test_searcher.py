@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from optuna.trial import TrialState
 
-from study.spec import expand_cells, parse_spec
+from study.spec import PRUNERS, SAMPLERS, expand_cells, parse_spec
 from study.tune import CellSearcher, CellStudies, Records, Searcher, StudyContext
 
 # Grid sampler: ce has nothing to search (budget 1 trial), label smoothing a grid of 3 values.
@@ -104,3 +105,62 @@ def test_a_resumed_searcher_asks_only_what_is_missing(tmp_path):
     assert told == ["search_done"] and len(keys) == 3
     assert ctx.by_tune_id["f1"].key not in keys and len(set(keys)) == 3
     assert first_final["trial"]["seed"] == 1
+
+
+SWEEP = """\
+name: every-sampler
+dataset: {{name: mnist1d}}
+models: [cnn1d]
+regularizers:
+  label_smoothing: {{alpha: {alpha}}}
+noise: [{{kind: none}}, {{kind: symmetric, rate: [0.2]}}]
+train: {{epochs: 6, lr: 0.01}}
+search:
+  trials_per_cell: 6
+  sampler: {sampler}
+  n_startup_trials: 2
+  pruner: {{kind: {pruner}, n_startup_trials: 1, n_warmup_steps: 1, min_resource: 1, lower: 0.12}}
+final: {{seeds: 1}}
+"""
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("pruner", PRUNERS)
+def test_every_sampler_and_pruner_runs_a_search_to_its_final_trials(tmp_path, sampler, pruner):
+    # The driver's whole Optuna conversation for two cells (ask, one report per epoch, prune or tell),
+    # with learning curves that rise with alpha: no sampler/pruner combination may raise, every search
+    # trial ends in a finished Optuna state, and each cell then yields its final trial.
+    alpha = "{grid: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]}" if sampler == "grid" else "{low: 0.0, high: 0.5}"
+    spec = parse_spec(SWEEP.format(alpha=alpha, sampler=sampler, pruner=pruner))
+    cells = expand_cells(spec)
+    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
+    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
+    searcher = CellSearcher(spec, cells, studies, ctx)
+    finals, n = [], 0
+    while (cfg := searcher.suggest(f"t{n}")) not in (None, Searcher.FINISHED):
+        rec = ctx.by_tune_id[f"t{n}"]
+        if rec.phase == "final":
+            finals.append(rec.cell_id)
+        else:
+            alpha_value = rec.params["alpha"]
+            for epoch in range(1, 7):
+                value = 0.1 + alpha_value * epoch / 6
+                rec.epoch_rows.append({"epoch": epoch, "val_accuracy": value})
+                if ctx.epoch_result(f"t{n}", {"epoch": epoch, "objective": value, "val_accuracy": value}):
+                    break
+            else:
+                best = max(r["val_accuracy"] for r in rec.epoch_rows)
+                _complete(searcher, ctx, f"t{n}", best)
+        assert cfg
+        n += 1
+    retrained = []
+    for cell in cells:
+        states = [t.state for t in studies.trials(cell.cell_id)]
+        assert len(states) == 6 and all(s.is_finished() for s in states)
+        complete = [t for t in studies.trials(cell.cell_id) if t.state == TrialState.COMPLETE]
+        if complete:  # a cell whose every trial was pruned has nothing to retrain
+            retrained.append(cell.cell_id)
+            params, best = studies.best_params(cell)
+            assert best == max(t.value for t in complete)
+            assert params == studies.studies[cell.cell_id].best_params
+    assert retrained and sorted(finals) == sorted(retrained)
