@@ -230,6 +230,14 @@ class ResourcesSpec(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
 
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_or_fraction(cls, v: float) -> float:
+        # Ray packs fractional GPUs only below one GPU; above, a trial takes whole devices.
+        if v > 1 and v != int(v):
+            raise ValueError(f"must be a fraction below 1 (packs trials) or a whole number, but got {v:g}")
+        return v
+
 
 class StudySpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -475,6 +483,11 @@ def _check_cross_fields(spec: StudySpec, source: str) -> None:
                 corruptions.validate_corruption(name, 1, kind=kind)
             except ValueError as exc:
                 raise SpecError(f"{source}: evaluate.corruptions.{i}: {exc}") from None
+    if spec.train.device == "cuda" and spec.resources.gpus_per_trial == 0:
+        raise SpecError(
+            f"{source}: train.device: 'cuda' needs resources.gpus_per_trial > 0 (Ray hides the GPUs "
+            "from trials that reserve none); set it (e.g. 0.25 packs 4 trials per GPU) or use device auto"
+        )
     if spec.evaluate.attacks and not spec.evaluate.eps:
         raise SpecError(f"{source}: evaluate.eps: attacks are listed but no eps values are given")
     if "transfer" in spec.evaluate.attacks and "ce" not in spec.regularizers:

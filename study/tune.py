@@ -511,13 +511,14 @@ class RayHandle:
 _current_handle: RayHandle | None = None
 
 
-def init_ray(address: str | None, *, num_cpus: int | None = None) -> RayHandle:
+def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> RayHandle:
     """Local Ray with a private temp dir (never joins another instance), or connect to `address`.
 
     Args:
         address: None or "local" for a private local Ray; else host:port, ray://host:port or "auto"
             (check it first with `check_address`: ray.init itself may wait a minute on a bad one).
         num_cpus: CPUs of the local Ray (None: all of this machine's); ignored when connecting.
+        num_gpus: GPUs of the local Ray (None: those CUDA shows); ignored when connecting.
     """
     global _current_handle
     if address in (None, "local"):
@@ -527,6 +528,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> RayHandle:
             address="local",
             _temp_dir=temp_dir,
             num_cpus=num_cpus,
+            num_gpus=num_gpus,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=True,
@@ -602,6 +604,12 @@ def cluster_slots(spec: StudySpec, handle: RayHandle | None = None) -> int:
     if spec.resources.gpus_per_trial > 0:
         slots = min(slots, int(gpus / spec.resources.gpus_per_trial + 1e-9))
     slots = max(slots, 1)
+    if gpus > 0 and spec.resources.gpus_per_trial == 0:
+        print(
+            f"study: the cluster has {gpus:g} GPU(s) but resources.gpus_per_trial is 0, so trials run on "
+            "CPUs; set it (e.g. 0.25 packs 4 small-model trials per GPU) to train on the GPUs.",
+            file=sys.stderr,
+        )
     if handle is not None and not handle.started_here:
         print(
             f"study: running {slots} trial(s) at once, sized from the cluster's current resources "

@@ -318,3 +318,26 @@ def test_cluster_slots_sizes_from_current_resources_and_hints_on_remote_clusters
         assert "--max-concurrent" in err and f"{num_cpus} CPU, 0 GPU" in err and len(err.splitlines()) == 1
     finally:
         tune_lib.shutdown(handle)
+
+
+@pytest.mark.slow
+def test_cluster_slots_counts_gpus_and_hints_when_trials_take_none(tmp_path, capsys):
+    from study import tune as tune_lib
+
+    spec_path = tmp_path / "multinode.yaml"
+    spec_path.write_text(SPEC.format(prune_after=1))
+    spec = load_spec(spec_path)
+    resources = spec.resources.model_copy(update={"gpus_per_trial": 0.5})
+    half_gpu = spec.model_copy(update={"resources": resources})
+    # Ray's GPU resource is a count it schedules by: two logical GPUs work on a CPU-only machine.
+    handle = tune_lib.init_ray(None, num_cpus=8, num_gpus=2)
+    try:
+        # 8 CPUs, 2 GPUs at 0.5 per trial: the GPUs bound it to 4 trials, and nothing to hint.
+        assert tune_lib.cluster_slots(half_gpu) == 4
+        assert capsys.readouterr().err == ""
+        # Trials that reserve no GPU would train on CPUs next to idle GPUs: one line says so.
+        assert tune_lib.cluster_slots(spec) == 8
+        err = capsys.readouterr().err
+        assert "2 GPU(s)" in err and "gpus_per_trial is 0" in err and len(err.splitlines()) == 1
+    finally:
+        tune_lib.shutdown(handle)

@@ -124,6 +124,7 @@ final: {{seeds: 1}}
 """
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # wilcoxon, patient
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("pruner", PRUNERS)
 def test_every_sampler_and_pruner_runs_a_search_to_its_final_trials(tmp_path, sampler, pruner):

@@ -100,6 +100,8 @@ def test_spec_hash_ignores_formatting_but_not_content():
         ("evaluate.attacks", ["deepfool"], "deepfool"),
         ("evaluate.eps", [-0.1], "eps must be >= 0"),
         ("evaluate.severities", [0], "severity must be in 1..5"),
+        ("resources.gpus_per_trial", 1.5, "resources.gpus_per_trial"),
+        ("train.device", "cuda", "train.device: 'cuda' needs resources.gpus_per_trial > 0"),
     ],
 )
 def test_bad_specs_give_one_line_with_field(field, value, expected):
@@ -109,6 +111,15 @@ def test_bad_specs_give_one_line_with_field(field, value, expected):
     msg = str(exc.value)
     assert "\n" not in msg
     assert expected in msg
+
+
+def test_gpu_resources_that_ray_can_pack_are_accepted():
+    for gpus in (0.25, 0.5, 1, 2):
+        spec = parse_spec(_with("resources.gpus_per_trial", gpus))
+        assert spec.resources.gpus_per_trial == gpus
+    with_gpu = yaml.safe_load(_with("resources.gpus_per_trial", 0.5))
+    with_gpu["train"]["device"] = "cuda"
+    assert parse_spec(yaml.safe_dump(with_gpu)).train.device == "cuda"
 
 
 def test_error_names_the_yaml_line(tmp_path):
