@@ -278,6 +278,8 @@ def header_lines(study: Study) -> list[str]:
     lines = [f"Study {study.name}: status {study.status}, {n} trials ({study.path})"]
     if study.partial:
         lines.append("PARTIAL RESULTS: the study has not completed; numbers may change.")
+    # Things the run wanted the reader to know, e.g. a cell with no final trials (manifest "notes").
+    lines.extend(f"Note: {note}" for note in study.manifest.get("notes", []))
     lines.append(
         "Cells: mean ± 95% t-CI half-width over final-phase seeds; second value: difference to ce "
         "(same dataset/model/noise). Paired t-test across seeds (scipy ttest_rel), "

@@ -373,6 +373,11 @@ def run_study(
         from reports.build import SCHEMA_VERSION
 
         manifest["schema_version"] = SCHEMA_VERSION
+        ctx = holder["ctx"]
+        if ctx is not None and ctx.notes:
+            manifest["notes"] = sorted(set(manifest.get("notes", [])) | set(ctx.notes))
+            for note in ctx.notes:
+                console.print(f"study: {note}", highlight=False)
         _write_json(out_dir / "manifest.json", manifest)
         sync(remote, out_dir)
     return out_dir

@@ -281,7 +281,13 @@ class CellSearcher(Searcher):
             self.search_ended.add(cell.cell_id)
             params, _ = self.studies.best_params(cell)
             if not params and cell.searched:
-                continue  # every search trial of this cell failed: nothing to retrain
+                # Every search trial was pruned or failed: there is no configuration to retrain.
+                states = [t.state for t in self.studies.trials(cell.cell_id)]
+                self.ctx.notes.append(
+                    f"{cell.cell_id}: no search trial completed ({states.count(TrialState.PRUNED)} pruned, "
+                    f"{states.count(TrialState.FAIL)} failed or diverged), so it has no final trials"
+                )
+                continue
             for seed in final_seeds(self.spec):
                 if trial_key("final", cell.cell_id, seed) not in self.final_done:
                     self.final_queue.append((cell, params, seed))
@@ -388,6 +394,8 @@ class StudyContext(DriverOnly):
         self.tune_storage: tuple[str, Any] | None = None
         # Called after each trial has been recorded and told to Optuna (runner mirrors to --storage).
         self.after_trial: Callable[[], None] = lambda: None
+        # One line per thing the user should know that is not an error (e.g. a cell with no finals).
+        self.notes: list[str] = []
 
     def progress(self) -> None:
         self.on_progress()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from rich.console import Console
@@ -181,3 +183,15 @@ def test_no_corruption_section_without_corruptions(tmp_path):
     text = console.export_text()
     assert "Corruption robustness" not in text and "Corruption robustness" not in render_markdown(study)
     assert "Robustness" in text and "pgd_ce" in text  # the attack tables are still there
+
+
+def test_manifest_notes_are_in_the_report_header(tmp_path):
+    make_synthetic_study(tmp_path, models=("mlp",), corruptions=0)
+    note = "mnist1d/mlp/focal/none: no search trial completed (6 pruned, 0 failed or diverged)"
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "notes": [note]}))
+    study = load_study(tmp_path)
+    assert f"Note: {note}" in render_markdown(study)
+    # Without notes, no such line.
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert "Note: " not in render_markdown(load_study(tmp_path))

@@ -165,3 +165,26 @@ def test_every_sampler_and_pruner_runs_a_search_to_its_final_trials(tmp_path, sa
             assert best == max(t.value for t in complete)
             assert params == studies.studies[cell.cell_id].best_params
     assert retrained and sorted(finals) == sorted(retrained)
+
+
+def test_a_cell_whose_every_trial_is_pruned_gets_a_note_and_no_finals(tmp_path):
+    spec = parse_spec(
+        SWEEP.format(alpha="{low: 0.0, high: 0.5}", sampler="random", pruner="threshold").replace(
+            "lower: 0.12", "lower: 0.99"
+        )
+    )
+    cells = expand_cells(spec)
+    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
+    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
+    searcher = CellSearcher(spec, cells, studies, ctx)
+    n = 0
+    while searcher.suggest(f"t{n}") not in (None, Searcher.FINISHED):
+        # Below the 0.99 floor from the first step past the warm-up: pruned there.
+        row = {"epoch": 1, "objective": 0.5, "val_accuracy": 0.5}
+        assert ctx.epoch_result(f"t{n}", row) and ctx.by_tune_id[f"t{n}"].status == "pruned"
+        n += 1
+    assert n == 12 and not any(r.phase == "final" for r in ctx.by_tune_id.values())
+    assert sorted(ctx.notes) == sorted(
+        f"{c.cell_id}: no search trial completed (6 pruned, 0 failed or diverged), so it has no final trials"
+        for c in cells
+    )

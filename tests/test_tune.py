@@ -189,7 +189,13 @@ def test_crashing_trial_is_retried_then_recorded_failed(tmp_path, env_cache, mon
     assert len(log.read_text().split()) == 2 * len(crashed)
     ok = trials[trials.regularizer == "ce"]
     assert ok.groupby("phase").size().to_dict() == {"search": 4, "final": 2}
-    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    # The run says why those cells have no final trials (manifest, terminal, report header).
+    assert sorted(manifest["notes"]) == sorted(
+        f"{c}: no search trial completed (0 pruned, 2 failed or diverged), so it has no final trials"
+        for c in set(crashed["cell_id"])
+    )
     for cell_id, frozen in _journal_trials(out).items():
         if "crashmod" in cell_id:
             assert {t.state for t in frozen} == {TrialState.FAIL}
