@@ -230,6 +230,34 @@ def test_resume_after_sigkill_has_no_missing_duplicate_or_rerun_trials(tmp_path,
         assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in frozen)
 
 
+def test_resume_after_sigkill_in_the_final_phase_reruns_no_finished_trial(tmp_path, env_cache):
+    # Final trials start while other cells still search (one Tuner for both phases): kill the driver
+    # once the first final trial has ended, then resume.
+    spec_path = _write_spec(tmp_path / "resume.yaml", "resume-final", epochs=3, trials=3)
+    out = tmp_path / "out"
+    cmd = [STUDY_BIN, "run", str(spec_path), "--out", str(out), "--quiet", "--no-report"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finals = out / "records" / "final"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(finals.glob("*.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.name: json.loads(p.read_text()) for p in (out / "records").glob("*/*.json")}
+    n_final = sum(rec["phase"] == "final" for rec in before.values())
+    assert 1 <= n_final < 4, "the driver must be killed during the final phase"
+
+    res = subprocess.run([*cmd[:-1], "--resume", "--no-report"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert trials["trial_id"].is_unique
+    counts = trials.groupby(["cell_id", "phase"]).size().unstack()
+    assert len(counts) == 4 and (counts["search"] == 3).all() and (counts["final"] == 1).all()
+    after = {p.name: json.loads(p.read_text()) for p in (out / "records").glob("*/*.json")}
+    for name, rec in before.items():
+        assert after[name]["ended_at"] == rec["ended_at"], f"{name} was re-run"
+
+
 def test_run_refuses_existing_or_foreign_results_dir(tiny_study, tmp_path):
     spec_path, out = tiny_study
     before = {p: p.read_bytes() for p in out.glob("*.parquet")}
