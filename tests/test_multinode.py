@@ -39,7 +39,7 @@ regularizers:
   label_smoothing: {{alpha: {{low: 0.0, high: 0.3}}}}
 noise:
   - {{kind: none}}
-train: {{epochs: 3, batch_size: 128, lr: {{low: 1.0e-4, high: 3.0e-2, log: true}}}}
+train: {{epochs: {epochs}, batch_size: 128, lr: {{low: 1.0e-4, high: 3.0e-2, log: true}}}}
 search:
   trials_per_cell: 3
   sampler: tpe
@@ -72,6 +72,7 @@ class Cluster:
     def __init__(self, net: netns.NetnsPair, root: Path) -> None:
         self.net, self.root = net, root
         self.prune_after = 1  # completed trials before the median pruner may prune
+        self.epochs = 3
         self.address = f"{net.ip['a']}:{PORT}"
         self.spec = root / "multinode.yaml"
         self.out = root / "out"
@@ -107,7 +108,7 @@ class Cluster:
         _wait_for_log(worker, worker_log, "Ray runtime started")
 
     def run_study(self) -> subprocess.Popen:
-        self.spec.write_text(SPEC.format(prune_after=self.prune_after))
+        self.spec.write_text(SPEC.format(prune_after=self.prune_after, epochs=self.epochs))
         argv = [STUDY_BIN, "run", str(self.spec), "--address", self.address, "--out", str(self.out)]
         return self.net.popen(
             "a", [*argv, "--quiet", "--no-report"], env=self.env, log=self.root / "driver.log"
@@ -179,6 +180,9 @@ def _training_pids(net: netns.NetnsPair, side: str) -> set[int]:
 def test_losing_the_worker_node_mid_study_loses_and_duplicates_no_trial(cluster):
     # No pruning: a trial must be mid-training when its node goes, not stopping because it was pruned.
     cluster.prune_after = 100
+    # Long enough that a trial is seen mid-training on the worker node: a 3-epoch trial on 800 samples
+    # is over in well under a second once the worker has its data.
+    cluster.epochs = 60
     t0 = time.time()
     driver = cluster.run_study()
     records = cluster.out / "records" / "search"
@@ -216,7 +220,7 @@ def test_losing_the_worker_node_mid_study_loses_and_duplicates_no_trial(cluster)
 def _bad_address_cli(tmp_path: Path, addresses: list[str]) -> dict[str, tuple[int, str, Path]]:
     """`study run --address A` for each A at once (start-up dominates): A -> (exit code, stderr, --out)."""
     spec = tmp_path / "multinode.yaml"
-    spec.write_text(SPEC.format(prune_after=1))
+    spec.write_text(SPEC.format(prune_after=1, epochs=3))
     procs = {}
     for i, address in enumerate(addresses):
         out = tmp_path / f"out{i}"
@@ -301,7 +305,7 @@ def test_cluster_slots_sizes_from_current_resources_and_hints_on_remote_clusters
     from study import tune as tune_lib
 
     spec_path = tmp_path / "multinode.yaml"
-    spec_path.write_text(SPEC.format(prune_after=1))
+    spec_path.write_text(SPEC.format(prune_after=1, epochs=3))
     spec = load_spec(spec_path)
     gpu_spec = spec.model_copy(
         update={"resources": spec.resources.model_copy(update={"gpus_per_trial": 0.5})}
@@ -325,7 +329,7 @@ def test_cluster_slots_counts_gpus_and_hints_when_trials_take_none(tmp_path, cap
     from study import tune as tune_lib
 
     spec_path = tmp_path / "multinode.yaml"
-    spec_path.write_text(SPEC.format(prune_after=1))
+    spec_path.write_text(SPEC.format(prune_after=1, epochs=3))
     spec = load_spec(spec_path)
     resources = spec.resources.model_copy(update={"gpus_per_trial": 0.5})
     half_gpu = spec.model_copy(update={"resources": resources})

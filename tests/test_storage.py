@@ -32,7 +32,7 @@ regularizers:
   ce: {}
   label_smoothing: {alpha: {low: 0.0, high: 0.3}}
 noise: [{kind: none}]
-train: {epochs: 4, lr: {low: 1.0e-3, high: 3.0e-2, log: true}}
+train: {epochs: 10, lr: {low: 1.0e-3, high: 3.0e-2, log: true}}  # long enough to interrupt mid-search
 search: {trials_per_cell: 5, n_startup_trials: 1, pruner: {kind: none}}
 final: {seeds: 1}
 """
