@@ -278,21 +278,6 @@ def _generate_mnist1d(args: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"x": d["x"], "y": d["y"], "x_test": d["x_test"], "y_test": d["y_test"]}
 
 
-MNIST1D_OPTIONS = (
-    "num_samples",
-    "train_split",
-    "template_len",
-    "padding",
-    "scale_coeff",
-    "max_translation",
-    "corr_noise_scale",
-    "iid_noise_scale",
-    "shear_scale",
-    "shuffle_seq",
-    "final_seq_length",
-    "seed",
-)
-
 # mnist1d.data.get_dataset_args() without its download url (a test keeps the two equal). A copy, so
 # that reading the cached file does not import mnist1d (with scipy and matplotlib: over a second in
 # every fresh Ray worker); the package is imported only to generate the data.
@@ -310,6 +295,8 @@ MNIST1D_DEFAULTS: dict[str, Any] = {
     "final_seq_length": 40,
     "seed": 42,
 }
+# The options a spec may override: exactly the generator's arguments.
+MNIST1D_OPTIONS = tuple(MNIST1D_DEFAULTS)
 
 
 def load_mnist1d(root: Path, download: bool, **overrides: Any) -> RawSplits:
