@@ -163,26 +163,36 @@ class _BasicBlock(nn.Module):
         return F.relu(out + sc)
 
 
+def _he_init(body: nn.Module) -> nn.Module:
+    """He et al. init of every conv, as in the reference CIFAR implementations."""
+    for m in body.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return body
+
+
+def _basic_resnet(in_channels: int, widths: Sequence[int], blocks: Sequence[int], shortcut: str) -> nn.Module:
+    """3x3 stride-1 stem of widths[0] channels, then one stage of `_BasicBlock`s per width (stride 2 at
+    the first block of every stage but the first), global average pooling: (B, C, H, W) -> (B, widths[-1])."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(),
+    ]
+    cin = widths[0]
+    for stage, (n, cout) in enumerate(zip(blocks, widths, strict=True)):
+        for i in range(n):
+            layers.append(_BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1, shortcut))
+            cin = cout
+    return _he_init(nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+
+
 def _resnet_cifar(depth: int) -> Callable[..., tuple[nn.Module, int]]:
     def build(shape: tuple[int, ...], k: int, shortcut: Literal["A", "B"] = "A") -> tuple[nn.Module, int]:
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', but got {shortcut!r}.")
         n = (depth - 2) // 6
-        layers: list[nn.Module] = [
-            nn.Conv2d(shape[0], 16, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-        ]
-        cin = 16
-        for stage, cout in enumerate((16, 32, 64)):
-            for i in range(n):
-                layers.append(_BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1, shortcut))
-                cin = cout
-        body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        for m in body.modules():  # He et al. init, as in the reference CIFAR implementations
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        return body, 64
+        return _basic_resnet(shape[0], (16, 32, 64), (n, n, n), shortcut), 64
 
     build.__doc__ = (
         f"ResNet-{depth} (He et al. 2016): 3 stages x {(depth - 2) // 6} blocks, 16/32/64 channels."
@@ -196,21 +206,7 @@ def _resnet_cifar_wide(blocks: tuple[int, ...], depth: int) -> Callable[..., tup
         # 3x3 stride-1 stem with no max-pool (torchvision's 7x7 stride-2 stem + max-pool would shrink
         # a 32x32 image to 8x8 before the first block), then 64/128/256/512 channels with 1x1
         # projection shortcuts (option B).
-        layers: list[nn.Module] = [
-            nn.Conv2d(shape[0], 64, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
-        ]
-        cin = 64
-        for stage, (n, cout) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True)):
-            for i in range(n):
-                layers.append(_BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1, "B"))
-                cin = cout
-        body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        for m in body.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        return body, 512
+        return _basic_resnet(shape[0], (64, 128, 256, 512), blocks, "B"), 512
 
     build.__doc__ = f"ResNet-{depth}, CIFAR variant: 3x3 stem, no max-pool, blocks {list(blocks)}, 64-512 ch."
     return build
@@ -251,11 +247,7 @@ def _wide_resnet(
             layers.append(_WideBlock(cin, cout, 2 if stage > 0 and i == 0 else 1, dropout))
             cin = cout
     layers += [nn.BatchNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    body = nn.Sequential(*layers)
-    for m in body.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    return body, cin
+    return _he_init(nn.Sequential(*layers)), cin
 
 
 # ---------------------------------------------------------------------------------------------- torchvision
