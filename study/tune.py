@@ -239,7 +239,6 @@ class CellSearcher(Searcher):
         }
         self.search_ended: set[str] = set()  # cells whose search trials have all ended
         self.final_queue: list[tuple[Cell, dict[str, Any], int]] = []
-        self.search_done_told = False
 
     def remaining(self) -> int:
         """Trials still to run: the search budget not yet ended plus final trials not yet done."""
@@ -272,7 +271,9 @@ class CellSearcher(Searcher):
         return None  # the last search trials of some cells are still running: ask again later
 
     def queue_finals(self) -> None:
-        """Queue the final trials of every cell whose search has just ended (all its trials told)."""
+        """Queue the final trials of every cell whose search has just ended (all its trials told); tell
+        on_search_done when the last cell's search ends (each cell enters search_ended once)."""
+        ended_before = len(self.search_ended)
         for cell in self.cells:
             if cell.cell_id in self.search_ended:
                 continue
@@ -291,8 +292,7 @@ class CellSearcher(Searcher):
             for seed in final_seeds(self.spec):
                 if trial_key("final", cell.cell_id, seed) not in self.final_done:
                     self.final_queue.append((cell, params, seed))
-        if len(self.search_ended) == len(self.cells) and not self.search_done_told:
-            self.search_done_told = True
+        if len(self.search_ended) == len(self.cells) > ended_before:
             self.on_search_done()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
