@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -33,11 +34,16 @@ def wide_study(tmp_path_factory):
     return study
 
 
+def _rich_text(study, width: int) -> str:
+    """The terminal report as plain text at `width` columns."""
+    console = Console(width=width, record=True, file=io.StringIO())
+    render_rich(study, console)
+    return console.export_text()
+
+
 @pytest.mark.parametrize("width", [80, 60])
 def test_rich_fits_terminal(wide_study, width):
-    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
-    render_rich(wide_study, console)
-    text = console.export_text()
+    text = _rich_text(wide_study, width)
     assert max(len(line) for line in text.splitlines()) <= width
     assert "PARTIAL RESULTS" in text
     for question in (
@@ -162,9 +168,7 @@ def test_per_corruption_tables_match_the_raw_rows(corruption_study):
 
 @pytest.mark.parametrize("width", [80, 60])
 def test_per_corruption_tables_in_the_terminal(corruption_study, width):
-    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
-    render_rich(corruption_study, console)
-    text = console.export_text()
+    text = _rich_text(corruption_study, width)
     assert max(len(line) for line in text.splitlines()) <= width
     section = text.split("Corruption robustness", 1)[1].split("Feature geometry", 1)[0]
     for cells in _expected_corruption_rows(corruption_study).values():
@@ -178,9 +182,7 @@ def test_no_corruption_section_without_corruptions(tmp_path):
     make_synthetic_study(tmp_path, models=("mlp",), corruptions=0)
     study = load_study(tmp_path)
     assert not any(t.question == "Corruption robustness" for t in build_tables(study))
-    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
-    render_rich(study, console)
-    text = console.export_text()
+    text = _rich_text(study, 80)
     assert "Corruption robustness" not in text and "Corruption robustness" not in render_markdown(study)
     assert "Robustness" in text and "pgd_ce" in text  # the attack tables are still there
 

@@ -53,6 +53,17 @@ def without_wall(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
 
+def _run_killed_in_epoch_3(cfg: TrialConfig, bundle: data.DatasetBundle) -> None:
+    """Run `cfg` until its epoch-3 report raises (a process killed mid-trial)."""
+
+    def crash(row: dict) -> None:
+        if row["epoch"] == 3:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_trial(cfg, crash, bundle=bundle)
+
+
 def clean_metrics(rows: list[dict]) -> dict[tuple[str, str], float]:
     return {
         (r["split"], r["metric"]): r["value"]
@@ -86,12 +97,7 @@ def test_resume_after_crash_matches_uninterrupted(bundle, tmp_path, regularizer,
     reference = run_trial(cfg, bundle=bundle)
     ck = cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "ck")})
 
-    def crash(row: dict) -> None:
-        if row["epoch"] == 3:
-            raise RuntimeError("simulated kill")
-
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run_trial(ck, crash, bundle=bundle)
+    _run_killed_in_epoch_3(ck, bundle)
     # The report of epoch 3 never went through, so the newest checkpoint is the one of epoch 2.
     assert torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)["epoch"] == 2
     seen: list[int] = []
@@ -298,12 +304,7 @@ def test_cuda_trial_learns_and_resumes(bundle, tmp_path):
     assert full.epoch_rows[-1]["train_acc"] > 0.3  # chance is 0.1
     ck = cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "ck")})
 
-    def crash(row: dict) -> None:
-        if row["epoch"] == 3:
-            raise RuntimeError("simulated kill")
-
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run_trial(ck, crash, bundle=bundle)
+    _run_killed_in_epoch_3(ck, bundle)
     first_two = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)["epoch_rows"]
     seen: list[int] = []
     resumed = run_trial(ck, lambda row: seen.append(row["epoch"]), bundle=bundle)

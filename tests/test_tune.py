@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from itertools import combinations
 from pathlib import Path
 
@@ -201,24 +202,35 @@ def test_crashing_trial_is_retried_then_recorded_failed(tmp_path, env_cache, mon
             assert {t.state for t in frozen} == {TrialState.FAIL}
 
 
+def _run_and_sigkill(spec_path: Path, out: Path, ready: Callable[[], bool]) -> list[str]:
+    """`study run` in the background until `ready()` (or 240 s), then SIGKILL the driver and every
+    process it started (Ray's own included): no chance to clean up. Returns the command."""
+    cmd = [STUDY_BIN, "run", str(spec_path), "--out", str(out), "--quiet", "--no-report"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ready():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return cmd
+
+
+def _resume(cmd: list[str], out: Path) -> pd.DataFrame:
+    """The same command with --resume, which must succeed; the trials table it leaves."""
+    res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return pd.read_parquet(out / "trials.parquet")
+
+
 def test_resume_after_sigkill_has_no_missing_duplicate_or_rerun_trials(tmp_path, env_cache):
     spec_path = _write_spec(tmp_path / "resume.yaml", "resume", epochs=5, trials=5)
     out = tmp_path / "out"
-    cmd = [STUDY_BIN, "run", str(spec_path), "--out", str(out), "--quiet", "--no-report"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = out / "records" / "search"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(records.glob("*.json"))) < 4:
-        time.sleep(0.5)
-    # SIGKILL the driver and every process it started (Ray's own included): no chance to clean up.
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    cmd = _run_and_sigkill(spec_path, out, lambda: len(list(records.glob("*.json"))) >= 4)
     before = {p.name: json.loads(p.read_text()) for p in records.glob("*.json")}
     assert 4 <= len(before) < 20, "the driver must be killed mid-search"
 
-    res = subprocess.run([*cmd[:-1], "--resume", "--no-report"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    trials = pd.read_parquet(out / "trials.parquet")
+    trials = _resume(cmd, out)
     assert trials["trial_id"].is_unique
     counts = trials.groupby(["cell_id", "phase"]).size().unstack()
     assert len(counts) == 4 and (counts["search"] == 5).all() and (counts["final"] == 1).all()
@@ -235,21 +247,12 @@ def test_resume_after_sigkill_in_the_final_phase_reruns_no_finished_trial(tmp_pa
     # once the first final trial has ended, then resume.
     spec_path = _write_spec(tmp_path / "resume.yaml", "resume-final", epochs=3, trials=3)
     out = tmp_path / "out"
-    cmd = [STUDY_BIN, "run", str(spec_path), "--out", str(out), "--quiet", "--no-report"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    finals = out / "records" / "final"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(finals.glob("*.json")):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    cmd = _run_and_sigkill(spec_path, out, lambda: bool(list((out / "records" / "final").glob("*.json"))))
     before = {p.name: json.loads(p.read_text()) for p in (out / "records").glob("*/*.json")}
     n_final = sum(rec["phase"] == "final" for rec in before.values())
     assert 1 <= n_final < 4, "the driver must be killed during the final phase"
 
-    res = subprocess.run([*cmd[:-1], "--resume", "--no-report"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    trials = pd.read_parquet(out / "trials.parquet")
+    trials = _resume(cmd, out)
     assert trials["trial_id"].is_unique
     counts = trials.groupby(["cell_id", "phase"]).size().unstack()
     assert len(counts) == 4 and (counts["search"] == 3).all() and (counts["final"] == 1).all()
