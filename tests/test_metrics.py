@@ -11,16 +11,6 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from study import metrics as M
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tensors here are tiny: on a loaded 2-core machine, waking a second OpenMP thread per op costs
-    # tens of ms, which the many-small-chunks tests would pay hundreds of times.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _calibrated_ish(n: int, k: int, seed: int, temp: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits whose labels are drawn from softmax(temp * logits): some bins over-, some underconfident."""
     g = torch.Generator().manual_seed(seed)

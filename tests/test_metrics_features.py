@@ -11,15 +11,6 @@ from scipy.optimize import minimize_scalar
 from study import metrics as M
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second OpenMP thread per op only adds wake-up latency on the shared 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _scaled_logits(t_true: float, n: int = 4000, k: int = 10, seed: int = 0):
     """Labels drawn from softmax(clean); the model reports t_true * clean, so the best T is ~t_true."""
     g = torch.Generator().manual_seed(seed)

@@ -9,17 +9,6 @@ import torch
 
 from study import data, models
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small convs on a CPU shared with other processes: a second intra-op thread made these tests ~20x
-    # slower (measured: resnet110 forward+backward 0.35 s with 1 thread, 9.4 s with 2 under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Small options for the big ones: the contract does not depend on width.
 _SMALL_OPTIONS = {"wide_resnet": {"depth": 10, "widen_factor": 1}}
 

@@ -20,15 +20,6 @@ from study.regularizers._label_smoothing import ls_decomposition
 FAST = settings(max_examples=25, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tensors here are tiny: with a busy shared CPU, intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(seed: int, b: int = 16, k: int = 5, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return scale * torch.randn(b, k, generator=g), torch.randint(k, (b,), generator=g)

@@ -41,14 +41,6 @@ BUILTINS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(b: int = 8, k: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return 3 * torch.randn(b, k, generator=g), torch.randint(k, (b,), generator=g)
