@@ -188,3 +188,49 @@ def test_a_cell_whose_every_trial_is_pruned_gets_a_note_and_no_finals(tmp_path):
         f"{c.cell_id}: no search trial completed (6 pruned, 0 failed or diverged), so it has no final trials"
         for c in cells
     )
+
+
+def test_a_diverged_search_trial_is_failed_in_optuna_not_complete(tmp_path):
+    searcher, ctx, _ = _searcher(tmp_path)
+    assert searcher.suggest("t1") and searcher.suggest("t2")
+    rec = ctx.by_tune_id["t1"]
+    # A NaN loss ends the trial as "diverged" with a best value from its finite epochs: that value
+    # must not reach the sampler as a COMPLETE result.
+    rec.payload = {"status": "diverged", "best_value": 0.42, "epoch_rows": []}
+    searcher.on_trial_complete("t1", {"objective": 0.42})
+    ctx.finish("t1", error=None)
+    (frozen,) = [t for t in searcher.studies.trials(rec.cell_id) if t.number == rec.optuna_number]
+    assert frozen.state == TrialState.FAIL and frozen.value is None
+    assert frozen.user_attrs["status"] == "diverged" and rec.status == "diverged"
+
+
+def test_live_view_counts_per_cell_best_and_eta(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from study import runner
+
+    searcher, ctx, _ = _searcher(tmp_path)
+    for tid in ("t1", "t2", "t3", "t4"):
+        assert searcher.suggest(tid)
+    ls = [t for t in ("t1", "t2", "t3", "t4") if "label_smoothing" in ctx.by_tune_id[t].cell_id]
+    _complete(searcher, ctx, ls[0], 0.75)
+    _complete(searcher, ctx, ls[1], 0.8125)
+    ctx.by_tune_id[ls[2]].status = "pruned"  # as the scheduler leaves a pruned trial
+    ctx.finish(ls[2], error=None)
+    view = runner.LiveView(ctx.spec, lambda: ctx, Console(), quiet=False)
+    monkeypatch.setattr(view, "t0", view.t0 - 30.0)  # 30 s into the study
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(view.table())
+    text = console.export_text()
+    rows = {
+        cells[0]: cells[1:]
+        for line in text.splitlines()
+        if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 6
+    }
+    # run, done, pruned, fail, best: two completed (best 0.812) and one pruned; ce's one trial runs.
+    assert rows["s mnist1d/cnn1d/label_smoothing/none"] == ["0", "2", "1", "0", "0.812"]
+    assert rows["s mnist1d/cnn1d/ce/none"] == ["1", "0", "0", "0", "-"]
+    # 3 of the 8 planned trials (4 search + 4 final) ended in 30 s: ETA 30 / 3 * 5 = 50 s.
+    assert "3/8 trials ended" in text and "ETA 50s" in text
