@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from study.evaluation import evaluate_model
 from study.spec import expand_cells, load_spec
-from study.train import TrialConfig, prepare_data, resolve_device, run_trial
-from study.tune import base_trial_config
+from study.sweep.tune import base_trial_config
+from study.trial.evaluate import evaluate_model
+from study.trial.fit import TrialConfig, prepare_data, resolve_device, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 

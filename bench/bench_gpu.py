@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from study import data, models, regularizers
-from study.train import TrialConfig, run_trial
+from study.trial.fit import TrialConfig, run_trial
 
 BATCH = 128
 VAL_FRACTION = 0.1  # the CIFAR-10 spec's: 45k train / 5k validation of the 50k training images
@@ -300,7 +300,7 @@ def cmd_images(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
 def cmd_trainer(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """run_trial with its fused optimizer (what it does on CUDA) vs the same with the foreach path,
     alternating A/B/A/B so that drift on the machine hits both."""
-    from study import train
+    from study.trial import fit as train
 
     bundle = synthetic_bundle(args.n_train, args.n_test)
     fused_factory = train._optimizer

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(spec_path: Path, out: Path) -> float:
-    from study.runner import run_study
+    from study.sweep.runner import run_study
 
     t0 = time.perf_counter()
     run_study(spec_path, out=out, quiet=True)
@@ -109,7 +109,7 @@ BARE_PROGRAM = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-from study.train import TrialConfig, run_trial
+from study.trial.fit import TrialConfig, run_trial
 for rec in json.loads(open(sys.argv[1]).read()):
     stop_at = len(rec["epoch_rows"]) if rec["status"] == "pruned" else None
     run_trial(TrialConfig(**dict(rec["config"], checkpoint_dir=None)),
@@ -130,8 +130,8 @@ def overhead(epochs: int | None = None) -> None:
 
     import torch
 
-    from study.train import TrialConfig, run_trial
-    from study.tune import Records
+    from study.sweep.tune import Records
+    from study.trial.fit import TrialConfig, run_trial
 
     torch.set_num_threads(1)
     spec = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
@@ -159,7 +159,8 @@ def overhead(epochs: int | None = None) -> None:
         # run's trials (pruning decisions depend on timing, so two runs may stop different trials).
         t0 = time.perf_counter()
         code = (
-            "import sys; from study.runner import run_study as r; r(sys.argv[1], out=sys.argv[2], quiet=True)"
+            "import sys; from study.sweep.runner import run_study as r; "
+            "r(sys.argv[1], out=sys.argv[2], quiet=True)"
         )
         prog_out = Path(tmp) / "prog"
         subprocess.run(

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from study import data, metrics
-from study.train import PreparedData, TrialConfig, build_model, prepare_data, run_trial
+from study.trial.fit import PreparedData, TrialConfig, build_model, prepare_data, run_trial
 
 
 def _per_epoch(stamps: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -1,6 +1,6 @@
 """Results directory I/O: typed, versioned, atomically written Parquet tables.
 
-The column contract of every table lives here (``SCHEMAS``), so the sweep (study/tune.py) and the
+The column contract of every table lives here (``SCHEMAS``), so the sweep (study/sweep) and the
 readers agree on names and types. ``write_table`` is the only writer: it casts each declared column
 to its declared Arrow type (so a column is float64 in every file even when a batch happened to hold
 only integers or only nulls), adds declared-but-missing columns as nulls, unions varying column sets

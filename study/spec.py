@@ -206,7 +206,7 @@ class EvaluateSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateSpec:
-        from study import attacks as attacks_lib
+        from study.robustness import attacks as attacks_lib
 
         for a in self.attacks:
             attacks_lib.validate_attack(a)
@@ -433,7 +433,8 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
 
 def _check_cross_fields(spec: StudySpec, source: str) -> None:
     """Checks that need other parts of the package (datasets, models, corruptions) but no data."""
-    from study import corruptions, data, models
+    from study import data, models
+    from study.robustness import corruptions
 
     if spec.dataset.name not in data.list_datasets():
         raise SpecError(

@@ -6,7 +6,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from study.attacks import (
+from study.robustness.attacks import (
     ATTACKS,
     accuracy,
     adversarial_accuracy,

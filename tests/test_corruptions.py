@@ -12,7 +12,7 @@ from scipy.ndimage import gaussian_filter
 from sklearn.datasets import load_digits
 from torch import nn
 
-from study.corruptions import (
+from study.robustness.corruptions import (
     IMAGE_CORRUPTIONS,
     SIGNAL_CORRUPTIONS,
     corrupt,

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from study import post
-from study.train import TrialConfig, run_trial
+from study.trial import post
+from study.trial.fit import TrialConfig, run_trial
 
 pytestmark = pytest.mark.gpu
 

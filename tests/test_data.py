@@ -244,7 +244,7 @@ def test_mnist1d_defaults_match_the_package_and_a_cached_load_does_not_import_it
 
     from mnist1d.data import get_dataset_args
 
-    from study._datasets_tv import MNIST1D_DEFAULTS
+    from study.data._readers import MNIST1D_DEFAULTS
 
     # Our copy keys the cache: if mnist1d changes a default, this fails instead of serving stale data.
     package = get_dataset_args(as_dict=True)

@@ -13,9 +13,10 @@ import torch
 import yaml
 from torch import nn
 
-from study import data, evaluation
+from study import data
 from study.spec import SpecError, parse_spec
-from study.train import TrialConfig, prepare_data
+from study.trial import evaluate as evaluation
+from study.trial.fit import TrialConfig, prepare_data
 
 CPU = torch.device("cpu")
 EPS = 0.5  # signals, as the user writes it: in units of the data std

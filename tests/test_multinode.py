@@ -267,7 +267,7 @@ def test_bad_address_exits_2_before_touching_the_results_dir(tmp_path):
 
 
 def test_check_address_refused_port_answers_at_once():
-    from study.tune import check_address
+    from study.sweep.tune import check_address
 
     t0 = time.time()
     problem = check_address("127.0.0.1:1")
@@ -278,7 +278,7 @@ def test_check_address_refused_port_answers_at_once():
 
 @pytest.mark.parametrize("address", ["garbage", "10.77.0.1:notaport", ":6379", "host:70000", "host:0", ""])
 def test_check_address_refuses_malformed_addresses_without_connecting(address):
-    from study.tune import check_address
+    from study.sweep.tune import check_address
 
     problem = check_address(address)
     assert (
@@ -289,7 +289,7 @@ def test_check_address_refuses_malformed_addresses_without_connecting(address):
 def test_check_address_accepts_a_listening_port():
     import socket
 
-    from study.tune import check_address
+    from study.sweep.tune import check_address
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -302,7 +302,7 @@ def test_check_address_accepts_a_listening_port():
 
 @pytest.mark.slow
 def test_cluster_slots_sizes_from_current_resources_and_hints_on_remote_clusters(tmp_path, capsys):
-    from study import tune as tune_lib
+    from study.sweep import tune as tune_lib
 
     spec_path = tmp_path / "multinode.yaml"
     spec_path.write_text(SPEC.format(prune_after=1, epochs=3))
@@ -326,7 +326,7 @@ def test_cluster_slots_sizes_from_current_resources_and_hints_on_remote_clusters
 
 @pytest.mark.slow
 def test_cluster_slots_counts_gpus_and_hints_when_trials_take_none(tmp_path, capsys):
-    from study import tune as tune_lib
+    from study.sweep import tune as tune_lib
 
     spec_path = tmp_path / "multinode.yaml"
     spec_path.write_text(SPEC.format(prune_after=1, epochs=3))

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from study.cli import app
-from study.runner import run_study
+from study.sweep.runner import run_study
 
 pytestmark = pytest.mark.slow
 

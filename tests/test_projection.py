@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from study.projection import project_features, template_plane_basis
+from study.metrics import project_features, template_plane_basis
 
 
 def test_basis_is_orthonormal_and_spans_the_templates():

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from study.spec import PRUNERS, SAMPLERS, expand_cells, parse_spec
-from study.tune import CellSearcher, CellStudies, Records, Searcher, StudyContext
+from study.sweep.tune import CellSearcher, CellStudies, Records, Searcher, StudyContext
 
 # Grid sampler: ce has nothing to search (budget 1 trial), label smoothing a grid of 3 values.
 SPEC = """\
@@ -209,7 +209,7 @@ def test_live_view_counts_per_cell_best_and_eta(tmp_path, monkeypatch):
 
     from rich.console import Console
 
-    from study import runner
+    from study.sweep import runner
 
     searcher, ctx, _ = _searcher(tmp_path)
     for tid in ("t1", "t2", "t3", "t4"):

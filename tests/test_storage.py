@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from study.storage import StorageError, open_storage
+from study.sweep.storage import StorageError, open_storage
 
 STUDY_BIN = str(Path(sys.executable).with_name("study"))
 MOTO_BIN = str(Path(sys.executable).with_name("moto_server"))

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from study import data, metrics
 from study import noise as noise_lib
-from study.oof import reference_probabilities
-from study.train import TrialConfig, build_model, prepare_data, run_trial
+from study.trial.fit import TrialConfig, build_model, prepare_data, run_trial
+from study.trial.reference import reference_probabilities
 
 SMALL = {"max_train": 400, "max_test": 200}
 
@@ -266,7 +266,7 @@ def test_adversarial_noise_flips_the_per_class_budget(bundle):
 
 
 def test_dataset_is_loaded_once_per_process_and_never_modified(bundle, cache_dir):
-    from study import train
+    from study.trial import fit as train
 
     train._BUNDLE_CACHE.clear()
     cfg = make_cfg(dataset_root=str(cache_dir), noise_kind="symmetric", noise_rate=0.4, epochs=1)
@@ -283,7 +283,7 @@ def test_dataset_is_loaded_once_per_process_and_never_modified(bundle, cache_dir
 
 
 def test_optimizer_is_fused_on_cuda_only():
-    from study.train import _optimizer
+    from study.trial.fit import _optimizer
 
     for name in ("sgd", "adamw"):
         cpu = _optimizer(make_cfg(optimizer=name), torch.nn.Linear(3, 2))

@@ -19,8 +19,8 @@ import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from study.runner import run_study
 from study.spec import expand_cells, load_spec
+from study.sweep.runner import run_study
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from study import _calibration as _c
+from study.metrics import _calibration as _c
 
 CHUNK_SIZE = 65536
 """Rows per chunk when a function's ``chunk_size`` is None (65536 x 100 x 4 B = 26 MB per temporary)."""

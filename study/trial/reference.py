@@ -76,7 +76,7 @@ def _compute(
     batch_size: int,
 ) -> torch.Tensor:
     from study import noise as noise_lib
-    from study.train import PreparedData, TrialConfig, predict, run_trial
+    from study.trial.fit import PreparedData, TrialConfig, predict, run_trial
 
     n = len(bundle.y_train)
     gen = torch.Generator().manual_seed(seed)

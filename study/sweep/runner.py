@@ -192,7 +192,7 @@ def _best(rec: dict[str, Any], spec: StudySpec) -> float | None:
 
 def write_tables(spec: StudySpec, out: Path) -> None:
     from reports.build import write_results
-    from study.tune import Records
+    from study.sweep.tune import Records
 
     recs = Records(out / "records")
     records = list(recs.load_all("search").values()) + list(recs.load_all("final").values())
@@ -287,7 +287,7 @@ def sync(remote: tuple[Any, str] | None, out_dir: Path, *, light: bool = False) 
     """Mirror the results directory to --storage (no-op without one); `light`: journal and records
     only (after every trial, so a study killed mid-phase resumes from the storage without re-runs)."""
     if remote is not None:
-        from study.storage import upload
+        from study.sweep.storage import upload
 
         upload(remote[0], remote[1], out_dir, light=light)
 
@@ -307,7 +307,7 @@ def run_study(
     spec = load_spec(spec_path)
     # Absolute: Ray Tune takes the storage path as a URI and refuses a relative one.
     out_dir = (Path(out) if out else Path("results") / spec.name).resolve()
-    from study import tune as tune_lib
+    from study.sweep import tune as tune_lib
 
     if address not in (None, "local"):
         problem = tune_lib.check_address(address)
@@ -315,7 +315,7 @@ def run_study(
             raise RunError(problem)
     remote = None
     if storage:
-        from study import storage as storage_lib
+        from study.sweep import storage as storage_lib
 
         try:
             fs, base = storage_lib.open_storage(storage)
@@ -385,7 +385,7 @@ def run_study(
 
 def sync_storage(uri: str, out_dir: Path) -> None:
     """Mirror a finished results directory (report and plots included) to --storage."""
-    from study.storage import open_storage, upload
+    from study.sweep.storage import open_storage, upload
 
     spec = load_spec(out_dir / "spec.yaml")
     fs, base = open_storage(uri)

@@ -10,7 +10,7 @@ import torch
 from study import metrics
 
 if TYPE_CHECKING:
-    from study.train import PreparedData, TrialConfig
+    from study.trial.fit import PreparedData, TrialConfig
 
 
 def _row(
@@ -37,7 +37,7 @@ def evaluate_model(
     """Clean-test metrics, temperature scaling, reliability bins, feature geometry, memorisation,
     and the attacks/corruptions the spec's `evaluate:` block asks for. `extras`, when given,
     receives the template-plane projection of the test features (classes 0, 1, 2)."""
-    from study.train import predict
+    from study.trial.fit import predict
 
     b = prep.bundle
     rows: list[dict[str, Any]] = []
@@ -55,7 +55,7 @@ def evaluate_model(
         for key in ("accuracy", "confidence", "count"):
             rows.append(_row("test", "clean", f"bin_{key}", float(bins[key][i]), severity=float(i)))
     if extras is not None and b.num_classes >= 3:
-        from study.projection import project_features
+        from study.metrics import project_features
 
         extras["projection"] = project_features(test_feats, y_test, model.head.weight)
     for name, value in metrics.feature_separation(test_feats, y_test).items():
@@ -123,7 +123,7 @@ def attack_rows(
     missing or None keeps PGD's eps / 4 for each eps. Used by the final evaluation and the transfer post
     phase, so both attack with the same steps.
     """
-    from study import attacks
+    from study.robustness import attacks
 
     def to_input_units(value: float) -> float:
         return attacks.eps_for_data(value, data_std=bundle.data_std, value_range=bundle.value_range)
@@ -150,7 +150,7 @@ def attack_rows(
 
 def gradient_masking_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """1.0 when a transfer or DLR attack beats white-box PGD-CE clearly (attacks.gradient_masking_flag)."""
-    from study import attacks
+    from study.robustness import attacks
 
     acc = [r for r in rows if r["metric"] == "accuracy" and r["condition"] in attacks.ATTACKS]
     return _row("test", "pgd_ce", "gradient_masking", float(attacks.gradient_masking_flag(acc)))
@@ -164,7 +164,7 @@ def robustness_rows(
     *,
     source_model: torch.nn.Module | None = None,
 ) -> list[dict[str, Any]]:
-    from study import corruptions
+    from study.robustness import corruptions
 
     spec = cfg.evaluate
     b = prep.bundle

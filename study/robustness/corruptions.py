@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from study.attacks import eval_mode
+from study.robustness.attacks import eval_mode
 
 # Parameters copied from reference.md (CIFAR-10-C), severities 1..5.
 IMAGE_CORRUPTIONS: dict[str, tuple[float, ...]] = {

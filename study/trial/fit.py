@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from study import data as data_lib
 from study import metrics, models, regularizers
 from study import noise as noise_lib
-from study.oof import reference_probabilities
 from study.spec import METRICS
+from study.trial.reference import reference_probabilities
 
 STATUSES = ("completed", "pruned", "failed", "diverged")
 
@@ -401,7 +401,7 @@ def _finish(
         device=str(device),
     )
     if status == "completed" and cfg.full_eval:
-        from study.evaluation import evaluate_model
+        from study.trial.evaluate import evaluate_model
 
         extras: dict[str, Any] = {}
         result.eval_rows = evaluate_model(model, prep, cfg, device, extras=extras)

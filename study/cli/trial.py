@@ -44,7 +44,7 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 def _parse_device(text: str) -> torch.device:
     """'auto' | 'cpu' | 'cuda[:N]' | 'mps' -> a device that exists here, else ValueError."""
-    from study.train import resolve_device
+    from study.trial.fit import resolve_device
 
     try:
         device = resolve_device(text)
@@ -94,7 +94,7 @@ def run_trial_command(
 ) -> None:
     from study import data, models, regularizers
     from study import noise as noise_lib
-    from study.train import TrialConfig, build_model, prepare_data, run_trial
+    from study.trial.fit import TrialConfig, build_model, prepare_data, run_trial
 
     # Everything that can be wrong with the input is checked before training starts (exit 2).
     try:

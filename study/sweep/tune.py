@@ -43,8 +43,8 @@ from ray.tune import Callback  # noqa: E402
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
-from study.optuna_cells import CellStudies  # noqa: E402
 from study.spec import Cell, StudySpec, expand_cells  # noqa: E402
+from study.sweep.optuna_cells import CellStudies  # noqa: E402
 
 TRAIN_FIELDS = ("lr", "weight_decay")
 
@@ -119,7 +119,7 @@ def base_trial_config(
 
 def _trainable(config: dict[str, Any]) -> None:
     """The Ray Tune function trainable: one dict in, a typed TrialConfig on the first line."""
-    from study.train import TrialConfig, resolve_device, run_trial
+    from study.trial.fit import TrialConfig, resolve_device, run_trial
 
     cfg = TrialConfig(**config["trial"])
     started_at = time.time()
@@ -672,8 +672,8 @@ def run_trials(
 def run_post_phase(spec: StudySpec, ctx: StudyContext, max_concurrent: int) -> None:
     """Transfer attacks (crafted on the ce model of the same cell and seed) and distillation, as Ray
     tasks over the finished final-phase models. Skips what earlier (interrupted) runs already did."""
-    from study import post
-    from study.evaluation import gradient_masking_row
+    from study.trial import post
+    from study.trial.evaluate import gradient_masking_row
 
     want_transfer = "transfer" in spec.evaluate.attacks and bool(spec.evaluate.eps)
     if not (want_transfer or spec.distill):

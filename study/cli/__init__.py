@@ -38,8 +38,8 @@ def run(
     ),
 ) -> None:
     """Run a study spec: search phase, final phase, report."""
-    from study.runner import RunError, run_study
     from study.spec import SpecError
+    from study.sweep.runner import RunError, run_study
 
     try:
         out_dir = run_study(
@@ -59,7 +59,7 @@ def run(
     if not no_report:
         report(out_dir, fmt="rich", no_plots=False)
         if storage:
-            from study.runner import sync_storage
+            from study.sweep.runner import sync_storage
 
             sync_storage(storage, out_dir)
 
@@ -86,7 +86,7 @@ def trial(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Run one trial and print its metrics."""
-    from study.trial_cli import run_trial_command
+    from study.cli.trial import run_trial_command
 
     run_trial_command(
         dataset=dataset,
@@ -112,8 +112,8 @@ def trial(
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="Study spec (YAML).")) -> None:
     """Validate a spec and print the plan (cells, trials, epoch budget)."""
-    from study.plan import print_plan
     from study.spec import SpecError, load_spec
+    from study.sweep.plan import print_plan
 
     try:
         parsed = load_spec(spec)

@@ -9,7 +9,7 @@ from study.spec import StudySpec, expand_cells
 
 
 def print_plan(spec: StudySpec, console: Console) -> dict[str, int]:
-    from study.runner import planned_counts
+    from study.sweep.runner import planned_counts
 
     cells = expand_cells(spec)
     counts = planned_counts(spec, cells)

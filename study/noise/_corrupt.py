@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from study._noise_maps import (
+from study.noise._maps import (
     CIFAR10_MAP,
     MNIST_MAP,
     ArrayLike,

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from study import metrics
-from study.evaluation import attack_rows, eval_subset
-from study.train import TrialConfig, build_model, distill_loss, predict, prepare_data, resolve_device
+from study.trial.evaluate import attack_rows, eval_subset
+from study.trial.fit import TrialConfig, build_model, distill_loss, predict, prepare_data, resolve_device
 
 
 def load_trained(cfg: TrialConfig, device: torch.device, bundle: Any = None) -> tuple[torch.nn.Module, Any]:

@@ -1,0 +1,33 @@
+"""Datasets as in-memory tensors, train/validation splits and device-resident batching.
+
+``_registry`` holds the dataset registry, ``DatasetBundle`` and the splits/batching helpers;
+``_readers`` reads each dataset's files in their native (torchvision) formats or generates them.
+"""
+
+from study.data._registry import (
+    DATASETS,
+    DatasetBundle,
+    DatasetEntry,
+    DeviceBatches,
+    batches_for_eval,
+    cache_root,
+    list_datasets,
+    load_dataset,
+    random_crop,
+    random_flip,
+    split_train_val,
+)
+
+__all__ = [
+    "DATASETS",
+    "DatasetBundle",
+    "DatasetEntry",
+    "DeviceBatches",
+    "batches_for_eval",
+    "cache_root",
+    "list_datasets",
+    "load_dataset",
+    "random_crop",
+    "random_flip",
+    "split_train_val",
+]

@@ -1,0 +1,29 @@
+"""Label noise: ``corrupt(labels, num_classes, kind, rate, seed, **inputs) -> NoisyLabels``.
+
+Noise kinds live in one registry (``_corrupt.NOISE_REGISTRY``): each entry names its generator and the
+extra inputs it needs (coarse labels, features, reference probabilities), so the trial layer asks the
+registry instead of knowing every kind. ``_maps`` holds the class maps of asymmetric noise.
+"""
+
+from study.noise._corrupt import (
+    ADVERSARIAL_MODES,
+    NOISE_KINDS,
+    NoisyLabels,
+    corrupt,
+    instance_probabilities,
+    validate_noise,
+)
+from study.noise._maps import CIFAR10_MAP, MNIST_MAP, asymmetric_map, superclass_next_map
+
+__all__ = [
+    "ADVERSARIAL_MODES",
+    "CIFAR10_MAP",
+    "MNIST_MAP",
+    "NOISE_KINDS",
+    "NoisyLabels",
+    "asymmetric_map",
+    "corrupt",
+    "instance_probabilities",
+    "superclass_next_map",
+    "validate_noise",
+]
