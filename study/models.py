@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from study.registry import Registry
+
 __all__ = ["Classifier", "ModelEntry", "MODELS", "list_models", "create_model"]
 
 
@@ -313,9 +315,11 @@ class ModelEntry:
     description: str
 
 
-MODELS: dict[str, ModelEntry] = {
-    e.name: e
-    for e in [
+# Add a model: a builder (input_shape, num_classes, **options) -> (body, feature_dim), then
+# MODELS.register(ModelEntry(...)); its keyword options become the spec's models[].options.
+MODELS: Registry[ModelEntry] = Registry(
+    "model",
+    [
         ModelEntry("mlp", _mlp, "any", "MLP on flattened inputs, hidden=(100, 100)"),
         ModelEntry("cnn1d", _cnn1d, "signal", "MNIST-1D ConvBase: 3 Conv1d of 25 channels"),
         ModelEntry("cnn", _cnn, "image", "small 2-D CNN, widths 32/64/128"),
@@ -333,13 +337,13 @@ MODELS: dict[str, ModelEntry] = {
             for d, blocks in ((18, (2, 2, 2, 2)), (34, (3, 4, 6, 3)))
         ),
         ModelEntry("wide_resnet", _wide_resnet, "image", "Wide ResNet, WRN-28-10 by default"),
-    ]
-}
+    ],
+)
 
 
 def list_models() -> list[str]:
     """Registered model names; any torchvision classification model is also available as ``tv:<name>``."""
-    return list(MODELS)
+    return MODELS.names()
 
 
 def _check_shape(name: str, kind: str, shape: tuple[int, ...]) -> None:

@@ -19,18 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from study import noise as noise_lib
 from study import regularizers
+from study.optuna_kinds import PRUNERS, SAMPLERS
 
-SAMPLERS = ("tpe", "random", "gp", "grid")
-PRUNERS = (
-    "median",
-    "percentile",
-    "successive_halving",
-    "hyperband",
-    "wilcoxon",
-    "patient",
-    "threshold",
-    "none",
-)
 METRICS = {"val_accuracy": "maximize", "val_nll": "minimize", "val_ece": "minimize"}
 
 
@@ -139,7 +129,7 @@ class PrunerSpec(_Strict):
     @field_validator("kind")
     @classmethod
     def _kind(cls, v: str) -> str:
-        return _one_of(v, PRUNERS, "pruner")
+        return _one_of(v, PRUNERS.names(), "pruner")
 
 
 class TrainSpec(_Strict):
@@ -169,7 +159,7 @@ class SearchSpec(_Strict):
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, v: str) -> str:
-        return _one_of(v, SAMPLERS, "sampler")
+        return _one_of(v, SAMPLERS.names(), "sampler")
 
     @field_validator("metric")
     @classmethod

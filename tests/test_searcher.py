@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from study.spec import PRUNERS, SAMPLERS, expand_cells, parse_spec
+from study.optuna_kinds import PRUNERS, SAMPLERS
+from study.spec import expand_cells, parse_spec
 from study.sweep.tune import CellSearcher, CellStudies, Records, Searcher, StudyContext
 
 # Grid sampler: ce has nothing to search (budget 1 trial), label smoothing a grid of 3 values.
@@ -125,8 +126,8 @@ final: {{seeds: 1}}
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # wilcoxon, patient
-@pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("pruner", PRUNERS)
+@pytest.mark.parametrize("sampler", SAMPLERS.names())
+@pytest.mark.parametrize("pruner", PRUNERS.names())
 def test_every_sampler_and_pruner_runs_a_search_to_its_final_trials(tmp_path, sampler, pruner):
     # The driver's whole Optuna conversation for two cells (ask, one report per epoch, prune or tell),
     # with learning curves that rise with alpha: no sampler/pruner combination may raise, every search

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from study.data import _readers as tv
 from study.data._readers import cache_root
+from study.registry import Registry
 
 __all__ = ["DatasetBundle", "DatasetEntry", "DATASETS", "list_datasets", "load_dataset", "cache_root"]
 __all__ += ["split_train_val", "DeviceBatches", "batches_for_eval", "random_crop", "random_flip"]
@@ -146,9 +147,10 @@ def _entry(
     return DatasetEntry(name, loader, kind, k, desc, tuple(opts))  # type: ignore[arg-type]
 
 
-DATASETS: dict[str, DatasetEntry] = {
-    e.name: e
-    for e in [
+# Add a dataset: a reader in _readers.py returning RawSplits, then DATASETS.register(_entry(...)).
+DATASETS: Registry[DatasetEntry] = Registry(
+    "dataset",
+    [
         _entry(
             "mnist1d",
             tv.load_mnist1d,
@@ -163,13 +165,13 @@ DATASETS: dict[str, DatasetEntry] = {
         _entry("cifar100", tv.load_cifar100, "image", 100, "CIFAR-100 32x32, 50000/10000, + coarse labels"),
         _entry("svhn", tv.load_svhn, "image", 10, "SVHN cropped digits 32x32, 73257/26032"),
         _entry("image_folder", tv.load_image_folder, "image", None, "root/{train,test}/<class>/ images"),
-    ]
-}
+    ],
+)
 
 
 def list_datasets() -> list[str]:
     """Names of the registered datasets."""
-    return list(DATASETS)
+    return DATASETS.names()
 
 
 def load_dataset(

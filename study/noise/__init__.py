@@ -1,6 +1,6 @@
 """Label noise: ``corrupt(labels, num_classes, kind, rate, seed, **inputs) -> NoisyLabels``.
 
-Noise kinds live in one registry (``_corrupt.NOISE_REGISTRY``): each entry names its generator and the
+Noise kinds live in one registry (``NOISE_REGISTRY``): each entry names its generator and the
 extra inputs it needs (coarse labels, features, reference probabilities), so the trial layer asks the
 registry instead of knowing every kind. ``_maps`` holds the class maps of asymmetric noise.
 """
@@ -8,9 +8,13 @@ registry instead of knowing every kind. ``_maps`` holds the class maps of asymme
 from study.noise._corrupt import (
     ADVERSARIAL_MODES,
     NOISE_KINDS,
+    NOISE_REGISTRY,
+    NoiseInputs,
+    NoiseKind,
     NoisyLabels,
     corrupt,
     instance_probabilities,
+    noise_inputs,
     validate_noise,
 )
 from study.noise._maps import CIFAR10_MAP, MNIST_MAP, asymmetric_map, superclass_next_map
@@ -20,10 +24,14 @@ __all__ = [
     "CIFAR10_MAP",
     "MNIST_MAP",
     "NOISE_KINDS",
+    "NOISE_REGISTRY",
+    "NoiseInputs",
+    "NoiseKind",
     "NoisyLabels",
     "asymmetric_map",
     "corrupt",
     "instance_probabilities",
+    "noise_inputs",
     "superclass_next_map",
     "validate_noise",
 ]

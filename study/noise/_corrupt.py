@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,21 +30,25 @@ from study.noise._maps import (
     asymmetric_map,
     superclass_next_map,
 )
+from study.registry import Registry
 
 __all__ = [
     "ADVERSARIAL_MODES",
     "CIFAR10_MAP",
     "MNIST_MAP",
     "NOISE_KINDS",
+    "NOISE_REGISTRY",
+    "NoiseInputs",
+    "NoiseKind",
     "NoisyLabels",
     "asymmetric_map",
     "corrupt",
     "instance_probabilities",
+    "noise_inputs",
     "superclass_next_map",
     "validate_noise",
 ]
 
-NOISE_KINDS = ("none", "symmetric", "asymmetric", "pairflip", "instance", "adversarial")
 ADVERSARIAL_MODES = ("confident", "boundary")
 
 
@@ -74,9 +79,9 @@ class NoisyLabels:
 
 def validate_noise(kind: str, rate: float, *, mode: str | None = None) -> None:
     """Check a noise setting; raise ``ValueError`` naming the field, the value and what is allowed."""
-    if kind not in NOISE_KINDS:
+    if kind not in NOISE_REGISTRY:
         raise ValueError(
-            f"kind must be a known noise kind (allowed: {', '.join(NOISE_KINDS)}), but got {kind!r}."
+            f"kind must be a known noise kind (allowed: {', '.join(NOISE_REGISTRY)}), but got {kind!r}."
         )
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= float(rate) <= 1.0:
         raise ValueError(f"rate must be a number in [0, 1] (allowed: 0 <= rate <= 1), but got {rate!r}.")
@@ -215,6 +220,96 @@ def _adversarial(y: np.ndarray, k: int, r: float, probs: torch.Tensor | np.ndarr
     return noisy
 
 
+@dataclass(frozen=True)
+class NoiseInputs:
+    """What a noise kind may read besides the clean labels (see ``NoiseKind.inputs``)."""
+
+    dataset: str | None = None
+    coarse_labels: ArrayLike | None = None
+    features: torch.Tensor | np.ndarray | None = None
+    probs: torch.Tensor | np.ndarray | None = None
+    mode: str = "confident"
+    instance_std: float = 0.1
+
+
+FlipFn = Callable[[np.random.Generator, np.ndarray, int, float, NoiseInputs], tuple[np.ndarray, str]]
+
+
+@dataclass(frozen=True)
+class NoiseKind:
+    """Registry entry: ``flip(rng, clean labels, K, rate, inputs) -> (noisy labels, note)``.
+
+    ``inputs`` names the ``NoiseInputs`` fields the kind reads from the dataset or a reference model
+    (``dataset``, ``coarse_labels``, ``features``, ``probs``): the trial supplies exactly those, so it
+    needs no knowledge of individual kinds.
+    """
+
+    name: str
+    flip: FlipFn
+    description: str
+    inputs: tuple[str, ...] = ()
+
+
+def _flip_none(rng: np.random.Generator, y: np.ndarray, k: int, r: float, _: NoiseInputs) -> tuple:
+    return y.copy(), (f"none: rate {r:g} ignored" if r > 0 else "")
+
+
+def _flip_symmetric(rng: np.random.Generator, y: np.ndarray, k: int, r: float, _: NoiseInputs) -> tuple:
+    note = "symmetric: flips go to a uniformly chosen OTHER class (realised rate ~ r, not r(K-1)/K)"
+    return _symmetric(rng, y, k, r), note
+
+
+def _flip_pairflip(rng: np.random.Generator, y: np.ndarray, k: int, r: float, _: NoiseInputs) -> tuple:
+    return _mapped(rng, y, k, r, {i: (i + 1) % k for i in range(k)}), ""
+
+
+def _flip_asymmetric(rng: np.random.Generator, y: np.ndarray, k: int, r: float, inp: NoiseInputs) -> tuple:
+    coarse = None if inp.coarse_labels is None else _coarse_per_class(inp.coarse_labels, y, k)
+    mapping = asymmetric_map(inp.dataset, k, coarse)
+    if mapping is None:
+        mapping = {i: (i + 1) % k for i in range(k)}
+        note = f"asymmetric: no class map for dataset {inp.dataset!r}; fell back to pairflip"
+    else:
+        name = "cifar100 next-in-superclass" if len(mapping) > 10 else f"{inp.dataset} {mapping}"
+        note = f"asymmetric: {name} map; only source classes flip (overall rate < r)"
+    return _mapped(rng, y, k, r, mapping), note
+
+
+def _flip_instance(rng: np.random.Generator, y: np.ndarray, k: int, r: float, inp: NoiseInputs) -> tuple:
+    if inp.features is None:
+        raise ValueError("features must be given for kind 'instance' (an (N, ...) array), but got None.")
+    noisy = _instance(rng, y, k, r, inp.features, inp.instance_std)
+    mean_q = _truncnorm_mean(r, inp.instance_std)
+    return noisy, f"instance: features standardised per dimension; E[q] = {mean_q:.4f} for r = {r:g}"
+
+
+def _flip_adversarial(rng: np.random.Generator, y: np.ndarray, k: int, r: float, inp: NoiseInputs) -> tuple:
+    if inp.probs is None:
+        raise ValueError("probs must be given for kind 'adversarial' (an (N, K) array), but got None.")
+    noisy = _adversarial(y, k, r, inp.probs, inp.mode)
+    return noisy, f"adversarial-{inp.mode}: floor(r * n_c) flips per class, ties by index"
+
+
+# Add a noise kind: a flip function above and one entry here (plus its test in tests/science/test_noise.py).
+NOISE_REGISTRY: Registry[NoiseKind] = Registry(
+    "noise kind",
+    [
+        NoiseKind("none", _flip_none, "clean labels"),
+        NoiseKind("symmetric", _flip_symmetric, "each label to a uniformly chosen other class w.p. r"),
+        NoiseKind("asymmetric", _flip_asymmetric, "published class maps", ("dataset", "coarse_labels")),
+        NoiseKind("pairflip", _flip_pairflip, "i -> i+1 mod K w.p. r"),
+        NoiseKind("instance", _flip_instance, "instance-dependent (Xia et al. 2020)", ("features",)),
+        NoiseKind("adversarial", _flip_adversarial, "label-flip poisoning by reference margin", ("probs",)),
+    ],
+)
+NOISE_KINDS = tuple(NOISE_REGISTRY.names())
+
+
+def noise_inputs(kind: str) -> tuple[str, ...]:
+    """The ``NoiseInputs`` fields a noise kind reads (ValueError for an unknown kind)."""
+    return NOISE_REGISTRY[kind].inputs
+
+
 def corrupt(
     labels: ArrayLike,
     num_classes: int,
@@ -268,36 +363,8 @@ def corrupt(
     y = _check_labels(labels, num_classes)
     k, r = num_classes, float(rate)
     rng = np.random.default_rng(seed)
-    note = ""
-    if kind == "none":
-        noisy = y.copy()
-        note = f"none: rate {r:g} ignored" if r > 0 else ""
-    elif kind == "symmetric":
-        noisy = _symmetric(rng, y, k, r)
-        note = "symmetric: flips go to a uniformly chosen OTHER class (realised rate ~ r, not r(K-1)/K)"
-    elif kind == "pairflip":
-        noisy = _mapped(rng, y, k, r, {i: (i + 1) % k for i in range(k)})
-    elif kind == "asymmetric":
-        coarse = None if coarse_labels is None else _coarse_per_class(coarse_labels, y, k)
-        mapping = asymmetric_map(dataset, k, coarse)
-        if mapping is None:
-            mapping = {i: (i + 1) % k for i in range(k)}
-            note = f"asymmetric: no class map for dataset {dataset!r}; fell back to pairflip"
-        else:
-            name = "cifar100 next-in-superclass" if len(mapping) > 10 else f"{dataset} {mapping}"
-            note = f"asymmetric: {name} map; only source classes flip (overall rate < r)"
-        noisy = _mapped(rng, y, k, r, mapping)
-    elif kind == "instance":
-        if features is None:
-            raise ValueError("features must be given for kind 'instance' (an (N, ...) array), but got None.")
-        noisy = _instance(rng, y, k, r, features, float(instance_std))
-        mean_q = _truncnorm_mean(r, float(instance_std))
-        note = f"instance: features standardised per dimension; E[q] = {mean_q:.4f} for r = {r:g}"
-    else:  # adversarial
-        if probs is None:
-            raise ValueError("probs must be given for kind 'adversarial' (an (N, K) array), but got None.")
-        noisy = _adversarial(y, k, r, probs, mode)
-        note = f"adversarial-{mode}: floor(r * n_c) flips per class, ties by index"
+    inputs = NoiseInputs(dataset, coarse_labels, features, probs, mode, float(instance_std))
+    noisy, note = NOISE_REGISTRY[kind].flip(rng, y, k, r, inputs)
     flipped = noisy != y
     return NoisyLabels(
         labels=torch.from_numpy(noisy.astype(np.int64)),

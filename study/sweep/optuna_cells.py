@@ -15,6 +15,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
+from study.optuna_kinds import PRUNERS, SAMPLERS
 from study.spec import Cell, Choices, Grid, Range, StudySpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -38,45 +39,14 @@ def distributions(cell: Cell) -> dict[str, BaseDistribution]:
 def make_sampler(spec: StudySpec, cell: Cell) -> optuna.samplers.BaseSampler:
     # A per-cell seed derived from the cell id: reproducible, and cells do not sample in lockstep.
     seed = spec.search.seed + zlib.crc32(cell.cell_id.encode()) % 100_000
-    kind = spec.search.sampler
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.search.n_startup_trials)
-    if kind == "grid":
-        space = {k: (v.grid if isinstance(v, Grid) else v.choices) for k, v in cell.searched.items()}
-        return optuna.samplers.GridSampler(space, seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.search.n_startup_trials)
+    grid = None
+    if spec.search.sampler == "grid":
+        grid = {k: (v.grid if isinstance(v, Grid) else v.choices) for k, v in cell.searched.items()}
+    return SAMPLERS[spec.search.sampler].build(spec.search, seed, grid)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    p = spec.search.pruner
-    if p.kind == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
-        )
-    if p.kind == "percentile":
-        return optuna.pruners.PercentilePruner(
-            p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
-        )
-    if p.kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_resource, reduction_factor=p.reduction_factor
-        )
-    if p.kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_resource, max_resource=spec.train.epochs, reduction_factor=p.reduction_factor
-        )
-    if p.kind == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=p.n_warmup_steps)
-    if p.kind == "patient":
-        inner = optuna.pruners.MedianPruner(
-            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
-        )
-        return optuna.pruners.PatientPruner(inner, patience=p.patience)
-    if p.kind == "threshold":
-        return optuna.pruners.ThresholdPruner(lower=p.lower, upper=p.upper, n_warmup_steps=p.n_warmup_steps)
-    return optuna.pruners.NopPruner()
+    return PRUNERS[spec.search.pruner.kind].build(spec.search.pruner, spec.train.epochs)
 
 
 def _tell(trial: optuna.Trial, value: float | None, state: TrialState) -> None:
