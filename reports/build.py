@@ -23,10 +23,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from study import vocabulary
+
 SCHEMA_VERSION = "1.0"
 SCHEMA_KEY = b"regstudy.schema_version"
-TABLES = ("trials", "epochs", "evals", "summary")
-MANIFEST_STATUSES = ("running", "search_done", "completed", "interrupted", "failed")
+TABLES = ("trials", "epochs", "evals", "summary", "projections")
+MANIFEST_STATUSES = vocabulary.MANIFEST_STATUSES
 
 _S, _F, _I, _B = pa.string(), pa.float64(), pa.int64(), pa.bool_()
 
@@ -39,10 +41,8 @@ SCHEMAS: dict[str, dict[str, pa.DataType]] = {
         "direction": _S, "wall_s": _F, "device": _S, "node": _S, "error": _S, "started_at": _F,
         "ended_at": _F, "optuna_number": _I,
     },
-    "epochs": {
-        "trial_id": _S, "epoch": _I, "lr": _F, "train_loss": _F, "train_acc": _F, "val_accuracy": _F,
-        "val_nll": _F, "val_ece": _F, "wall_s": _F,
-    },
+    "epochs": {"trial_id": _S, **{c: (_I if c == "epoch" else _F) for c in vocabulary.EPOCH_COLUMNS}},
+    "projections": {"trial_id": _S, "cls": _I, "x": _F, "y": _F},
     "evals": {"trial_id": _S, "split": _S, "condition": _S, "severity": _F, "metric": _S, "value": _F},
     "summary": {
         "study": _S, "cell_id": _S, "dataset": _S, "model": _S, "regularizer": _S, "noise_setting": _S,
@@ -55,13 +55,14 @@ SCHEMAS: dict[str, dict[str, pa.DataType]] = {
 
 # Columns whose values are checked on write: a typo here would silently drop rows from every report.
 _ENUMS = {
-    ("trials", "phase"): ("search", "final"),
-    ("trials", "status"): ("completed", "pruned", "failed", "diverged"),
+    ("trials", "phase"): vocabulary.PHASES,
+    ("trials", "status"): vocabulary.TRIAL_STATUSES,
     ("trials", "direction"): ("maximize", "minimize"),
-    ("evals", "split"): ("test", "val", "train"),
+    ("evals", "split"): vocabulary.SPLITS,
 }
 _REQUIRED = {"trials": ("trial_id", "cell_id", "phase", "status"), "epochs": ("trial_id", "epoch"),
-             "evals": ("trial_id", "metric", "value"), "summary": ("cell_id", "metric")}  # fmt: skip
+             "evals": ("trial_id", "metric", "value"), "summary": ("cell_id", "metric"),
+             "projections": ("trial_id", "cls", "x", "y")}  # fmt: skip
 
 
 class ResultsError(ValueError):
@@ -197,10 +198,14 @@ def write_results(
     trials: list[dict[str, Any]] | pd.DataFrame,
     epochs: list[dict[str, Any]] | pd.DataFrame,
     evals: list[dict[str, Any]] | pd.DataFrame,
+    projections: list[dict[str, Any]] | pd.DataFrame | None = None,
 ) -> None:
-    """Write the three raw tables (each atomically). Types are checked for all three before any write."""
+    """Write the raw tables (each atomically; projections only when given). Types are checked for all
+    of them before any write, so a bad batch changes nothing."""
     tables = {"trials": trials, "epochs": epochs, "evals": evals}
-    for name, rows in tables.items():  # validate everything first so a bad batch changes nothing
+    if projections is not None:
+        tables["projections"] = projections
+    for name, rows in tables.items():  # validate everything first
         _to_arrow(name, rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows)))
     for name, rows in tables.items():
         write_table(out_dir, name, rows)

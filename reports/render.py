@@ -23,39 +23,19 @@ from rich.text import Text
 
 from reports.build import Study
 from reports.stats import CORRECTION, REFERENCE, best_trials, corruption_mask, corruption_summary, summarize
+from study import vocabulary as vocab
+from study.vocabulary import HIGHER, NEITHER
 
-HIGHER, LOWER, NEITHER = 1, -1, 0
-# (question, [(split, condition, metric, label, better)]); severity handled per condition below.
+# (question, [(split, condition, metric, label, better)]) for the questions answered by fixed metrics;
+# robustness adds one row per attack/corruption level found in the results (see _specs).
 QUESTIONS = [
-    ("Clean test accuracy", [("test", "clean", "accuracy", "accuracy", HIGHER)]),
-    (
-        "Calibration",
-        [
-            ("test", "clean", "ece", "ECE", LOWER),
-            ("test", "clean", "nll", "NLL", LOWER),
-            ("test", "clean", "ece_ts", "ECE after temperature scaling", LOWER),
-            ("test", "clean", "overconfidence_on_errors", "mean confidence on errors", LOWER),
-        ],
-    ),
-    (
-        "Feature geometry",
-        [
-            ("test", "clean", "r2", "R² = 1 - d_within/d_total (higher = more separable)", HIGHER),
-            ("test", "clean", "d_within", "d_within (within-class cosine distance)", NEITHER),
-        ],
-    ),
-    (
-        "Distillation",
-        [
-            ("test", "distill", "student_accuracy", "student accuracy", HIGHER),
-            ("test", "distill", "teacher_accuracy", "teacher accuracy", HIGHER),
-        ],
-    ),
+    (q, [(m.split, m.condition, m.name, m.label, m.better) for m in vocab.metrics_for(q)])
+    for q in vocab.QUESTIONS
+    if q != vocab.Q_CORRUPTIONS
 ]
-_KIND_ORDER = ("none", "symmetric", "asymmetric", "pairflip", "instance", "adversarial")
-ROBUST_CONDITIONS = ("fgsm", "pgd_ce", "pgd_dlr", "transfer", "corruption_mean")
-_ABBREV = {"symmetric": "sym", "asymmetric": "asym", "pairflip": "pair", "instance": "inst",
-           "adversarial": "adv", "confident": "conf", "boundary": "bnd"}  # fmt: skip
+_KIND_ORDER = tuple(vocab.NOISE_KINDS)
+ROBUST_CONDITIONS = vocab.ROBUSTNESS_CONDITIONS
+_ABBREV = {**vocab.NOISE_KINDS, **vocab.ADVERSARIAL_MODES}
 
 
 @dataclass
@@ -160,10 +140,11 @@ def _specs(
     question: str, index: dict, dataset: str, model: str
 ) -> list[tuple[str, str, float, str, str, int]]:
     """(split, condition, severity, metric, label, better) of the tables answering ``question``."""
-    if question != "Robustness":
-        return [
-            (s, c, np.nan, m, lab, b) for q, items in QUESTIONS if q == question for s, c, m, lab, b in items
-        ]
+    fixed = [
+        (s, c, np.nan, m, lab, b) for q, items in QUESTIONS if q == question for s, c, m, lab, b in items
+    ]
+    if question != vocab.Q_ROBUSTNESS:
+        return fixed
     out = []
     for cond in sorted(ROBUST_CONDITIONS):
         sub = index.get((dataset, model, "test", cond, "accuracy"))
@@ -173,10 +154,10 @@ def _specs(
             what = "level" if cond == "corruption_mean" else "eps"
             label = f"{cond}, {what} {sev:g}: accuracy" if pd.notna(sev) else f"{cond}: accuracy"
             out.append(("test", cond, sev, "accuracy", label, HIGHER))
-    return out
+    return out + fixed
 
 
-CORRUPTION_QUESTION = "Corruption robustness"
+CORRUPTION_QUESTION = vocab.Q_CORRUPTIONS
 
 
 def _levels(severities: pd.Series) -> str:
@@ -243,9 +224,7 @@ def build_tables(study: Study, summary: pd.DataFrame | None = None) -> list[Tabl
         for key, tr in study.trials.groupby(["dataset", "model"], sort=True)
     ]
     tables: list[Table] = []
-    questions = (
-        [q for q, _ in QUESTIONS[:2]] + ["Robustness", CORRUPTION_QUESTION] + [q for q, _ in QUESTIONS[2:]]
-    )
+    questions = list(vocab.QUESTIONS)
     per_corruption = _corruption_tables(study)
     for question in [*questions, "Search economics"]:
         for (dataset, model), tr, regs, cols in groups:

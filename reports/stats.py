@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from study.vocabulary import NON_CORRUPTION_CONDITIONS
+
 KEYS = ["split", "condition", "severity", "metric"]
 CELL_COLS = ["cell_id", "dataset", "model", "regularizer", "noise_setting", "noise_kind", "noise_rate"]
 GROUP = ["dataset", "model", "noise_setting"]
@@ -175,7 +177,7 @@ def summarize(
 
 
 # Conditions of evals.parquet that are not corruptions (attacks, clean, derived means, distillation).
-NOT_CORRUPTIONS = frozenset({"clean", "fgsm", "pgd_ce", "pgd_dlr", "transfer", "corruption_mean", "distill"})
+NOT_CORRUPTIONS = NON_CORRUPTION_CONDITIONS
 
 
 def corruption_mask(evals: pd.DataFrame) -> pd.Series:

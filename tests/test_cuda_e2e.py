@@ -8,7 +8,8 @@ import math
 import pytest
 
 from study.trial import post
-from study.trial.fit import TrialConfig, run_trial
+from study.trial.config import TrialConfig
+from study.trial.run import run_trial
 
 pytestmark = pytest.mark.gpu
 
@@ -24,17 +25,11 @@ EVAL = {
 
 def _config(tmp_path, device: str, regularizer: str, params: dict) -> dict:
     return {
-        "dataset": "digits",  # bundled with scikit-learn: 8x8 images, no download
-        "model": "resnet20",
-        "regularizer": regularizer,
-        "reg_params": params,
-        "noise_kind": "symmetric",
-        "noise_rate": 0.2,
-        "epochs": 4,
-        "batch_size": 64,
-        "lr": 2e-2,
-        "device": device,
-        "full_eval": True,
+        "dataset": {"name": "digits"},  # bundled with scikit-learn: 8x8 images, no download
+        "model": {"name": "resnet20"},
+        "regularizer": {"name": regularizer, "params": params},
+        "noise": {"kind": "symmetric", "rate": 0.2},
+        "train": {"epochs": 4, "batch_size": 64, "lr": 2e-2, "device": device},
         "evaluate": EVAL,
         "save_model": True,
         "checkpoint_dir": str(tmp_path / f"{device}-{regularizer}"),

@@ -14,9 +14,10 @@ import yaml
 from torch import nn
 
 from study import data
-from study.spec import SpecError, parse_spec
+from study.spec import EvaluateSpec, SpecError, parse_spec
 from study.trial import evaluate as evaluation
-from study.trial.fit import TrialConfig, prepare_data
+from study.trial.config import TrialConfig
+from study.trial.run import prepare_data
 
 CPU = torch.device("cpu")
 EPS = 0.5  # signals, as the user writes it: in units of the data std
@@ -91,15 +92,15 @@ def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return int((model(x).argmax(1) == y).sum()) / len(y)
 
 
-def _evaluate_block(dataset: str, **evaluate) -> dict:
-    """The dict a final trial gets as config["evaluate"] (tune.base_trial_config: model_dump(mode="json"))."""
+def _evaluate_block(dataset: str, **evaluate) -> EvaluateSpec:
+    """The evaluate block a final trial gets (Cell.trial_config: the spec's own EvaluateSpec)."""
     raw = {"name": "t", "dataset": {"name": dataset}, "models": ["mlp"], "regularizers": ["ce"]}
     spec = parse_spec(yaml.safe_dump({**raw, "evaluate": evaluate}))
-    return spec.evaluate.model_dump(mode="json")
+    return spec.evaluate
 
 
-def _pgd_row(model, bundle, evaluate: dict, seed: int) -> float:
-    cfg = TrialConfig(dataset=bundle.name, seed=seed, device="cpu", evaluate=evaluate)
+def _pgd_row(model, bundle, evaluate: EvaluateSpec, seed: int) -> float:
+    cfg = TrialConfig(dataset={"name": bundle.name}, seed=seed, train={"device": "cpu"}, evaluate=evaluate)
     rows = evaluation.robustness_rows(model, prepare_data(cfg, bundle), cfg, CPU)
     (value,) = [r["value"] for r in rows if r["condition"] == "pgd_ce" and r["metric"] == "accuracy"]
     assert [r["severity"] for r in rows if r["condition"] == "pgd_ce" and r["metric"] == "accuracy"] == [EPS]
@@ -110,7 +111,7 @@ def _pgd_row(model, bundle, evaluate: dict, seed: int) -> float:
 def test_signal_step_size_is_in_std_units_like_eps(signal, step):
     model = _linear(signal, seed=0)
     evaluate = _evaluate_block("mnist1d", attacks=["pgd_ce"], eps=[EPS], pgd_steps=2, pgd_step_size=step)
-    assert evaluate["pgd_step_size"] == step  # the field travels in the trial's evaluate dict
+    assert evaluate.pgd_step_size == step  # the field travels in the trial's evaluate block
     got = _pgd_row(model, signal, evaluate, seed=3)
     x, y = signal.x_test, signal.y_test
     eps_in = EPS * signal.data_std

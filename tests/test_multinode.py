@@ -24,7 +24,8 @@ import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from study.spec import expand_cells, load_spec
+from study.spec import load_spec
+from study.sweep.cells import expand_cells
 
 BIN = Path(sys.executable).parent
 STUDY_BIN, RAY_BIN = str(BIN / "study"), str(BIN / "ray")

@@ -9,8 +9,11 @@ import pytest
 from optuna.trial import TrialState
 
 from study.optuna_kinds import PRUNERS, SAMPLERS
-from study.spec import expand_cells, parse_spec
-from study.sweep.tune import CellSearcher, CellStudies, Records, Searcher, StudyContext
+from study.spec import parse_spec
+from study.sweep.cells import expand_cells
+from study.sweep.context import FINISHED, StudyContext, TrialSource
+from study.sweep.optuna_cells import CellStudies
+from study.sweep.records import Records
 
 # Grid sampler: ce has nothing to search (budget 1 trial), label smoothing a grid of 3 values.
 SPEC = """\
@@ -27,21 +30,21 @@ final: {seeds: 2}
 """
 
 
-def _searcher(out: Path) -> tuple[CellSearcher, StudyContext, list[str]]:
+def _searcher(out: Path) -> tuple[TrialSource, StudyContext, list[str]]:
     spec = parse_spec(SPEC)
     cells = expand_cells(spec)
     studies = CellStudies(spec, cells, out / "optuna.journal")
     ctx = StudyContext(spec, out, studies, lambda: None)
     told: list[str] = []
-    searcher = CellSearcher(spec, cells, studies, ctx, on_search_done=lambda: told.append("search_done"))
+    searcher = TrialSource(spec, cells, studies, ctx, on_search_done=lambda: told.append("search_done"))
     return searcher, ctx, told
 
 
-def _complete(searcher: CellSearcher, ctx: StudyContext, tune_id: str, value: float) -> None:
+def _complete(searcher: TrialSource, ctx: StudyContext, tune_id: str, value: float) -> None:
     """What Tune does when a trial ends: the last result, then on_trial_complete."""
     rec = ctx.by_tune_id[tune_id]
     rec.payload = {"status": "completed", "best_value": value, "epoch_rows": []}
-    searcher.on_trial_complete(tune_id, {"objective": value})
+    searcher.ended(tune_id, {"objective": value})
     ctx.finish(tune_id, error=None)
 
 
@@ -67,7 +70,7 @@ def test_final_trials_of_a_cell_start_when_its_search_ends(tmp_path):
     # Nothing left to ask: ce's final trials start while label smoothing's last search trial runs.
     cfg = searcher.suggest("t5")
     assert phase_cell("t5") == ("final", "ce") and ctx.by_tune_id["t4"].ended_at is None
-    assert cfg["trial"]["full_eval"] is True and cfg["trial"]["seed"] == 1
+    assert cfg["trial"]["evaluate"] is not None and cfg["trial"]["seed"] == 1
     assert searcher.suggest("t6") and phase_cell("t6") == ("final", "ce")
     assert ctx.by_tune_id["t6"].config["seed"] == 2
     # Label smoothing's finals wait for its search: no suggestion yet, but not finished either.
@@ -77,8 +80,8 @@ def test_final_trials_of_a_cell_start_when_its_search_ends(tmp_path):
     assert told == ["search_done"] and phase_cell("t7") == ("final", "label_smoothing")
     # The final trials retrain the cell's best search configuration (alpha 0.1 or 0.2 scored 0.9).
     best_alpha = ctx.by_tune_id["t3"].params["alpha"]
-    assert cfg["trial"]["reg_params"] == {"alpha": best_alpha}
-    assert searcher.suggest("t8") and searcher.suggest("t9") == Searcher.FINISHED
+    assert cfg["trial"]["regularizer"]["params"] == {"alpha": best_alpha}
+    assert searcher.suggest("t8") and searcher.suggest("t9") == FINISHED
     assert told == ["search_done"]
     # Optuna: every search trial COMPLETE, and no final trial ever entered the studies.
     counts = {c: [t.state for t in searcher.studies.trials(c)] for c in searcher.studies.studies}
@@ -101,7 +104,7 @@ def test_a_resumed_searcher_asks_only_what_is_missing(tmp_path):
     again, ctx2, told = _searcher(tmp_path)
     assert again.remaining() == 3  # 4 final trials planned, 1 done; the search is complete
     keys = []
-    while again.suggest(f"r{len(keys)}") not in (None, Searcher.FINISHED):
+    while again.suggest(f"r{len(keys)}") not in (None, FINISHED):
         keys.append(ctx2.by_tune_id[f"r{len(keys)}"].key)
     assert told == ["search_done"] and len(keys) == 3
     assert ctx.by_tune_id["f1"].key not in keys and len(set(keys)) == 3
@@ -137,9 +140,9 @@ def test_every_sampler_and_pruner_runs_a_search_to_its_final_trials(tmp_path, sa
     cells = expand_cells(spec)
     studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
     ctx = StudyContext(spec, tmp_path, studies, lambda: None)
-    searcher = CellSearcher(spec, cells, studies, ctx)
+    searcher = TrialSource(spec, cells, studies, ctx)
     finals, n = [], 0
-    while (cfg := searcher.suggest(f"t{n}")) not in (None, Searcher.FINISHED):
+    while (cfg := searcher.suggest(f"t{n}")) not in (None, FINISHED):
         rec = ctx.by_tune_id[f"t{n}"]
         if rec.phase == "final":
             finals.append(rec.cell_id)
@@ -177,9 +180,9 @@ def test_a_cell_whose_every_trial_is_pruned_gets_a_note_and_no_finals(tmp_path):
     cells = expand_cells(spec)
     studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
     ctx = StudyContext(spec, tmp_path, studies, lambda: None)
-    searcher = CellSearcher(spec, cells, studies, ctx)
+    searcher = TrialSource(spec, cells, studies, ctx)
     n = 0
-    while searcher.suggest(f"t{n}") not in (None, Searcher.FINISHED):
+    while searcher.suggest(f"t{n}") not in (None, FINISHED):
         # Below the 0.99 floor from the first step past the warm-up: pruned there.
         row = {"epoch": 1, "objective": 0.5, "val_accuracy": 0.5}
         assert ctx.epoch_result(f"t{n}", row) and ctx.by_tune_id[f"t{n}"].status == "pruned"
@@ -198,7 +201,7 @@ def test_a_diverged_search_trial_is_failed_in_optuna_not_complete(tmp_path):
     # A NaN loss ends the trial as "diverged" with a best value from its finite epochs: that value
     # must not reach the sampler as a COMPLETE result.
     rec.payload = {"status": "diverged", "best_value": 0.42, "epoch_rows": []}
-    searcher.on_trial_complete("t1", {"objective": 0.42})
+    searcher.ended("t1", {"objective": 0.42})
     ctx.finish("t1", error=None)
     (frozen,) = [t for t in searcher.studies.trials(rec.cell_id) if t.number == rec.optuna_number]
     assert frozen.state == TrialState.FAIL and frozen.value is None

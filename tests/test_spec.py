@@ -9,7 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from study.cli import app
-from study.spec import Choices, Grid, Range, SpecError, expand_cells, load_spec, parse_spec, spec_hash
+from study.spec import Choices, Grid, Range, SpecError, load_spec, parse_spec, spec_hash
+from study.sweep.cells import expand_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 

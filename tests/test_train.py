@@ -15,8 +15,11 @@ import torch.nn.functional as F
 
 from study import data, metrics
 from study import noise as noise_lib
-from study.trial.fit import TrialConfig, build_model, prepare_data, run_trial
+from study.spec import TrainSpec
+from study.trial.config import TrialConfig
+from study.trial.fit import build_model
 from study.trial.reference import reference_probabilities
+from study.trial.run import prepare_data, run_trial
 
 SMALL = {"max_train": 400, "max_test": 200}
 
@@ -37,16 +40,39 @@ def bundle(cache_dir: Path) -> data.DatasetBundle:
     return data.load_dataset("mnist1d", root=cache_dir, **SMALL)
 
 
+def _nested(flat: dict) -> dict:
+    """Flat test shorthands (epochs=2, noise_kind=..., reg_params=...) -> TrialConfig fields."""
+    out: dict = {}
+    for k, v in flat.items():
+        if k in TrainSpec.model_fields:
+            out.setdefault("train", {})[k] = v
+        elif k.startswith("dataset_") or k in ("val_fraction", "clean_validation"):
+            out.setdefault("dataset", {})[k.removeprefix("dataset_")] = v
+        elif k.startswith("noise_") and k != "noise_seed":
+            out.setdefault("noise", {})[k.removeprefix("noise_")] = v
+        elif k == "regularizer":
+            out.setdefault("regularizer", {})["name"] = v
+        elif k == "reg_params":
+            out.setdefault("regularizer", {})["params"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def updated(cfg: TrialConfig, **flat) -> TrialConfig:
+    data = cfg.model_dump()
+    for k, v in _nested(flat).items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
+    return TrialConfig.model_validate(data)
+
+
 def make_cfg(**kw) -> TrialConfig:
-    base = {
-        "dataset": "mnist1d",
-        "dataset_options": SMALL,
-        "epochs": 2,
-        "batch_size": 64,
-        "lr": 1e-2,
-        "device": "cpu",
-    }
-    return TrialConfig(**{**base, **kw})
+    base = TrialConfig(
+        dataset={"name": "mnist1d", "options": SMALL},
+        train={"epochs": 2, "batch_size": 64, "lr": 1e-2, "device": "cpu"},
+        evaluate={},
+    )
+    return updated(base, **kw)
 
 
 def without_wall(rows: list[dict]) -> list[dict]:
@@ -82,7 +108,7 @@ def test_same_config_twice_gives_identical_rows(bundle):
     # No label noise: nothing is flipped, so no memorisation row.
     assert ("train", "memorisation_rate") not in clean_metrics(a.eval_rows)
     # A different training seed gives a different run (the test above can fail).
-    c = run_trial(cfg.model_copy(update={"seed": 1}), bundle=bundle)
+    c = run_trial(updated(cfg, seed=1), bundle=bundle)
     assert without_wall(c.epoch_rows) != without_wall(a.epoch_rows)
 
 
@@ -95,7 +121,7 @@ def test_resume_after_crash_matches_uninterrupted(bundle, tmp_path, regularizer,
     # every RNG must survive the checkpoint for the resumed run to be bit-identical.
     cfg = make_cfg(epochs=4, regularizer=regularizer, reg_params=params)
     reference = run_trial(cfg, bundle=bundle)
-    ck = cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "ck")})
+    ck = updated(cfg, checkpoint_dir=str(tmp_path / "ck"))
 
     _run_killed_in_epoch_3(ck, bundle)
     # The report of epoch 3 never went through, so the newest checkpoint is the one of epoch 2.
@@ -139,15 +165,13 @@ def test_report_returning_true_prunes(bundle, tmp_path):
 def test_noise_is_paired_across_regularizers_and_seeds(bundle):
     base = make_cfg(noise_kind="symmetric", noise_rate=0.4, noise_seed=7)
     a = prepare_data(base, bundle)
-    other = base.model_copy(
-        update={"regularizer": "label_smoothing", "reg_params": {"alpha": 0.1}, "seed": 3}
-    )
+    other = updated(base, regularizer="label_smoothing", reg_params={"alpha": 0.1}, seed=3)
     b = prepare_data(other, bundle)
     for name in ("x_train", "y_train", "flipped", "x_val", "y_val"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     # The labels are noise.corrupt of the whole clean training set, then split with the noise seed.
     full = noise_lib.corrupt(bundle.y_train, bundle.num_classes, "symmetric", 0.4, 7, dataset="mnist1d")
-    train_idx, val_idx = data.split_train_val(len(bundle.y_train), base.val_fraction, seed=7)
+    train_idx, val_idx = data.split_train_val(len(bundle.y_train), base.dataset.val_fraction, seed=7)
     assert torch.equal(a.y_train, full.labels[train_idx])
     assert torch.equal(a.y_train_clean, bundle.y_train[train_idx])
     assert torch.equal(a.flipped, a.y_train != a.y_train_clean)
@@ -155,11 +179,11 @@ def test_noise_is_paired_across_regularizers_and_seeds(bundle):
     assert torch.equal(a.y_val, full.labels[val_idx])
     assert 0.25 < (a.y_val != bundle.y_train[val_idx]).float().mean() < 0.55
     # ... unless clean_validation is set; the training labels do not change then.
-    oracle = prepare_data(base.model_copy(update={"clean_validation": True}), bundle)
+    oracle = prepare_data(updated(base, clean_validation=True), bundle)
     assert torch.equal(oracle.y_val, bundle.y_train[val_idx])
     assert torch.equal(oracle.y_train, a.y_train)
     # Another noise seed gives other noisy labels.
-    c = prepare_data(base.model_copy(update={"noise_seed": 8}), bundle)
+    c = prepare_data(updated(base, noise_seed=8), bundle)
     assert not torch.equal(c.y_train, a.y_train)
 
 
@@ -230,7 +254,7 @@ def test_label_smoothing_terms_are_logged_per_epoch(bundle):
     assert all(r["term_regularization"] >= 0 >= r["term_error_amplification"] for r in rows)
     # A scheduled alpha follows training progress step by step: 0 at the first step, 0.5 at the last.
     ramp = {"schedule": "linear", "start": 0.0, "end": 0.5}
-    sched = cfg.model_copy(update={"epochs": 2, "reg_params": {"alpha": ramp}})
+    sched = updated(cfg, epochs=2, reg_params={"alpha": ramp})
     first, last = run_trial(sched, prepared=prep).epoch_rows
     assert first["term_regularization"] == 0.0 and last["term_regularization"] > 0.0
     ce_rows = run_trial(make_cfg(epochs=1), bundle=bundle).epoch_rows
@@ -249,7 +273,7 @@ def test_adversarial_noise_flips_the_per_class_budget(bundle):
     rate = 0.2
     cfg = make_cfg(noise_kind="adversarial", noise_rate=rate, noise_mode="confident")
     noisy = prepare_data(cfg, bundle).noisy
-    probs = reference_probabilities(bundle, cfg.model, {}, seed=cfg.noise_seed)  # cached by prepare_data
+    probs = reference_probabilities(bundle, cfg.model.name, {}, seed=cfg.noise_seed)  # cached by prepare_data
     y = bundle.y_train
     others = probs.clone()
     others[torch.arange(len(y)), y] = -1.0
@@ -266,7 +290,7 @@ def test_adversarial_noise_flips_the_per_class_budget(bundle):
 
 
 def test_dataset_is_loaded_once_per_process_and_never_modified(bundle, cache_dir):
-    from study.trial import fit as train
+    from study.trial import run as train
 
     train._BUNDLE_CACHE.clear()
     cfg = make_cfg(dataset_root=str(cache_dir), noise_kind="symmetric", noise_rate=0.4, epochs=1)
@@ -302,7 +326,7 @@ def test_cuda_trial_learns_and_resumes(bundle, tmp_path):
     assert full.status == "completed" and full.device.startswith("cuda")
     assert full.epoch_rows[-1]["train_loss"] < 0.8 * full.epoch_rows[0]["train_loss"]
     assert full.epoch_rows[-1]["train_acc"] > 0.3  # chance is 0.1
-    ck = cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "ck")})
+    ck = updated(cfg, checkpoint_dir=str(tmp_path / "ck"))
 
     _run_killed_in_epoch_3(ck, bundle)
     first_two = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)["epoch_rows"]

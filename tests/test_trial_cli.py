@@ -49,7 +49,7 @@ def test_json_prints_exactly_one_object(env):
     assert len(lines) == 1
     out = json.loads(lines[0])
     assert out["status"] == "completed" and out["epochs"] == 2
-    assert out["config"]["noise_kind"] == "symmetric" and out["config"]["noise_rate"] == 0.2
+    assert out["config"]["noise"]["kind"] == "symmetric" and out["config"]["noise"]["rate"] == 0.2
     assert 0.1 < out["realized_noise_rate"] < 0.3
     for name in ("accuracy", "nll", "ece", "ece_ts", "temperature", "d_within", "r2", "memorisation_rate"):
         assert isinstance(out["metrics"][name], float), name

@@ -19,7 +19,8 @@ import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from study.spec import expand_cells, load_spec
+from study.spec import load_spec
+from study.sweep.cells import expand_cells
 from study.sweep.runner import run_study
 
 pytestmark = pytest.mark.slow

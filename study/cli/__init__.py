@@ -73,16 +73,22 @@ def trial(
     noise: str = typer.Option(
         "none", "--noise", help="KIND:RATE, e.g. symmetric:0.4 or adversarial-confident:0.2."
     ),
-    epochs: int = typer.Option(30, "--epochs", min=1),
+    # Training options left out take the spec's defaults (study.spec.TrainSpec), so a one-cell spec and
+    # `study trial` with the same values build the same TrialConfig.
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Default: the spec default."),
     seed: int = typer.Option(0, "--seed"),
     noise_seed: int = typer.Option(0, "--noise-seed"),
-    lr: float = typer.Option(2e-2, "--lr", min=0.0),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    optimizer: str = typer.Option("adamw", "--optimizer"),
+    lr: float | None = typer.Option(None, "--lr", min=0.0, help="Default: the spec default."),
+    weight_decay: float | None = typer.Option(
+        None, "--weight-decay", min=0.0, help="Default: the spec default."
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Default: the spec default."),
+    optimizer: str | None = typer.Option(
+        None, "--optimizer", help="adamw or sgd. Default: the spec default."
+    ),
     root: str | None = typer.Option(None, "--root", help="Dataset root directory."),
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Checkpoint/resume here."),
-    device: str = typer.Option("auto", "--device"),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda[:N] or mps. Default: auto."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Run one trial and print its metrics."""

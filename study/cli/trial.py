@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import typer
@@ -14,6 +14,9 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from study.trial.config import TrialConfig
 
 
 def parse_noise(text: str) -> tuple[str, float, str | None]:
@@ -72,6 +75,63 @@ def _limit_cpu_threads(device: torch.device, n_params: int) -> None:
         torch.set_num_threads(1)
 
 
+def trial_config_from_options(
+    *,
+    dataset: str = "mnist1d",
+    model: str = "cnn1d",
+    regularizer: str = "ce",
+    params: list[str] = (),  # type: ignore[assignment]
+    noise: str = "none",
+    seed: int = 0,
+    noise_seed: int = 0,
+    root: str | None = None,
+    checkpoint_dir: Path | None = None,
+    **train: Any,
+) -> TrialConfig:
+    """The TrialConfig of `study trial`: the options given, the spec's defaults for the rest.
+
+    Built like a final trial of a one-cell spec (full evaluation with the default ``evaluate:`` block,
+    model kept when a checkpoint dir is given). ValueError (one line) on any bad option.
+    """
+    from pydantic import ValidationError
+
+    from study import data, models, regularizers
+    from study import noise as noise_lib
+    from study.spec import DatasetSpec, EvaluateSpec, ModelSpec, NoiseSetting, TrainSpec
+    from study.trial.config import RegularizerSetting, TrialConfig
+
+    if train.get("device") is not None:
+        _parse_device(train["device"])  # a device that exists here, else a one-line ValueError
+    reg_params = parse_params(list(params))
+    regularizers.validate_params(regularizer, reg_params)
+    kind, rate, mode = parse_noise(noise)
+    noise_lib.validate_noise(kind, rate, mode=mode)
+    train = {k: v for k, v in train.items() if v is not None}
+    if train.get("optimizer", "adamw") not in ("adamw", "sgd"):
+        raise ValueError(f"--optimizer must be one of adamw, sgd, but got {train['optimizer']!r}")
+    if dataset not in data.list_datasets():
+        raise ValueError(f"unknown dataset {dataset!r} (allowed: {', '.join(data.list_datasets())})")
+    if model not in models.list_models() and not model.startswith("tv:"):
+        raise ValueError(f"unknown model {model!r} (allowed: {', '.join(models.list_models())}, tv:<name>)")
+    try:
+        return TrialConfig(
+            dataset=DatasetSpec(name=dataset, root=root),
+            model=ModelSpec(name=model),
+            regularizer=RegularizerSetting(name=regularizer, params=reg_params),
+            noise=NoiseSetting(kind=kind, rate=rate, mode=mode),
+            noise_seed=noise_seed,
+            seed=seed,
+            train=TrainSpec(**train),
+            evaluate=EvaluateSpec(),
+            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+            save_model=True,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        option = "--" + str(err["loc"][-1]).replace("_", "-") if err["loc"] else "option"
+        raise ValueError(f"{option}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
 def run_trial_command(
     *,
     dataset: str,
@@ -79,57 +139,33 @@ def run_trial_command(
     regularizer: str,
     params: list[str],
     noise: str,
-    epochs: int,
     seed: int,
     noise_seed: int,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
-    optimizer: str,
     root: str | None,
     checkpoint_dir: Path | None,
-    device: str,
     as_json: bool,
     on_bad_input: Callable[[str], None],
+    **train: Any,
 ) -> None:
-    from study import data, models, regularizers
-    from study import noise as noise_lib
-    from study.trial.fit import TrialConfig, build_model, prepare_data, run_trial
+    from study import data
+    from study.trial.fit import build_model
+    from study.trial.run import prepare_data, run_trial
 
     # Everything that can be wrong with the input is checked before training starts (exit 2).
     try:
-        reg_params = parse_params(params)
-        regularizers.validate_params(regularizer, reg_params)
-        kind, rate, mode = parse_noise(noise)
-        noise_lib.validate_noise(kind, rate, mode=mode)
-        if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"--optimizer must be one of adamw, sgd, but got {optimizer!r}")
-        if dataset not in data.list_datasets():
-            raise ValueError(f"unknown dataset {dataset!r} (allowed: {', '.join(data.list_datasets())})")
-        if model not in models.list_models() and not model.startswith("tv:"):
-            raise ValueError(
-                f"unknown model {model!r} (allowed: {', '.join(models.list_models())}, tv:<name>)"
-            )
-        cfg = TrialConfig(
+        cfg = trial_config_from_options(
             dataset=dataset,
-            dataset_root=root,
             model=model,
             regularizer=regularizer,
-            reg_params=reg_params,
-            noise_kind=kind,
-            noise_rate=rate,
-            noise_mode=mode,
-            noise_seed=noise_seed,
+            params=params,
+            noise=noise,
             seed=seed,
-            epochs=epochs,
-            lr=lr,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            optimizer=optimizer,
-            device=device,
-            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+            noise_seed=noise_seed,
+            root=root,
+            checkpoint_dir=checkpoint_dir,
+            **train,
         )
-        dev = _parse_device(device)
+        dev = _parse_device(cfg.train.device)
         bundle = data.load_dataset(dataset, root=root)
         n_params = sum(p.numel() for p in build_model(cfg, bundle).parameters())
     except ValueError as exc:
@@ -157,7 +193,7 @@ def run_trial_command(
         transient=False,
     )
     with progress:
-        task = progress.add_task(f"{model}/{regularizer}", total=epochs, info="")
+        task = progress.add_task(f"{model}/{regularizer}", total=cfg.train.epochs, info="")
 
         def report(row: dict[str, Any]) -> bool:
             progress.update(
@@ -182,7 +218,7 @@ def run_trial_command(
             for r in result.eval_rows
             if r["condition"] == "clean" and not r["metric"].startswith("bin_")
         },
-        "config": cfg.model_dump(),
+        "config": cfg.model_dump(mode="json"),
     }
     if as_json:
         typer.echo(json.dumps(summary))

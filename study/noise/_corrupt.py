@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from study import vocabulary
 from study.noise._maps import (
     CIFAR10_MAP,
     MNIST_MAP,
@@ -49,7 +50,7 @@ __all__ = [
     "validate_noise",
 ]
 
-ADVERSARIAL_MODES = ("confident", "boundary")
+ADVERSARIAL_MODES = tuple(vocabulary.ADVERSARIAL_MODES)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ATTACKS = ("fgsm", "pgd_ce", "pgd_dlr", "transfer")
+from study.vocabulary import ATTACKS
+
 PGD_LOSSES = ("ce", "dlr")
 
 

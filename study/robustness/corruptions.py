@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from study.robustness.attacks import eval_mode
+from study.vocabulary import CORRUPTION_MEAN
 
 # Parameters copied from reference.md (CIFAR-10-C), severities 1..5.
 IMAGE_CORRUPTIONS: dict[str, tuple[float, ...]] = {
@@ -276,5 +277,5 @@ def corruption_rows(
     corrupted = [r["value"] for r in rows if r["severity"] != 0]
     if corrupted:
         mean = sum(corrupted) / len(corrupted)
-        rows.append({"condition": "corruption_mean", "severity": None, "metric": "accuracy", "value": mean})
+        rows.append({"condition": CORRUPTION_MEAN, "severity": None, "metric": "accuracy", "value": mean})
     return rows

@@ -16,7 +16,8 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from study.optuna_kinds import PRUNERS, SAMPLERS
-from study.spec import Cell, Choices, Grid, Range, StudySpec
+from study.spec import Choices, Grid, Range, StudySpec
+from study.sweep.cells import Cell, search_budget
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -94,11 +95,7 @@ class CellStudies:
             )
 
     def budget(self, cell: Cell) -> int:
-        if self.spec.search.sampler == "grid":
-            from study.spec import grid_size
-
-            return min(self.spec.search.trials_per_cell, max(grid_size(cell), 1))
-        return self.spec.search.trials_per_cell
+        return search_budget(self.spec, cell)
 
     def trials(
         self, cell_id: str, states: tuple[TrialState, ...] | None = None

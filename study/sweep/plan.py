@@ -5,12 +5,11 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from study.spec import StudySpec, expand_cells
+from study.spec import StudySpec
+from study.sweep.cells import expand_cells, planned_counts
 
 
 def print_plan(spec: StudySpec, console: Console) -> dict[str, int]:
-    from study.sweep.runner import planned_counts
-
     cells = expand_cells(spec)
     counts = planned_counts(spec, cells)
     final_epochs = spec.final.epochs or spec.train.epochs

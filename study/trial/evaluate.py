@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from study import metrics
-
-if TYPE_CHECKING:
-    from study.trial.fit import PreparedData, TrialConfig
+from study.robustness import attacks, corruptions
+from study.spec import EvaluateSpec
+from study.trial.config import TrialConfig
+from study.trial.fit import PreparedData, predict
 
 
 def _row(
@@ -37,8 +38,6 @@ def evaluate_model(
     """Clean-test metrics, temperature scaling, reliability bins, feature geometry, memorisation,
     and the attacks/corruptions the spec's `evaluate:` block asks for. `extras`, when given,
     receives the template-plane projection of the test features (classes 0, 1, 2)."""
-    from study.trial.fit import predict
-
     b = prep.bundle
     rows: list[dict[str, Any]] = []
     test_logits, test_feats = predict(model, b.x_test, b.to_float, device, features=True)
@@ -55,9 +54,7 @@ def evaluate_model(
         for key in ("accuracy", "confidence", "count"):
             rows.append(_row("test", "clean", f"bin_{key}", float(bins[key][i]), severity=float(i)))
     if extras is not None and b.num_classes >= 3:
-        from study.metrics import project_features
-
-        extras["projection"] = project_features(test_feats, y_test, model.head.weight)
+        extras["projection"] = metrics.project_features(test_feats, y_test, model.head.weight)
     for name, value in metrics.feature_separation(test_feats, y_test).items():
         rows.append(_row("test", "clean", name, value))
     if bool(prep.flipped.any()):
@@ -99,14 +96,14 @@ def eval_subset(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (float, device-resident) test inputs used for attacks and corruptions, capped by max_samples."""
     b = prep.bundle
-    n = cfg.evaluate.get("max_samples") or len(b.y_test)
+    n = (cfg.evaluate.max_samples if cfg.evaluate else None) or len(b.y_test)
     return b.to_float(b.x_test[:n].to(device)), b.y_test[:n].to(device)
 
 
 def attack_rows(
     model: torch.nn.Module,
     bundle: Any,
-    evaluate: dict[str, Any],
+    evaluate: EvaluateSpec,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -117,20 +114,19 @@ def attack_rows(
     """Attack accuracy rows; `severity` is the eps the user wrote (in std units for standardised data),
     not the eps the attack used after scaling.
 
-    `evaluate` is the spec's `evaluate:` block as a dict (keys eps, pgd_steps, pgd_step_size; the rest
-    is ignored here). ``pgd_step_size`` is written in the same units as eps and converted the same way
+    `evaluate` is the spec's `evaluate:` block (eps, pgd_steps and pgd_step_size are read here).
+    ``pgd_step_size`` is written in the same units as eps and converted the same way
     (`attacks.eps_for_data`: as given for images in [0, 1], times the data std for standardised data);
     missing or None keeps PGD's eps / 4 for each eps. Used by the final evaluation and the transfer post
     phase, so both attack with the same steps.
     """
-    from study.robustness import attacks
 
     def to_input_units(value: float) -> float:
         return attacks.eps_for_data(value, data_std=bundle.data_std, value_range=bundle.value_range)
 
-    eps_user = evaluate.get("eps", [])
+    eps_user = evaluate.eps
     eps_list = [to_input_units(e) for e in eps_user]
-    step_user = evaluate.get("pgd_step_size")
+    step_user = evaluate.pgd_step_size
     step_size = None if step_user is None else to_input_units(step_user)
     user_eps = dict(zip(eps_list, eps_user, strict=True))
     rows = attacks.robustness_rows(
@@ -140,7 +136,7 @@ def attack_rows(
         eps_list=eps_list,
         attacks=attack_names,
         source_model=source_model,
-        steps=evaluate.get("pgd_steps", 10),
+        steps=evaluate.pgd_steps,
         step_size=step_size,
         clamp=bundle.value_range,
         seed=seed,
@@ -150,8 +146,6 @@ def attack_rows(
 
 def gradient_masking_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """1.0 when a transfer or DLR attack beats white-box PGD-CE clearly (attacks.gradient_masking_flag)."""
-    from study.robustness import attacks
-
     acc = [r for r in rows if r["metric"] == "accuracy" and r["condition"] in attacks.ATTACKS]
     return _row("test", "pgd_ce", "gradient_masking", float(attacks.gradient_masking_flag(acc)))
 
@@ -164,22 +158,22 @@ def robustness_rows(
     *,
     source_model: torch.nn.Module | None = None,
 ) -> list[dict[str, Any]]:
-    from study.robustness import corruptions
-
     spec = cfg.evaluate
     b = prep.bundle
     rows: list[dict[str, Any]] = []
-    attack_names = [a for a in spec.get("attacks", []) if a != "transfer" or source_model is not None]
-    if not attack_names and not spec.get("corruptions"):
+    if spec is None:
+        return rows
+    attack_names = [a for a in spec.attacks if a != "transfer" or source_model is not None]
+    if not attack_names and not spec.corruptions:
         return rows
     model.eval()
     x, y = eval_subset(prep, cfg, device)
-    if attack_names and spec.get("eps"):
+    if attack_names and spec.eps:
         rows += attack_rows(
             model, b, spec, x, y, attack_names=attack_names, source_model=source_model, seed=cfg.seed
         )
         rows.append(gradient_masking_row(rows))
-    names = spec.get("corruptions")
+    names = spec.corruptions
     if names:
         kind = b.kind
         for r in corruptions.corruption_rows(
@@ -188,7 +182,7 @@ def robustness_rows(
             y,
             kind=kind,
             names=None if names == "all" else names,
-            severities=tuple(spec.get("severities", (1, 2, 3, 4, 5))),
+            severities=tuple(spec.severities),
             seed=cfg.seed,
         ):
             rows.append({"split": "test", **r})

@@ -1,13 +1,13 @@
-"""One trial: data + label noise + model + regularizer -> per-epoch reports, checkpoints, evaluation.
+"""Fitting one model: the leaf of the trial layer (config + prepared data -> trained model, epoch rows).
 
 The trial is the unit Ray Tune runs many times, so the hot path has no DataLoader: the whole dataset
-lives on the training device and batches are slices picked by a device-side permutation.
+lives on the training device and batches are slices picked by a device-side permutation. Nothing here
+knows about label-noise kinds or evaluation (study/trial/run.py composes those).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -17,78 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
 from study import data as data_lib
 from study import metrics, models, regularizers
 from study import noise as noise_lib
-from study.spec import METRICS
-from study.trial.reference import reference_probabilities
+from study.spec import METRICS, TrainSpec
+from study.trial.config import TrialConfig
 
-STATUSES = ("completed", "pruned", "failed", "diverged")
-
-
-class TrialConfig(BaseModel):
-    """Everything one trial needs; the Ray trainable turns its dict into this on its first line."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = "mnist1d"
-    dataset_root: str | None = None
-    download: bool = False
-    dataset_options: dict[str, Any] = Field(default_factory=dict)
-    val_fraction: float = 0.2
-    clean_validation: bool = False
-    model: str = "cnn1d"
-    model_options: dict[str, Any] = Field(default_factory=dict)
-    regularizer: str = "ce"
-    reg_params: dict[str, Any] = Field(default_factory=dict)
-    noise_kind: str = "none"
-    noise_rate: float = 0.0
-    noise_mode: str | None = None
-    noise_seed: int = 0
-    seed: int = 0
-    epochs: int = 30
-    batch_size: int = 128
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    milestones: list[float] = Field(default_factory=lambda: [0.3, 0.6, 0.8])
-    gamma: float = 0.2
-    warmup_epochs: int = 0
-    augment: bool = True
-    device: str = "auto"
-    precision: str = "auto"
-    checkpoint_dir: str | None = None
-    metric: str = "val_accuracy"
-    full_eval: bool = True
-    evaluate: dict[str, Any] = Field(default_factory=dict)
-    save_model: bool = False
-
-
-@dataclass
-class TrialResult:
-    status: str
-    epochs_run: int
-    best_value: float | None
-    best_epoch: int | None
-    epoch_rows: list[dict[str, Any]] = field(default_factory=list)
-    eval_rows: list[dict[str, Any]] = field(default_factory=list)
-    projection: list[dict[str, float]] = field(default_factory=list)
-    realized_noise_rate: float = 0.0
-    noise_note: str = ""
-    wall_s: float = 0.0
-    device: str = "cpu"
-    error: str | None = None
-
-    def metric(self, name: str, split: str = "test", condition: str = "clean") -> float | None:
-        for row in self.eval_rows:
-            if row["metric"] == name and row["split"] == split and row["condition"] == condition:
-                return row["value"]
-        return None
+Report = Callable[[dict[str, Any]], "bool | None"]
 
 
 @dataclass
@@ -103,74 +39,32 @@ class PreparedData:
     noisy: noise_lib.NoisyLabels
 
 
+@dataclass
+class Fitted:
+    """What fitting leaves: the model and regularizer, how it ended, and its per-epoch rows."""
+
+    model: models.Classifier
+    regularizer: regularizers.Regularizer
+    device: torch.device
+    status: str
+    epoch_rows: list[dict[str, Any]] = field(default_factory=list)
+    best: tuple[float | None, int | None] = (None, None)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-# The last dataset this process loaded: a Ray worker re-used across trials (reuse_actors) reads and
-# decodes its dataset once, not per trial (CIFAR from its pickles takes about a second). One entry
-# keeps memory bounded; trials only ever index the bundle's tensors, never write into them.
-_BUNDLE_CACHE: dict[str, data_lib.DatasetBundle] = {}
-
-
-def load_bundle(cfg: TrialConfig) -> data_lib.DatasetBundle:
-    key = json.dumps(
-        [cfg.dataset, cfg.dataset_root, cfg.download, cfg.dataset_options], sort_keys=True, default=str
-    )
-    bundle = _BUNDLE_CACHE.get(key)
-    if bundle is None:
-        bundle = data_lib.load_dataset(
-            cfg.dataset, root=cfg.dataset_root, download=cfg.download, **cfg.dataset_options
-        )
-        _BUNDLE_CACHE.clear()
-        _BUNDLE_CACHE[key] = bundle
-    return bundle
-
-
-def prepare_data(cfg: TrialConfig, bundle: data_lib.DatasetBundle | None = None) -> PreparedData:
-    """Split train/val and corrupt the training labels.
-
-    Noise is applied to the whole training set before the split, from `noise_seed` only, so every
-    regularizer (and every training seed sharing the noise seed) sees exactly the same noisy labels.
-    The validation split carries the same noise unless `clean_validation` is set (oracle studies).
-    """
-    bundle = bundle or load_bundle(cfg)
-    y_clean = bundle.y_train
-    kw: dict[str, Any] = {"dataset": bundle.name}
-    if cfg.noise_kind == "asymmetric" and bundle.coarse_train is not None:
-        kw["coarse_labels"] = bundle.coarse_train
-    if cfg.noise_kind == "instance":
-        kw["features"] = bundle.to_float(bundle.x_train).flatten(1)
-    if cfg.noise_kind == "adversarial":
-        kw["probs"] = reference_probabilities(bundle, cfg.model, cfg.model_options, seed=cfg.noise_seed)
-        kw["mode"] = cfg.noise_mode or "confident"
-    noisy = noise_lib.corrupt(
-        y_clean, bundle.num_classes, cfg.noise_kind, cfg.noise_rate, cfg.noise_seed, **kw
-    )
-    train_idx, val_idx = data_lib.split_train_val(len(y_clean), cfg.val_fraction, seed=cfg.noise_seed)
-    y_val = (y_clean if cfg.clean_validation else noisy.labels)[val_idx]
-    return PreparedData(
-        bundle=bundle,
-        x_train=bundle.x_train[train_idx],
-        y_train=noisy.labels[train_idx],
-        y_train_clean=y_clean[train_idx],
-        flipped=noisy.flipped[train_idx],
-        x_val=bundle.x_train[val_idx],
-        y_val=y_val,
-        noisy=noisy,
-    )
-
-
 def build_model(cfg: TrialConfig, bundle: data_lib.DatasetBundle) -> models.Classifier:
     return models.create_model(
-        cfg.model,
+        cfg.model.name,
         bundle.input_shape,
         bundle.num_classes,
         mean=bundle.mean,
         std=bundle.std,
-        **cfg.model_options,
+        **cfg.model.options,
     )
 
 
@@ -179,11 +73,11 @@ def _optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimize
     # kernel launches (bench/bench_gpu.md), not by arithmetic. The CPU keeps the default (foreach) path.
     params = list(model.parameters())
     fused = (bool(params) and all(p.is_cuda for p in params)) or None
-    if cfg.optimizer == "sgd":
+    if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(
             params,
             lr=cfg.lr,
-            momentum=cfg.momentum,
+            momentum=cfg.train.momentum,
             weight_decay=cfg.weight_decay,
             nesterov=True,
             fused=fused,
@@ -191,16 +85,16 @@ def _optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
-def _lr_factor(cfg: TrialConfig, step: int, total: int) -> float:
+def lr_factor(train: TrainSpec, step: int, total: int) -> float:
     """Learning-rate multiplier at optimizer step `step` of `total` (per-step, so short runs anneal too)."""
-    warm = cfg.warmup_epochs * total / max(cfg.epochs, 1)
+    warm = train.warmup_epochs * total / max(train.epochs, 1)
     if warm and step < warm:
         return (step + 1) / warm
     progress = step / max(total, 1)
-    if cfg.schedule == "cosine":
+    if train.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "multistep":
-        return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
+    if train.schedule == "multistep":
+        return train.gamma ** sum(progress >= m for m in train.milestones)
     return 1.0
 
 
@@ -227,70 +121,73 @@ def predict(
     return torch.cat(logits), (torch.cat(feats) if features else None)
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     # Write-then-rename: a trial killed mid-save leaves the previous checkpoint intact.
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def run_trial(
-    cfg: TrialConfig,
-    report: Callable[[dict[str, Any]], bool | None] | None = None,
-    *,
-    bundle: data_lib.DatasetBundle | None = None,
-    prepared: PreparedData | None = None,
-    model_sink: dict[str, torch.nn.Module] | None = None,
-) -> TrialResult:
-    """Train one configuration; `report(epoch_row)` returning True stops the trial as pruned.
+class _Loop:
+    """The training state of one fit: model, optimizer, regularizer, batches and their RNG."""
 
-    A NaN/inf training loss ends the trial with status "diverged" instead of raising.
-    """
-    t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    prep = prepared or prepare_data(cfg, bundle)
-    b = prep.bundle
-    model = build_model(cfg, b).to(device)
-    use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
-    if device.type == "cuda" and b.kind == "image":
-        model = model.to(memory_format=torch.channels_last)
-    reg = regularizers.create(cfg.regularizer, **cfg.reg_params).to(device)
-    if model_sink is not None:
-        model_sink["model"] = model
-    opt = _optimizer(cfg, model)
-    x_tr, y_tr = prep.x_train.to(device), prep.y_train.to(device)
-    x_val = prep.x_val.to(device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
-    augment = "crop_flip" if (cfg.augment and b.kind == "image" and b.input_shape[-1] >= 24) else None
-    batches = data_lib.DeviceBatches(
-        x_tr, y_tr, cfg.batch_size, shuffle=True, generator=gen, augment=augment, to_float=b.to_float
-    )
-    steps_per_epoch = len(batches)
-    total_steps = steps_per_epoch * cfg.epochs
+    def __init__(self, cfg: TrialConfig, prep: PreparedData, device: torch.device) -> None:
+        b = prep.bundle
+        self.cfg, self.prep, self.device = cfg, prep, device
+        torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed only
+        self.model = build_model(cfg, b).to(device)
+        self.channels_last = device.type == "cuda" and b.kind == "image"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.reg = regularizers.create(cfg.regularizer.name, **cfg.regularizer.params).to(device)
+        self.opt = _optimizer(cfg, self.model)
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(cfg.seed)
+        image_aug = cfg.train.augment and b.kind == "image" and b.input_shape[-1] >= 24
+        self.batches = data_lib.DeviceBatches(
+            prep.x_train.to(device),
+            prep.y_train.to(device),
+            cfg.train.batch_size,
+            shuffle=True,
+            generator=self.gen,
+            augment="crop_flip" if image_aug else None,
+            to_float=b.to_float,
+        )
+        self.x_val = prep.x_val.to(device)
+        self.total_steps = len(self.batches) * cfg.train.epochs
+        # set_progress checks its argument and re-evaluates every schedule (~65 us, 2% of a batch-32
+        # cnn1d step on a CPU core): call it per step only when a schedule varies or a module listens.
+        reg = self.reg
+        self.tracks_progress = type(reg).set_progress is not regularizers.Regularizer.set_progress or any(
+            sch.kind != "constant" and sch.start != sch.end for sch in reg.schedules().values()
+        )
 
-    ckpt_path = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
-    start_epoch, epoch_rows, best = 0, [], (None, None)
-    if ckpt_path and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        reg.load_state_dict(state["regularizer"])
+    def state(self, epoch: int, rows: list[dict[str, Any]], best: tuple, status: str) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "regularizer": self.reg.state_dict(),
+            "batch_rng": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": epoch,
+            "epoch_rows": rows,
+            "best": list(best),
+            "status": status if status != "completed" else None,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.reg.load_state_dict(state["regularizer"])
         # Generator states are CPU byte tensors whatever map_location did to them.
-        gen.set_state(state["batch_rng"].cpu())
+        self.gen.set_state(state["batch_rng"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
-        start_epoch, epoch_rows, best = state["epoch"], state["epoch_rows"], tuple(state["best"])
-        if state.get("status") in ("diverged", "pruned"):
-            return _finish(cfg, prep, model, reg, device, state["status"], epoch_rows, best, t_start, None)
 
-    # set_progress checks its argument and re-evaluates every schedule (~65 us, 2% of a batch-32 cnn1d
-    # step on a CPU core): call it per step only when a schedule varies or a wrapped module listens.
-    tracks_progress = type(reg).set_progress is not regularizers.Regularizer.set_progress or any(
-        sch.kind != "constant" and sch.start != sch.end for sch in reg.schedules().values()
-    )
-    status = "completed"
-    for epoch in range(start_epoch, cfg.epochs):
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training batches; the epoch's row (validation metrics included)."""
+        cfg, model, reg, opt, device = self.cfg, self.model, self.reg, self.opt, self.device
         model.train()
         reg.train()
         t_epoch = time.perf_counter()
@@ -298,15 +195,17 @@ def run_trial(
         correct = torch.zeros((), device=device)
         terms_sum: dict[str, torch.Tensor] = {}
         seen = 0
-        for i, (xb, yb) in enumerate(batches):
+        steps_per_epoch = len(self.batches)
+        for i, (xb, yb) in enumerate(self.batches):
             step = epoch * steps_per_epoch + i
-            if tracks_progress:
-                reg.set_progress(step / max(total_steps - 1, 1))
+            if self.tracks_progress:
+                reg.set_progress(step / max(self.total_steps - 1, 1))
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(cfg, step, total_steps)
-            if device.type == "cuda" and b.kind == "image":
+                g["lr"] = cfg.lr * lr_factor(cfg.train, step, self.total_steps)
+            if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.use_bf16 else None
+            with autocast or contextlib.nullcontext():
                 logits = model(xb)
             loss = reg(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
@@ -322,53 +221,24 @@ def run_trial(
                     terms_sum[k] = terms_sum.get(k, torch.zeros((), device=device)) + v.detach()
                 terms_sum["_n"] = terms_sum.get("_n", torch.zeros((), device=device)) + 1
         reg.on_epoch_end()
-        train_loss = float(loss_sum) / max(seen, 1)
-        val_logits, _ = predict(model, x_val, b.to_float, device)
-        y_val_cpu = prep.y_val
+        val_logits, _ = predict(model, self.x_val, self.prep.bundle.to_float, device)
+        y_val = self.prep.y_val
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": opt.param_groups[0]["lr"],
-            "train_loss": train_loss,
+            "train_loss": float(loss_sum) / max(seen, 1),
             "train_acc": float(correct) / max(seen, 1),
-            "val_accuracy": metrics.accuracy(val_logits, y_val_cpu),
-            "val_nll": metrics.nll(val_logits, y_val_cpu),
-            "val_ece": metrics.ece(val_logits, y_val_cpu),
+            "val_accuracy": metrics.accuracy(val_logits, y_val),
+            "val_nll": metrics.nll(val_logits, y_val),
+            "val_ece": metrics.ece(val_logits, y_val),
             "wall_s": time.perf_counter() - t_epoch,
         }
         n_terms = float(terms_sum.pop("_n", torch.ones(())))
         row.update({f"term_{k}": float(v) / n_terms for k, v in terms_sum.items()})
-        if not math.isfinite(train_loss):
-            status = "diverged"
-        epoch_rows.append(row)
-        if status != "diverged":
-            best = _update_best(best, row, epoch + 1, cfg.metric)
-        stop = False
-        if report is not None and status != "diverged":
-            stop = bool(report(row))
-        if stop:
-            status = "pruned"
-        if ckpt_path is not None:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "regularizer": reg.state_dict(),
-                    "batch_rng": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch + 1,
-                    "epoch_rows": epoch_rows,
-                    "best": list(best),
-                    "status": status if status != "completed" else None,
-                },
-            )
-        if status != "completed":
-            break
-    return _finish(cfg, prep, model, reg, device, status, epoch_rows, best, t_start, ckpt_path)
+        return row
 
 
-def _update_best(best: tuple, row: dict[str, Any], epoch: int, metric: str) -> tuple:
+def update_best(best: tuple, row: dict[str, Any], epoch: int, metric: str) -> tuple:
     value = row[metric]
     if not math.isfinite(value):
         return best
@@ -378,46 +248,39 @@ def _update_best(best: tuple, row: dict[str, Any], epoch: int, metric: str) -> t
     return best
 
 
-def _finish(
+def fit(
     cfg: TrialConfig,
     prep: PreparedData,
-    model: torch.nn.Module,
-    reg: torch.nn.Module,
-    device: torch.device,
-    status: str,
-    epoch_rows: list[dict[str, Any]],
-    best: tuple,
-    t_start: float,
-    ckpt_path: Path | None,
-) -> TrialResult:
-    result = TrialResult(
-        status=status,
-        epochs_run=len(epoch_rows),
-        best_value=best[0],
-        best_epoch=best[1],
-        epoch_rows=epoch_rows,
-        realized_noise_rate=prep.noisy.realized_rate,
-        noise_note=prep.noisy.note,
-        device=str(device),
-    )
-    if status == "completed" and cfg.full_eval:
-        from study.trial.evaluate import evaluate_model
+    report: Report | None = None,
+    *,
+    checkpoint: Path | None = None,
+) -> Fitted:
+    """Train `cfg` on `prep`; `report(epoch_row)` returning True stops the fit as pruned.
 
-        extras: dict[str, Any] = {}
-        result.eval_rows = evaluate_model(model, prep, cfg, device, extras=extras)
-        result.projection = extras.get("projection", [])
-    if status == "completed" and cfg.save_model and cfg.checkpoint_dir:
-        path = Path(cfg.checkpoint_dir) / "model.pt"
-        _save_checkpoint(path, {"model": model.state_dict(), "config": cfg.model_dump()})
-    result.wall_s = time.perf_counter() - t_start
-    return result
-
-
-def distill_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """Hinton et al. 2015 soft-target loss: T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean."""
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    p_t = F.softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_p_s, p_t, reduction="batchmean") * t * t
+    Resumes from `checkpoint` when it exists (a fit that ended pruned or diverged stays so) and writes
+    it after every epoch. A NaN/inf training loss ends the fit as "diverged" instead of raising.
+    """
+    device = resolve_device(cfg.train.device)
+    loop = _Loop(cfg, prep, device)
+    start_epoch, rows, best = 0, [], (None, None)
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        loop.restore(state)
+        start_epoch, rows, best = state["epoch"], state["epoch_rows"], tuple(state["best"])
+        if state.get("status") in ("diverged", "pruned"):
+            return Fitted(loop.model, loop.reg, device, state["status"], rows, best)
+    status = "completed"
+    for epoch in range(start_epoch, cfg.train.epochs):
+        row = loop.train_epoch(epoch)
+        rows.append(row)
+        if not math.isfinite(row["train_loss"]):
+            status = "diverged"
+        else:
+            best = update_best(best, row, epoch + 1, cfg.metric)
+            if report is not None and report(row):
+                status = "pruned"
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, loop.state(epoch + 1, rows, best, status))
+        if status != "completed":
+            break
+    return Fitted(loop.model, loop.reg, device, status, rows, best)

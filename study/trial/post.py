@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from study import data as data_lib
 from study import metrics
+from study.spec import DistillSpec, ModelSpec
+from study.trial.config import TrialConfig
 from study.trial.evaluate import attack_rows, eval_subset
-from study.trial.fit import TrialConfig, build_model, distill_loss, predict, prepare_data, resolve_device
+from study.trial.fit import build_model, predict, resolve_device
+from study.trial.run import prepare_data
 
 
 def load_trained(cfg: TrialConfig, device: torch.device, bundle: Any = None) -> tuple[torch.nn.Module, Any]:
@@ -34,11 +39,13 @@ def transfer_rows(target: dict[str, Any], source: dict[str, Any]) -> list[dict[s
     LS-family losses can mask white-box CE gradients (Fu et al. 2020); a transfer attack does not
     depend on the target's gradients, so transfer accuracy far below white-box accuracy flags masking.
     """
-    tcfg, scfg = TrialConfig(**target), TrialConfig(**source)
-    device = resolve_device(tcfg.device)
+    tcfg, scfg = TrialConfig.model_validate(target), TrialConfig.model_validate(source)
+    device = resolve_device(tcfg.train.device)
     model, prep = load_trained(tcfg, device)
     source_model, _ = load_trained(scfg, device, prep.bundle)
     x, y = eval_subset(prep, tcfg, device)
+    if tcfg.evaluate is None:
+        return []
     return attack_rows(
         model,
         prep.bundle,
@@ -51,6 +58,16 @@ def transfer_rows(target: dict[str, Any], source: dict[str, Any]) -> list[dict[s
     )
 
 
+def distill_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Hinton et al. 2015 soft-target loss: T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    p_t = F.softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * t * t
+
+
 def distill_rows(teacher: dict[str, Any], distill: dict[str, Any]) -> list[dict[str, Any]]:
     """Train a student on the teacher's soft targets (Hinton et al. 2015) and report both accuracies.
 
@@ -58,25 +75,22 @@ def distill_rows(teacher: dict[str, Any], distill: dict[str, Any]) -> list[dict[
     information in their non-target logits and make worse students than hard-target teachers.
     """
     t0 = time.perf_counter()
-    tcfg = TrialConfig(**teacher)
-    device = resolve_device(tcfg.device)
+    tcfg = TrialConfig.model_validate(teacher)
+    spec = DistillSpec.model_validate(distill)
+    device = resolve_device(tcfg.train.device)
     teacher_model, prep = load_trained(tcfg, device)
     b = prep.bundle
-    temperature = float(distill["temperature"])
+    temperature = spec.temperature
     teacher_logits, _ = predict(teacher_model, prep.x_train, b.to_float, device)
-    scfg = tcfg.model_copy(
-        update={"model": distill["student"], "model_options": distill.get("student_options", {})}
-    )
+    scfg = tcfg.model_copy(update={"model": ModelSpec(name=spec.student, options=spec.student_options)})
     torch.manual_seed(tcfg.seed)
     student = build_model(scfg, b).to(device)
-    epochs = distill.get("epochs") or tcfg.epochs
-    from study import data as data_lib
-
+    epochs = spec.epochs or tcfg.train.epochs
     gen = torch.Generator(device=device).manual_seed(tcfg.seed)
     batches = data_lib.DeviceBatches(
         prep.x_train.to(device),
         teacher_logits.to(device),
-        tcfg.batch_size,
+        tcfg.train.batch_size,
         shuffle=True,
         generator=gen,
         to_float=b.to_float,

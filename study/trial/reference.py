@@ -18,6 +18,10 @@ import torch
 from filelock import FileLock
 
 from study import data as data_lib
+from study import noise as noise_lib
+from study.spec import DatasetSpec, ModelSpec, TrainSpec
+from study.trial.config import TrialConfig
+from study.trial.fit import PreparedData, fit, predict
 
 
 def _cache_dir() -> Path:
@@ -75,9 +79,6 @@ def _compute(
     lr: float,
     batch_size: int,
 ) -> torch.Tensor:
-    from study import noise as noise_lib
-    from study.trial.fit import PreparedData, TrialConfig, predict, run_trial
-
     n = len(bundle.y_train)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)
@@ -98,20 +99,14 @@ def _compute(
             y_val=bundle.y_train[held],
             noisy=clean,
         )
+        # The reference protocol's own settings (5-fold CE, 15 epochs), not the study's.
         cfg = TrialConfig(
-            dataset=bundle.name,
-            model=model,
-            model_options=model_options,
-            epochs=epochs,
+            dataset=DatasetSpec(name=bundle.name),
+            model=ModelSpec(name=model, options=model_options),
             seed=seed + k,
-            full_eval=False,
-            lr=lr,
-            batch_size=batch_size,
-            weight_decay=1e-4,
+            train=TrainSpec(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=1e-4),
         )
-        holder: dict[str, torch.nn.Module] = {}
-        run_trial(cfg, prepared=prep, model_sink=holder)
-        device = next(holder["model"].parameters()).device
-        logits, _ = predict(holder["model"], bundle.x_train[held], bundle.to_float, device)
+        fitted = fit(cfg, prep)
+        logits, _ = predict(fitted.model, bundle.x_train[held], bundle.to_float, fitted.device)
         probs[held] = torch.softmax(logits, dim=1)
     return probs

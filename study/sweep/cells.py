@@ -1,0 +1,140 @@
+"""Cells of a study (dataset x model x regularizer x noise setting) and the trial configs they make.
+
+``Cell.trial_config`` is the one place where a spec, a cell, the sampled hyperparameters, a seed and a
+phase become a ``TrialConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from study.spec import Choices, Grid, ModelSpec, NoiseSetting, Ramp, Range, StudySpec, TrainSpec
+from study.trial.config import RegularizerSetting, TrialConfig
+
+Phase = Literal["search", "final"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the study: everything but the searched hyperparameters and the seed."""
+
+    dataset: str
+    model: str
+    model_options: dict[str, Any]
+    regularizer: str
+    noise_kind: str
+    noise_rate: float
+    noise_mode: str | None
+    space: dict[str, Any] = field(default_factory=dict)  # hyperparameter name -> spec value
+
+    @property
+    def noise(self) -> NoiseSetting:
+        return NoiseSetting(kind=self.noise_kind, rate=self.noise_rate, mode=self.noise_mode)
+
+    @property
+    def noise_setting(self) -> str:
+        return self.noise.label
+
+    @property
+    def cell_id(self) -> str:
+        return f"{self.dataset}/{self.model}/{self.regularizer}/{self.noise_setting}"
+
+    @property
+    def searched(self) -> dict[str, Any]:
+        return {k: v for k, v in self.space.items() if isinstance(v, (Range, Choices, Grid))}
+
+    @property
+    def fixed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.space.items() if not isinstance(v, (Range, Choices, Grid))}
+
+    def trial_config(
+        self,
+        spec: StudySpec,
+        params: dict[str, Any],
+        *,
+        seed: int,
+        phase: Phase,
+        checkpoint_dir: str | None = None,
+    ) -> TrialConfig:
+        """The config of one trial of this cell: fixed values, then the sampled `params` over them.
+
+        Search trials train on the spec's noise seed and stop at validation; final trials re-draw the
+        noise with ``noise_seed + seed`` (shared by every regularizer at that seed, so comparisons stay
+        paired), train ``final.epochs`` when set, run the full evaluation and keep their model.
+        """
+        values = {**self.fixed, **params}
+        final = phase == "final"
+        train_values = {k: values[k] for k in TrainSpec.SEARCHABLE if k in values}
+        if final and spec.final.epochs:
+            train_values["epochs"] = spec.final.epochs
+        return TrialConfig(
+            dataset=spec.dataset,
+            model=ModelSpec(name=self.model, options=dict(self.model_options)),
+            regularizer=RegularizerSetting(
+                name=self.regularizer,
+                params={k: v for k, v in values.items() if k not in TrainSpec.SEARCHABLE},
+            ),
+            noise=self.noise,
+            noise_seed=spec.noise_seed + (seed if final else 0),
+            seed=seed,
+            train=spec.train.model_copy(update=train_values),
+            metric=spec.search.metric,
+            evaluate=spec.evaluate if final else None,
+            checkpoint_dir=checkpoint_dir,
+            save_model=final,
+        )
+
+
+def expand_cells(spec: StudySpec) -> list[Cell]:
+    """Every cell of the spec, in a deterministic order (model, regularizer, noise setting)."""
+    train_space = {name: getattr(spec.train, name) for name in TrainSpec.SEARCHABLE}
+    cells = []
+    for model in spec.models:
+        for reg, params in spec.regularizers.items():
+            for noise_spec in spec.noise:
+                for setting in noise_spec.settings():
+                    space = dict(train_space)
+                    space.update(
+                        {k: (v.model_dump() if isinstance(v, Ramp) else v) for k, v in params.items()}
+                    )
+                    cells.append(
+                        Cell(
+                            dataset=spec.dataset.name,
+                            model=model.name,
+                            model_options=dict(model.options),
+                            regularizer=reg,
+                            noise_kind=setting.kind,
+                            noise_rate=setting.rate,
+                            noise_mode=setting.mode,
+                            space=space,
+                        )
+                    )
+    return cells
+
+
+def grid_size(cell: Cell) -> int:
+    """Number of points of a cell's grid (product over its Grid/Choices values); 0 if it has a range."""
+    n = 1
+    for v in cell.searched.values():
+        if isinstance(v, Range):
+            return 0
+        n *= len(v.grid if isinstance(v, Grid) else v.choices)
+    return n
+
+
+def search_budget(spec: StudySpec, cell: Cell) -> int:
+    """Search trials of a cell: trials_per_cell, capped by the grid's size under the grid sampler."""
+    if spec.search.sampler == "grid":
+        return min(spec.search.trials_per_cell, max(grid_size(cell), 1))
+    return spec.search.trials_per_cell
+
+
+def planned_counts(spec: StudySpec, cells: list[Cell]) -> dict[str, int]:
+    return {"search": sum(search_budget(spec, c) for c in cells), "final": len(cells) * spec.final.seeds}
+
+
+def final_seeds(spec: StudySpec) -> range:
+    # Final seeds start at 1: seed 0 trained the search trials, and re-using it would carry the
+    # selection's luck (winner's curse) into the final estimate.
+    return range(1, spec.final.seeds + 1)

@@ -1,0 +1,303 @@
+"""Driver-side state of a study run, without Ray: which trial to run next, and what happened to each.
+
+``TrialSource`` decides the next trial (a cell's search, then its final seeds); ``StudyContext`` keeps
+the records, talks to the cells' Optuna studies (report, prune, tell) and feeds the live view. The Ray
+adapter (study/sweep/tune.py) calls into both from Tune's searcher, scheduler and callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import TrialState
+
+from study.spec import StudySpec
+from study.sweep.cells import Cell, expand_cells, final_seeds
+from study.sweep.optuna_cells import CellStudies
+from study.sweep.records import Records, TrialRecord, safe_name, trial_id_for, trial_key
+from study.vocabulary import EPOCH_COLUMNS, FINAL_DONE_STATUSES, TERM_PREFIX
+
+# The sentinel TrialSource.suggest returns when no trial is left (Tune's Searcher.FINISHED).
+FINISHED = "FINISHED"
+_DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class DriverOnly:
+    """Driver-side state that Tune pickles with the Tuner (for Tuner.restore) but never needs back:
+    it holds locks, open files and the live view, so it pickles as an empty shell."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class TrialSource:
+    """Search trials from each cell's Optuna study (fewest asked first) until every cell has its budget;
+    then, cell by cell as each one's search ends, that cell's final trials.
+
+    Ray-free: the Tune searcher (study/sweep/tune.py) only forwards to it, so tests drive it the way
+    Tune does (one ``suggest`` per free slot, results told back) without starting Ray.
+    """
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        cells: list[Cell],
+        studies: CellStudies,
+        ctx: StudyContext,
+        on_search_done: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.spec, self.cells, self.studies, self.ctx = spec, cells, studies, ctx
+        self.on_search_done = on_search_done
+        self.orphans: list[tuple[Cell, Any]] = []
+        recorded = ctx.records.load_all("search")
+        for cell in cells:
+            for frozen in studies.trials(cell.cell_id, (TrialState.RUNNING, TrialState.WAITING)):
+                rec = recorded.get(trial_key("search", cell.cell_id, frozen.number))
+                if rec is not None and rec["status"] != "running":
+                    # The driver died between writing the record and telling Optuna: tell it now
+                    # instead of running the trial again.
+                    studies.tell_recorded(cell.cell_id, frozen, rec)
+                else:
+                    self.orphans.append((cell, frozen))
+        self.final_done = {
+            k for k, r in ctx.records.load_all("final").items() if r["status"] in FINAL_DONE_STATUSES
+        }
+        self.search_ended: set[str] = set()  # cells whose search trials have all ended
+        self.final_queue: list[tuple[Cell, dict[str, Any], int]] = []
+
+    def remaining(self) -> int:
+        """Trials still to run: the search budget not yet ended plus final trials not yet done."""
+        search = sum(
+            max(self.studies.budget(c) - len(self.studies.trials(c.cell_id, _DONE)), 0) for c in self.cells
+        )
+        final = sum(
+            trial_key("final", c.cell_id, seed) not in self.final_done
+            for c in self.cells
+            for seed in final_seeds(self.spec)
+        )
+        return search + final
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.orphans:
+            cell, frozen = self.orphans.pop(0)
+            return self.ctx.new_search_trial(trial_id, cell, self.studies.reattach(cell.cell_id, frozen))
+        # One journal read per cell and suggestion (each read syncs with the journal file).
+        asked = {c.cell_id: len(self.studies.trials(c.cell_id)) for c in self.cells}
+        open_cells = [c for c in self.cells if asked[c.cell_id] < self.studies.budget(c)]
+        if open_cells:
+            cell = min(open_cells, key=lambda c: asked[c.cell_id])
+            return self.ctx.new_search_trial(trial_id, cell, self.studies.ask(cell))
+        self.queue_finals()
+        if self.final_queue:
+            cell, params, seed = self.final_queue.pop(0)
+            return self.ctx.new_final_trial(trial_id, cell, params, seed)
+        if len(self.search_ended) == len(self.cells):
+            return FINISHED
+        return None  # the last search trials of some cells are still running: ask again later
+
+    def queue_finals(self) -> None:
+        """Queue the final trials of every cell whose search has just ended (all its trials told); tell
+        on_search_done when the last cell's search ends (each cell enters search_ended once)."""
+        ended_before = len(self.search_ended)
+        for cell in self.cells:
+            if cell.cell_id in self.search_ended:
+                continue
+            if len(self.studies.trials(cell.cell_id, _DONE)) < self.studies.budget(cell):
+                continue
+            self.search_ended.add(cell.cell_id)
+            params, _ = self.studies.best_params(cell)
+            if not params and cell.searched:
+                # Every search trial was pruned or failed: there is no configuration to retrain.
+                states = [t.state for t in self.studies.trials(cell.cell_id)]
+                self.ctx.notes.append(
+                    f"{cell.cell_id}: no search trial completed ({states.count(TrialState.PRUNED)} pruned, "
+                    f"{states.count(TrialState.FAIL)} failed or diverged), so it has no final trials"
+                )
+                continue
+            for seed in final_seeds(self.spec):
+                if trial_key("final", cell.cell_id, seed) not in self.final_done:
+                    self.final_queue.append((cell, params, seed))
+        if len(self.search_ended) == len(self.cells) > ended_before:
+            self.on_search_done()
+
+    def ended(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.ctx.search_trial_ended(trial_id, result, error)
+
+
+class StudyContext(DriverOnly):
+    """Driver-side state of a run: records, Optuna studies and the live view."""
+
+    def __init__(
+        self, spec: StudySpec, out: Path, studies: CellStudies | None, on_progress: Callable[[], None]
+    ):
+        self.spec, self.out, self.studies = spec, out, studies
+        self.records = Records(out / "records")
+        self.by_tune_id: dict[str, TrialRecord] = {}
+        self.on_progress = on_progress
+        self.cells = {c.cell_id: c for c in expand_cells(spec)}
+        # (path, pyarrow filesystem) for Tune's own experiment state when --storage is given.
+        self.tune_storage: tuple[str, Any] | None = None
+        # Called after each trial has been recorded and told to Optuna (runner mirrors to --storage).
+        self.after_trial: Callable[[], None] = lambda: None
+        # One line per thing the user should know that is not an error (e.g. a cell with no finals).
+        self.notes: list[str] = []
+
+    def progress(self) -> None:
+        self.on_progress()
+
+    def _checkpoint_dir(self, key: str) -> str:
+        return str(self.out / "checkpoints" / safe_name(key))
+
+    def new_search_trial(self, tune_id: str, cell: Cell, trial: Any) -> dict[str, Any]:
+        key = trial_key("search", cell.cell_id, trial.number)
+        params = dict(trial.params)
+        config = cell.trial_config(
+            self.spec,
+            params,
+            seed=self.spec.search.seed,
+            phase="search",
+            checkpoint_dir=self._checkpoint_dir(key),
+        ).model_dump(mode="json")
+        rec = TrialRecord(
+            key=key,
+            trial_id=trial_id_for(self.spec.name, key),
+            phase="search",
+            cell_id=cell.cell_id,
+            index=trial.number,
+            config=config,
+            params=params,
+            optuna_number=trial.number,
+            optuna_id=trial._trial_id,
+        )
+        self.by_tune_id[tune_id] = rec
+        self.progress()
+        return {"trial": config}
+
+    def epoch_result(self, tune_id: str, result: dict) -> bool:
+        rec = self.by_tune_id.get(tune_id)
+        if rec is None or self.studies is None or rec.phase != "search":
+            return False
+        self.add_epoch_row(rec, result)
+        prune = self.studies.report_and_should_prune(
+            rec.optuna_id, float(result["objective"]), int(result["epoch"])
+        )
+        if prune:
+            # Record first, then tell Optuna: a driver killed in between leaves a record whose trial
+            # Optuna still shows RUNNING (resume re-attaches it), never a finished trial without a row.
+            rec.status = "pruned"
+            self.finish(tune_id, error=None)
+            self.studies.tell(rec.optuna_id, TrialState.PRUNED, status="pruned")
+        return prune
+
+    @staticmethod
+    def add_epoch_row(rec: TrialRecord, result: dict) -> None:
+        rec.node, rec.device = result.get("node", rec.node), result.get("device", rec.device)
+        row = {k: result[k] for k in result if k in EPOCH_COLUMNS or k.startswith(TERM_PREFIX)}
+        rec.epoch_rows = [r for r in rec.epoch_rows if r["epoch"] != row["epoch"]] + [row]
+
+    def search_trial_ended(self, tune_id: str, result: dict | None, error: bool) -> None:
+        rec = self.by_tune_id.get(tune_id)
+        if rec is None or self.studies is None or rec.phase != "search" or rec.status == "pruned":
+            return
+        if result and "final" in result:
+            rec.payload = json.loads(result["final"])
+        self.finish(tune_id, error="trial failed" if error else None)
+        payload = rec.payload
+        if error or payload is None:
+            self.studies.tell(rec.optuna_id, TrialState.FAIL, status="failed")
+        elif payload["status"] == "completed" and payload["best_value"] is not None:
+            self.studies.tell(rec.optuna_id, TrialState.COMPLETE, payload["best_value"], status="completed")
+        else:
+            # Diverged trials are not COMPLETE: their value would mislead the sampler.
+            self.studies.tell(rec.optuna_id, TrialState.FAIL, status=payload["status"])
+
+    def finish(self, tune_id: str, error: str | None) -> None:
+        rec = self.by_tune_id.get(tune_id)
+        if rec is None:
+            return
+        if rec.ended_at is not None:
+            if error is not None and rec.status == "failed" and error != rec.error:
+                rec.error = error  # the callback knows the real error text; the searcher did not
+                self.records.save(rec)
+            return
+        rec.ended_at = time.time()
+        if error is not None:
+            rec.status, rec.error = "failed", error
+        elif rec.status != "pruned":
+            rec.status = rec.payload["status"] if rec.payload else "failed"
+            if rec.payload is None:
+                rec.error = "trial ended without a final result"
+        if rec.payload:
+            # Epoch rows restored from a checkpoint on resume are in the payload, not in the live stream.
+            rec.epoch_rows = rec.payload.get("epoch_rows") or rec.epoch_rows
+            rec.started_at = rec.payload.get("started_at", rec.started_at)
+        self.records.save(rec)
+        self.progress()
+
+    def new_final_trial(self, tune_id: str, cell: Cell, params: dict[str, Any], seed: int) -> dict[str, Any]:
+        key = trial_key("final", cell.cell_id, seed)
+        config = cell.trial_config(
+            self.spec, params, seed=seed, phase="final", checkpoint_dir=self._checkpoint_dir(key)
+        ).model_dump(mode="json")
+        self.by_tune_id[tune_id] = TrialRecord(
+            key=key,
+            trial_id=trial_id_for(self.spec.name, key),
+            phase="final",
+            cell_id=cell.cell_id,
+            index=seed,
+            config=config,
+            params=dict(params),
+        )
+        self.progress()
+        return {"trial": config}
+
+    def post_failed(self, key: str, kind: str, message: str) -> None:
+        rec = self.records.load("final", key)
+        rec["payload"].setdefault("post_errors", []).append(f"{kind}: {message}")
+        self.records.save_dict(rec)
+
+    def post_done(self, key: str, kind: str, rows: list[dict[str, Any]]) -> None:
+        from study.trial.evaluate import gradient_masking_row
+
+        rec = self.records.load("final", key)
+        evals = rec["payload"]["eval_rows"]
+        evals.extend(rows)
+        if kind == "transfer":
+            # The flag now also sees the transfer attack: recompute it.
+            evals[:] = [r for r in evals if r["metric"] != "gradient_masking"]
+            evals.append(gradient_masking_row(evals))
+        self.records.save_dict(rec)
+        self.progress()
+
+
+def post_jobs(spec: StudySpec, ctx: StudyContext) -> list[tuple[str, str, tuple[Any, ...]]]:
+    """(record key, "transfer" | "distill", task args) for every post-phase evaluation still to do:
+    transfer attacks crafted on the ce model of the same cell and seed, and distillation of every
+    completed final model. Skips what earlier (interrupted) runs already did."""
+    want_transfer = "transfer" in spec.evaluate.attacks and bool(spec.evaluate.eps)
+    if not (want_transfer or spec.distill):
+        return []
+    records = ctx.records.load_all("final")
+    done = {k: r for k, r in records.items() if r["status"] == "completed" and r.get("payload")}
+    by_cell_seed = {(r["cell_id"], r["index"]): r for r in done.values()}
+    jobs: list[tuple[str, str, tuple[Any, ...]]] = []
+    for key, rec in done.items():
+        conditions = {row["condition"] for row in rec["payload"]["eval_rows"]}
+        cell = ctx.cells.get(rec["cell_id"])
+        if cell is None:
+            continue
+        if want_transfer and cell.regularizer != "ce" and "transfer" not in conditions:
+            ce_id = f"{cell.dataset}/{cell.model}/ce/{cell.noise_setting}"
+            source = by_cell_seed.get((ce_id, rec["index"]))
+            if source is not None:
+                jobs.append((key, "transfer", (rec["config"], source["config"])))
+        if spec.distill and "distill" not in conditions:
+            jobs.append((key, "distill", (rec["config"], spec.distill.model_dump())))
+    return jobs

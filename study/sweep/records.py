@@ -1,0 +1,192 @@
+"""Trial records and the result tables built from them. Ray-free: the sweep's Ray adapter writes
+records, and writing Parquet (here, through reports.build's one table writer) never imports ray.
+
+A record (``records/<phase>/<key>.json``) is the driver's durable memory of one trial across kills:
+its key, config, sampled params, status, epoch rows and final payload (evaluation rows, projection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from study.spec import StudySpec
+from study.sweep.cells import Cell, expand_cells
+from study.trial.config import TrialConfig
+
+
+def trial_key(phase: str, cell_id: str, index: int) -> str:
+    return f"{phase}|{cell_id}|{index}"
+
+
+def trial_id_for(study: str, key: str) -> str:
+    return hashlib.sha1(f"{study}|{key}".encode()).hexdigest()[:12]
+
+
+def safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+@dataclass
+class TrialRecord:
+    """What the driver knows of one trial; written to records/<phase>/<key>.json when it ends."""
+
+    key: str
+    trial_id: str
+    phase: str
+    cell_id: str
+    index: int
+    config: dict[str, Any]
+    params: dict[str, Any]
+    optuna_number: int | None = None
+    optuna_id: int | None = None
+    status: str = "running"
+    epoch_rows: list[dict[str, Any]] = field(default_factory=list)
+    payload: dict[str, Any] | None = None
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    node: str | None = None
+    device: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class Records:
+    """Per-trial JSON records in the results dir: the driver's durable memory across kills."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, phase: str, key: str) -> Path:
+        return self.root / phase / f"{safe_name(key)}.json"
+
+    def save(self, rec: TrialRecord) -> None:
+        self.save_dict(rec.to_json())
+
+    def save_dict(self, rec: dict[str, Any]) -> None:
+        path = self.path(rec["phase"], rec["key"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, default=str))
+        os.replace(tmp, path)
+
+    def load(self, phase: str, key: str) -> dict[str, Any]:
+        return json.loads(self.path(phase, key).read_text())
+
+    def load_all(self, phase: str) -> dict[str, dict[str, Any]]:
+        out = {}
+        for p in sorted((self.root / phase).glob("*.json")):
+            rec = json.loads(p.read_text())
+            out[rec["key"]] = rec
+        return out
+
+
+def _strength(regularizer: str, params: dict[str, Any]) -> tuple[str | None, float | None]:
+    from study import regularizers
+
+    try:
+        info = regularizers.get_info(regularizer)
+    except ValueError:
+        return None, None
+    name = info.strength
+    if name is None:
+        return None, None
+    value = params.get(name, info.params[name].default)
+    if isinstance(value, dict):
+        value = value.get("start")
+    try:
+        return name, float(value)
+    except (TypeError, ValueError):
+        return name, None
+
+
+def record_rows(spec: StudySpec, records: list[dict[str, Any]]) -> tuple[list, list, list]:
+    """Records -> rows of trials, epochs and evals (design.md's results contract)."""
+    cells = {c.cell_id: c for c in expand_cells(spec)}
+    trials, epochs, evals = [], [], []
+    for rec in records:
+        cell = cells.get(rec["cell_id"])
+        if cell is None:
+            continue
+        trials.append(_trial_row(spec, cell, rec))
+        for e in rec.get("epoch_rows") or []:
+            epochs.append({"trial_id": rec["trial_id"], **e})
+        for ev in (rec.get("payload") or {}).get("eval_rows") or []:
+            evals.append({"trial_id": rec["trial_id"], **ev})
+    return trials, epochs, evals
+
+
+def _trial_row(spec: StudySpec, cell: Cell, rec: dict[str, Any]) -> dict[str, Any]:
+    """One trials.parquet row: the cell, the resolved config, how the trial ended."""
+    cfg = TrialConfig.model_validate(rec["config"])
+    payload = rec.get("payload") or {}
+    reg_params = cfg.regularizer.params
+    strength_param, strength = _strength(cell.regularizer, reg_params)
+    row = {
+        "study": spec.name,
+        "phase": rec["phase"],
+        "cell_id": rec["cell_id"],
+        "trial_id": rec["trial_id"],
+        "dataset": cell.dataset,
+        "model": cell.model,
+        "regularizer": cell.regularizer,
+        "strength_param": strength_param,
+        "strength": strength,
+        "noise_kind": cell.noise_kind,
+        "noise_rate": cell.noise_rate,
+        "noise_mode": cell.noise_mode,
+        "noise_setting": cell.noise_setting,
+        "realized_noise_rate": payload.get("realized_noise_rate"),
+        "noise_seed": cfg.noise_seed,
+        "seed": cfg.seed,
+        "status": rec["status"],
+        "epochs": len(rec.get("epoch_rows") or []),
+        "max_epochs": cfg.train.epochs,
+        "best_value": payload.get("best_value") if payload else _best(rec, spec),
+        "best_epoch": payload.get("best_epoch"),
+        "metric": spec.search.metric,
+        "direction": spec.search.direction,
+        "wall_s": payload.get("wall_s") or ((rec.get("ended_at") or rec["started_at"]) - rec["started_at"]),
+        "device": payload.get("device") or rec.get("device"),
+        "node": payload.get("node") or rec.get("node"),
+        "error": rec.get("error"),
+        "started_at": rec["started_at"],
+        "ended_at": rec.get("ended_at"),
+        "optuna_number": rec.get("optuna_number"),
+    }
+    values = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **reg_params}
+    for k, v in values.items():
+        row[f"param_{k}"] = json.dumps(v) if isinstance(v, dict) else v
+    return row
+
+
+def _best(rec: dict[str, Any], spec: StudySpec) -> float | None:
+    vals = [
+        r[spec.search.metric] for r in rec.get("epoch_rows") or [] if r.get(spec.search.metric) is not None
+    ]
+    if not vals:
+        return None
+    return max(vals) if spec.search.direction == "maximize" else min(vals)
+
+
+def write_tables(spec: StudySpec, out: Path) -> None:
+    """Rebuild trials, epochs, evals and projections Parquet from the records (atomic, versioned)."""
+    from reports.build import write_results
+
+    recs = Records(out / "records")
+    records = list(recs.load_all("search").values()) + list(recs.load_all("final").values())
+    trials, epochs, evals = record_rows(spec, records)
+    projections = [
+        {"trial_id": rec["trial_id"], **row}
+        for rec in records
+        for row in (rec.get("payload") or {}).get("projection") or []
+    ]
+    write_results(out, trials=trials, epochs=epochs, evals=evals, projections=projections or None)

@@ -1,0 +1,145 @@
+"""One trial: data + label noise + fit + evaluation -> a TrialResult (what the sweep records).
+
+Composes the trial layer: ``prepare_data`` supplies each noise kind the inputs its registry entry asks
+for (coarse labels, features, out-of-fold reference probabilities), ``fit`` trains, ``evaluate_model``
+measures a completed final trial on the clean test set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from study import data as data_lib
+from study import noise as noise_lib
+from study.trial.config import TrialConfig
+from study.trial.evaluate import evaluate_model
+from study.trial.fit import PreparedData, Report, fit, save_checkpoint
+from study.trial.reference import reference_probabilities
+
+
+@dataclass
+class TrialResult:
+    status: str
+    epochs_run: int
+    best_value: float | None
+    best_epoch: int | None
+    epoch_rows: list[dict[str, Any]] = field(default_factory=list)
+    eval_rows: list[dict[str, Any]] = field(default_factory=list)
+    projection: list[dict[str, float]] = field(default_factory=list)
+    realized_noise_rate: float = 0.0
+    noise_note: str = ""
+    wall_s: float = 0.0
+    device: str = "cpu"
+    error: str | None = None
+
+    def metric(self, name: str, split: str = "test", condition: str = "clean") -> float | None:
+        for row in self.eval_rows:
+            if row["metric"] == name and row["split"] == split and row["condition"] == condition:
+                return row["value"]
+        return None
+
+
+# The last dataset this process loaded: a Ray worker re-used across trials (reuse_actors) reads and
+# decodes its dataset once, not per trial (CIFAR from its pickles takes about a second). One entry
+# keeps memory bounded; trials only ever index the bundle's tensors, never write into them.
+_BUNDLE_CACHE: dict[str, data_lib.DatasetBundle] = {}
+
+
+def load_bundle(cfg: TrialConfig) -> data_lib.DatasetBundle:
+    d = cfg.dataset
+    key = json.dumps([d.name, d.root, d.download, d.options], sort_keys=True, default=str)
+    bundle = _BUNDLE_CACHE.get(key)
+    if bundle is None:
+        bundle = data_lib.load_dataset(d.name, root=d.root, download=d.download, **d.options)
+        _BUNDLE_CACHE.clear()
+        _BUNDLE_CACHE[key] = bundle
+    return bundle
+
+
+# How the trial provides each input a noise kind can ask for (study.noise.NoiseInputs fields).
+_NOISE_INPUTS: dict[str, Callable[[TrialConfig, data_lib.DatasetBundle], Any]] = {
+    "dataset": lambda cfg, b: b.name,
+    "coarse_labels": lambda cfg, b: b.coarse_train,
+    "features": lambda cfg, b: b.to_float(b.x_train).flatten(1),
+    "probs": lambda cfg, b: reference_probabilities(
+        b, cfg.model.name, cfg.model.options, seed=cfg.noise_seed
+    ),
+}
+
+
+def prepare_data(cfg: TrialConfig, bundle: data_lib.DatasetBundle | None = None) -> PreparedData:
+    """Split train/val and corrupt the training labels.
+
+    Noise is applied to the whole training set before the split, from `noise_seed` only, so every
+    regularizer (and every training seed sharing the noise seed) sees exactly the same noisy labels.
+    The validation split carries the same noise unless `clean_validation` is set (oracle studies).
+    """
+    bundle = bundle or load_bundle(cfg)
+    y_clean = bundle.y_train
+    noise = cfg.noise
+    kw: dict[str, Any] = {
+        name: _NOISE_INPUTS[name](cfg, bundle) for name in noise_lib.noise_inputs(noise.kind)
+    }
+    if noise.mode is not None:
+        kw["mode"] = noise.mode
+    noisy = noise_lib.corrupt(y_clean, bundle.num_classes, noise.kind, noise.rate, cfg.noise_seed, **kw)
+    train_idx, val_idx = data_lib.split_train_val(len(y_clean), cfg.dataset.val_fraction, seed=cfg.noise_seed)
+    y_val = (y_clean if cfg.dataset.clean_validation else noisy.labels)[val_idx]
+    return PreparedData(
+        bundle=bundle,
+        x_train=bundle.x_train[train_idx],
+        y_train=noisy.labels[train_idx],
+        y_train_clean=y_clean[train_idx],
+        flipped=noisy.flipped[train_idx],
+        x_val=bundle.x_train[val_idx],
+        y_val=y_val,
+        noisy=noisy,
+    )
+
+
+def run_trial(
+    cfg: TrialConfig,
+    report: Report | None = None,
+    *,
+    bundle: data_lib.DatasetBundle | None = None,
+    prepared: PreparedData | None = None,
+    model_sink: dict[str, Any] | None = None,
+) -> TrialResult:
+    """Train one configuration; `report(epoch_row)` returning True stops the trial as pruned.
+
+    A NaN/inf training loss ends the trial with status "diverged" instead of raising. A completed trial
+    with an ``evaluate`` block is evaluated on the clean test set; with ``save_model`` and a checkpoint
+    dir its weights are kept as ``model.pt`` (the post phase reads them). `model_sink["model"]` receives
+    the trained model when given.
+    """
+    t_start = time.perf_counter()
+    prep = prepared or prepare_data(cfg, bundle)
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    fitted = fit(cfg, prep, report, checkpoint=ckpt_dir / "checkpoint.pt" if ckpt_dir else None)
+    if model_sink is not None:
+        model_sink["model"] = fitted.model
+    result = TrialResult(
+        status=fitted.status,
+        epochs_run=len(fitted.epoch_rows),
+        best_value=fitted.best[0],
+        best_epoch=fitted.best[1],
+        epoch_rows=fitted.epoch_rows,
+        realized_noise_rate=prep.noisy.realized_rate,
+        noise_note=prep.noisy.note,
+        device=str(fitted.device),
+    )
+    if fitted.status == "completed" and cfg.evaluate is not None:
+        extras: dict[str, Any] = {}
+        result.eval_rows = evaluate_model(fitted.model, prep, cfg, fitted.device, extras=extras)
+        result.projection = extras.get("projection", [])
+    if fitted.status == "completed" and cfg.save_model and ckpt_dir is not None:
+        save_checkpoint(
+            ckpt_dir / "model.pt", {"model": fitted.model.state_dict(), "config": cfg.model_dump()}
+        )
+    result.wall_s = time.perf_counter() - t_start
+    return result
