@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from study.spec import expand_cells, load_spec
-from study.sweep.tune import base_trial_config
+from study.spec import load_spec
+from study.sweep.cells import expand_cells
 from study.trial.evaluate import evaluate_model
-from study.trial.fit import TrialConfig, prepare_data, resolve_device, run_trial
+from study.trial.fit import resolve_device
+from study.trial.run import prepare_data, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,15 +30,14 @@ def main(name: str) -> None:
     spec = load_spec(ROOT / "search_spaces" / f"{name}.yaml")
     cell = next(c for c in expand_cells(spec) if c.regularizer != "ce" and c.noise_kind != "none")
     params = {k: (v.low + v.high) / 2 for k, v in cell.searched.items()}
-    cfg = TrialConfig(**base_trial_config(spec, cell, params, seed=1, phase="final", checkpoint_dir=""))
-    cfg = cfg.model_copy(update={"checkpoint_dir": None})
+    cfg = cell.trial_config(spec, params, seed=1, phase="final")
     prep = prepare_data(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.train.device)
     train_s, eval_s = [], []
     for rep in range(4):
         holder: dict = {}
         t0 = time.perf_counter()
-        run_trial(cfg.model_copy(update={"full_eval": False}), prepared=prep, model_sink=holder)
+        run_trial(cfg.model_copy(update={"evaluate": None}), prepared=prep, model_sink=holder)
         t1 = time.perf_counter()
         evaluate_model(holder["model"], prep, cfg, device)
         t2 = time.perf_counter()
@@ -46,7 +46,7 @@ def main(name: str) -> None:
             eval_s.append(t2 - t1)
     tr, ev = statistics.median(train_s), statistics.median(eval_s)
     print(
-        f"{name}: cell {cell.cell_id}, {cfg.epochs} epochs; training {tr:.2f} s, evaluation {ev:.2f} s "
+        f"{name}: cell {cell.cell_id}, {cfg.train.epochs} epochs; training {tr:.2f} s, evaluation {ev:.2f} s "
         f"(median of {len(train_s)}); evaluation / training = {ev / tr:.1%}; evaluate block {cfg.evaluate}"
     )
 

@@ -47,7 +47,8 @@ from typing import Any
 import torch
 
 from study import data, models, regularizers
-from study.trial.fit import TrialConfig, run_trial
+from study.trial.config import TrialConfig
+from study.trial.run import run_trial
 
 BATCH = 128
 VAL_FRACTION = 0.1  # the CIFAR-10 spec's: 45k train / 5k validation of the 50k training images
@@ -86,20 +87,20 @@ def synthetic_bundle(n_train: int, n_test: int, seed: int = 0) -> data.DatasetBu
 def trial_config(epochs: int, device: str, batch_size: int = BATCH, model: str = "resnet20") -> TrialConfig:
     """The cifar10_noise spec's training recipe (ce, no noise, no final evaluation); resnet20 by default."""
     return TrialConfig(
-        dataset="cifar10",
-        model=model,
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer="sgd",
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=5e-4,
-        schedule="cosine",
-        val_fraction=VAL_FRACTION,
-        augment=True,
-        precision="auto",
-        device=device,
-        full_eval=False,
+        dataset={"name": "cifar10", "val_fraction": VAL_FRACTION},
+        model={"name": model},
+        train={
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "schedule": "cosine",
+            "augment": True,
+            "precision": "auto",
+            "device": device,
+        },
     )
 
 

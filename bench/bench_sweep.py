@@ -109,10 +109,11 @@ BARE_PROGRAM = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-from study.trial.fit import TrialConfig, run_trial
+from study.trial.config import TrialConfig
+from study.trial.run import run_trial
 for rec in json.loads(open(sys.argv[1]).read()):
     stop_at = len(rec["epoch_rows"]) if rec["status"] == "pruned" else None
-    run_trial(TrialConfig(**dict(rec["config"], checkpoint_dir=None)),
+    run_trial(TrialConfig.model_validate(dict(rec["config"], checkpoint_dir=None)),
               lambda row, s=stop_at: s is not None and row["epoch"] >= s)
 """
 
@@ -130,8 +131,9 @@ def overhead(epochs: int | None = None) -> None:
 
     import torch
 
-    from study.sweep.tune import Records
-    from study.trial.fit import TrialConfig, run_trial
+    from study.sweep.records import Records
+    from study.trial.config import TrialConfig
+    from study.trial.run import run_trial
 
     torch.set_num_threads(1)
     spec = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
@@ -153,7 +155,9 @@ def overhead(epochs: int | None = None) -> None:
         for rec in records:
             cfg = dict(rec["config"], checkpoint_dir=None)
             stop_at = len(rec["epoch_rows"]) if rec["status"] == "pruned" else None
-            run_trial(TrialConfig(**cfg), (lambda row, s=stop_at: s is not None and row["epoch"] >= s))
+            run_trial(
+                TrialConfig.model_validate(cfg), (lambda row, s=stop_at: s is not None and row["epoch"] >= s)
+            )
         bare = time.perf_counter() - t0
         # Whole programs, each in a fresh interpreter: a second study run, then the bare loop over THAT
         # run's trials (pruning decisions depend on timing, so two runs may stop different trials).

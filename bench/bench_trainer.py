@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from study import data, metrics
-from study.trial.fit import PreparedData, TrialConfig, build_model, prepare_data, run_trial
+from study.trial.config import TrialConfig
+from study.trial.fit import PreparedData, build_model
+from study.trial.run import prepare_data, run_trial
 
 
 def _per_epoch(stamps: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -52,11 +54,11 @@ def bare_epochs(cfg: TrialConfig, prep: PreparedData, *, validate: bool) -> list
     x_val = prep.bundle.to_float(prep.x_val)
     gen = torch.Generator().manual_seed(cfg.seed)
     stamps = []
-    for _ in range(cfg.epochs):
+    for _ in range(cfg.train.epochs):
         model.train()
         order = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
+        for i in range(0, len(y), cfg.train.batch_size):
+            idx = order[i : i + cfg.train.batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -112,13 +114,14 @@ def accuracy_runs(
 
     Without lrs/batch_sizes it uses the `study trial` defaults (the acceptance command).
     """
-    from study.cli import trial
+    from study.spec import TrainSpec
 
-    defaults = {p.name: p.default.default for p in _params(trial)}
-    for bs in batch_sizes or [defaults["batch_size"]]:
-        for lr in lrs or [defaults["lr"]]:
+    defaults = TrainSpec()  # what `study trial` uses when no option is given
+    for bs in batch_sizes or [defaults.batch_size]:
+        for lr in lrs or [defaults.lr]:
             for seed in seeds:
-                cfg = TrialConfig(epochs=30, seed=seed, lr=lr, weight_decay=wd, batch_size=bs)
+                train = TrainSpec(epochs=30, lr=lr, weight_decay=wd, batch_size=bs)
+                cfg = TrialConfig(seed=seed, train=train, evaluate={})
                 t0 = time.perf_counter()
                 result = run_trial(cfg)
                 print(
@@ -156,7 +159,7 @@ def main() -> None:
         accuracy_runs(args.seeds, args.lr, bs, args.weight_decay)
         return
     for bs in args.batch_size:
-        cfg = TrialConfig(epochs=args.epochs, batch_size=bs, lr=1e-2, device="cpu", full_eval=False)
+        cfg = TrialConfig(train={"epochs": args.epochs, "batch_size": bs, "lr": 1e-2, "device": "cpu"})
         med = compare(cfg, args.repeats)
         for unit in ("", " cpu", " min"):
             times = "  ".join(

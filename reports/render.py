@@ -26,13 +26,18 @@ from reports.stats import CORRECTION, REFERENCE, best_trials, corruption_mask, c
 from study import vocabulary as vocab
 from study.vocabulary import HIGHER, NEITHER
 
-# (question, [(split, condition, metric, label, better)]) for the questions answered by fixed metrics;
-# robustness adds one row per attack/corruption level found in the results (see _specs).
-QUESTIONS = [
-    (q, [(m.split, m.condition, m.name, m.label, m.better) for m in vocab.metrics_for(q)])
-    for q in vocab.QUESTIONS
-    if q != vocab.Q_CORRUPTIONS
-]
+
+def questions() -> list[tuple[str, list[tuple[str, str, str, str, int]]]]:
+    """(question, [(split, condition, metric, label, better)]) for every question of the vocabulary,
+    read at each build so that a metric added there reaches the next report; robustness adds one row
+    per attack/corruption level found in the results (see _specs)."""
+    return [
+        (q, [(m.split, m.condition, m.name, m.label, m.better) for m in vocab.metrics_for(q)])
+        for q in vocab.QUESTIONS
+        if q != vocab.Q_CORRUPTIONS
+    ]
+
+
 _KIND_ORDER = tuple(vocab.NOISE_KINDS)
 ROBUST_CONDITIONS = vocab.ROBUSTNESS_CONDITIONS
 _ABBREV = {**vocab.NOISE_KINDS, **vocab.ADVERSARIAL_MODES}
@@ -141,7 +146,7 @@ def _specs(
 ) -> list[tuple[str, str, float, str, str, int]]:
     """(split, condition, severity, metric, label, better) of the tables answering ``question``."""
     fixed = [
-        (s, c, np.nan, m, lab, b) for q, items in QUESTIONS if q == question for s, c, m, lab, b in items
+        (s, c, np.nan, m, lab, b) for q, items in questions() if q == question for s, c, m, lab, b in items
     ]
     if question != vocab.Q_ROBUSTNESS:
         return fixed

@@ -85,6 +85,8 @@ def make_synthetic_study(
         corruptions: number of corruption types (5 severities each) plus their mean.
         status: manifest status ("completed" gives a non-partial study).
     """
+    # Long: one generator draws trials, then epochs, then evals, in this order; split into functions it
+    # would have to thread the generator and a dozen intermediate arrays through each of them.
     rng = np.random.default_rng(rng_seed)
     cells = [(d, m, r, s) for d in datasets for m in models for r in regularizers for s in noise_settings]
     rows = []

@@ -39,6 +39,12 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def remove(self, name: str) -> T:
+        """Take an entry out (a test's temporary entry, or replacing a built-in one)."""
+        entry = self[name]
+        del self._entries[name]
+        return entry
+
     def names(self) -> list[str]:
         return list(self._entries)
 

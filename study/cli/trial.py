@@ -149,7 +149,7 @@ def run_trial_command(
 ) -> None:
     from study import data
     from study.trial.fit import build_model
-    from study.trial.run import prepare_data, run_trial
+    from study.trial.run import prepare_data
 
     # Everything that can be wrong with the input is checked before training starts (exit 2).
     try:
@@ -181,7 +181,21 @@ def run_trial_command(
         return
     _limit_cpu_threads(dev, n_params)
     console = Console(stderr=as_json)
-    prepared = prepare_data(cfg, bundle)
+    result = _train_with_progress(cfg, prepare_data(cfg, bundle), console, quiet=as_json)
+    summary = _summary(cfg, result)
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        title = f"{dataset} / {model} / {regularizer} / noise {noise}  ({result.status})"
+        console.print(_summary_table(summary, title))
+    if result.status != "completed":
+        raise typer.Exit(1)
+
+
+def _train_with_progress(cfg: TrialConfig, prepared: Any, console: Console, *, quiet: bool) -> Any:
+    """run_trial with a per-epoch progress bar (loss, validation accuracy) unless `quiet`."""
+    from study.trial.run import run_trial
+
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -189,23 +203,25 @@ def run_trial_command(
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         console=console,
-        disable=as_json,
+        disable=quiet,
         transient=False,
     )
     with progress:
-        task = progress.add_task(f"{model}/{regularizer}", total=cfg.train.epochs, info="")
+        name = f"{cfg.model.name}/{cfg.regularizer.name}"
+        task = progress.add_task(name, total=cfg.train.epochs, info="")
 
         def report(row: dict[str, Any]) -> bool:
-            progress.update(
-                task,
-                completed=row["epoch"],
-                info=f"loss {row['train_loss']:.3f} val acc {row['val_accuracy']:.3f}",
-            )
+            info = f"loss {row['train_loss']:.3f} val acc {row['val_accuracy']:.3f}"
+            progress.update(task, completed=row["epoch"], info=info)
             return False
 
         result = run_trial(cfg, report, prepared=prepared)
         progress.update(task, completed=result.epochs_run)
-    summary = {
+    return result
+
+
+def _summary(cfg: TrialConfig, result: Any) -> dict[str, Any]:
+    return {
         "status": result.status,
         "epochs": result.epochs_run,
         "best_val_accuracy": result.best_value,
@@ -220,17 +236,15 @@ def run_trial_command(
         },
         "config": cfg.model_dump(mode="json"),
     }
-    if as_json:
-        typer.echo(json.dumps(summary))
-    else:
-        table = Table(title=f"{dataset} / {model} / {regularizer} / noise {noise}  ({result.status})")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for k in ("final_train_acc", "best_val_accuracy", "realized_noise_rate", "wall_s"):
-            if summary[k] is not None:
-                table.add_row(k, f"{summary[k]:.4f}" if isinstance(summary[k], float) else str(summary[k]))
-        for k, v in summary["metrics"].items():
-            table.add_row(k, f"{v:.4f}")
-        console.print(table)
-    if result.status != "completed":
-        raise typer.Exit(1)
+
+
+def _summary_table(summary: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in ("final_train_acc", "best_val_accuracy", "realized_noise_rate", "wall_s"):
+        if summary[k] is not None:
+            table.add_row(k, f"{summary[k]:.4f}" if isinstance(summary[k], float) else str(summary[k]))
+    for k, v in summary["metrics"].items():
+        table.add_row(k, f"{v:.4f}")
+    return table

@@ -117,29 +117,15 @@ def run_study(
     console: Console | None = None,
     storage: str | None = None,
 ) -> Path:
+    """Run a study: check everything that can be wrong before Ray starts, then both phases in one
+    Tuner, the post phase and the tables; the manifest says how it ended (also when interrupted)."""
+    from study.sweep import tune as tune_lib
+
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
     # Absolute: Ray Tune takes the storage path as a URI and refuses a relative one.
     out_dir = (Path(out) if out else Path("results") / spec.name).resolve()
-    from study.sweep import tune as tune_lib
-
-    if address not in (None, "local"):
-        problem = tune_lib.check_address(address)
-        if problem:
-            raise RunError(problem)
-    remote = None
-    if storage:
-        from study.sweep import storage as storage_lib
-
-        try:
-            fs, base = storage_lib.open_storage(storage)
-            remote = (fs, f"{base}/{spec.name}")
-            storage_lib.check_writable(fs, remote[1], storage)
-        except storage_lib.StorageError as exc:
-            raise RunError(str(exc)) from None
-        if resume and not (out_dir / "manifest.json").exists():
-            storage_lib.download(fs, remote[1], out_dir)
-    check_out_dir(spec, out_dir, resume)  # refuse a foreign or existing study before starting Ray
+    remote = _preflight(spec, out_dir, address=address, resume=resume, storage=storage)
     try:
         handle = tune_lib.init_ray(address)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -179,22 +165,62 @@ def run_study(
         raise
     finally:
         tune_lib.shutdown(handle)
-        # The tables are rebuilt on resume: never mask the real error with a failure here.
-        with contextlib.suppress(Exception):
-            write_tables(spec, out_dir)
-        manifest["status"] = status
-        manifest["ended_at"] = time.time()
-        from reports.build import SCHEMA_VERSION
-
-        manifest["schema_version"] = SCHEMA_VERSION
-        ctx = holder["ctx"]
-        if ctx is not None and ctx.notes:
-            manifest["notes"] = sorted(set(manifest.get("notes", [])) | set(ctx.notes))
-            for note in ctx.notes:
-                console.print(f"study: {note}", highlight=False)
-        _write_json(out_dir / "manifest.json", manifest)
-        sync(remote, out_dir)
+        _finish(spec, out_dir, manifest, status, holder["ctx"], console, remote)
     return out_dir
+
+
+def _preflight(
+    spec: StudySpec, out_dir: Path, *, address: str | None, resume: bool, storage: str | None
+) -> tuple[Any, str] | None:
+    """Every check that needs no Ray (address reachable, storage writable, results dir usable): RunError
+    before anything starts. Returns the --storage (filesystem, base path), downloaded on --resume."""
+    from study.sweep import tune as tune_lib
+
+    if address not in (None, "local"):
+        problem = tune_lib.check_address(address)
+        if problem:
+            raise RunError(problem)
+    remote = None
+    if storage:
+        from study.sweep import storage as storage_lib
+
+        try:
+            fs, base = storage_lib.open_storage(storage)
+            remote = (fs, f"{base}/{spec.name}")
+            storage_lib.check_writable(fs, remote[1], storage)
+        except storage_lib.StorageError as exc:
+            raise RunError(str(exc)) from None
+        if resume and not (out_dir / "manifest.json").exists():
+            storage_lib.download(fs, remote[1], out_dir)
+    check_out_dir(spec, out_dir, resume)  # refuse a foreign or existing study before starting Ray
+    return remote
+
+
+def _finish(
+    spec: StudySpec,
+    out_dir: Path,
+    manifest: dict[str, Any],
+    status: str,
+    ctx: StudyContext | None,
+    console: Console,
+    remote: tuple[Any, str] | None,
+) -> None:
+    """Tables, manifest (status, end time, schema version, notes) and the storage mirror, whatever
+    ended the run."""
+    from reports.build import SCHEMA_VERSION
+
+    # The tables are rebuilt on resume: never mask the real error with a failure here.
+    with contextlib.suppress(Exception):
+        write_tables(spec, out_dir)
+    manifest["status"] = status
+    manifest["ended_at"] = time.time()
+    manifest["schema_version"] = SCHEMA_VERSION
+    if ctx is not None and ctx.notes:
+        manifest["notes"] = sorted(set(manifest.get("notes", [])) | set(ctx.notes))
+        for note in ctx.notes:
+            console.print(f"study: {note}", highlight=False)
+    _write_json(out_dir / "manifest.json", manifest)
+    sync(remote, out_dir)
 
 
 def sync_storage(uri: str, out_dir: Path) -> None:
