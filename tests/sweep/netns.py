@@ -1,6 +1,6 @@
 """Two network namespaces joined by a veth pair: a private two-node "cluster" on one machine.
 
-Used by tests/test_multinode.py. Every process started here runs inside a namespace this module created,
+Used by tests/sweep/test_multinode.py. Every process started here runs inside a namespace this module created,
 so teardown can find and kill all of them (Ray daemons, their workers, the driver) by the namespace's
 PID list without touching any other Ray on the machine (`ray stop` would). Traffic only ever goes to
 the two addresses inside the namespaces, or to loopback.

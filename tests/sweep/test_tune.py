@@ -26,7 +26,7 @@ from study.sweep.runner import run_study
 pytestmark = pytest.mark.slow
 
 STUDY_BIN = str(Path(sys.executable).with_name("study"))
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = """\
 name: {name}

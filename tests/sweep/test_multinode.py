@@ -1,6 +1,6 @@
 """`study run --address` on a real two-node Ray cluster, and on addresses where no cluster answers.
 
-The cluster: two network namespaces on this machine joined by a veth pair (tests/netns.py), a Ray head
+The cluster: two network namespaces on this machine joined by a veth pair (tests/sweep/netns.py), a Ray head
 in one (10.77.0.1) and a worker node in the other (10.77.0.2), one CPU each; the driver runs in the
 head's namespace. Both nodes see the same filesystem, as a cluster's shared mount would give them.
 Checks: trials run on both nodes; losing the worker node mid-study costs no trial and duplicates none

@@ -12,7 +12,7 @@ from study.cli import app
 from study.spec import Choices, Grid, Range, SpecError, load_spec, parse_spec, spec_hash
 from study.sweep.cells import expand_cells
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = """\
 name: t
