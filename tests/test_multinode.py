@@ -135,7 +135,10 @@ class Cluster:
         try:
             rc = driver.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"study run did not finish in {timeout_s:.0f}s:\n{_tail(self.root / 'driver.log')}")
+            pytest.fail(
+                f"study run did not finish in {timeout_s:.0f}s (trials that reached the worker node: "
+                f"{nodegate.worker_markers(self.gate)}):\n{_tail(self.root / 'driver.log')}"
+            )
         assert rc == 0, _tail(self.root / "driver.log")
 
 
