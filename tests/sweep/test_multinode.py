@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import netns
+import nodegate
 import optuna
 import pandas as pd
 import pytest
@@ -36,8 +37,8 @@ name: multinode
 dataset: {{name: mnist1d, options: {{max_train: 800, max_test: 400}}}}
 models: [cnn1d]
 regularizers:
-  ce: {{}}
-  label_smoothing: {{alpha: {{low: 0.0, high: 0.3}}}}
+  "{prefix}ce": {{}}
+  "{prefix}label_smoothing": {{alpha: {{low: 0.0, high: 0.3}}}}
 noise:
   - {{kind: none}}
 train: {{epochs: {epochs}, batch_size: 128, lr: {{low: 1.0e-4, high: 3.0e-2, log: true}}}}
@@ -74,6 +75,10 @@ class Cluster:
         self.net, self.root = net, root
         self.prune_after = 1  # completed trials before the median pruner may prune
         self.epochs = 3
+        # The nodegate losses (tests/nodegate.py): trials on the head wait at epoch 2, once this many
+        # trials have ended, until a trial has reached the worker; `hold` keeps that one there.
+        self.head_after, self.hold = 0, False
+        self.gate = root / "gate"
         self.address = f"{net.ip['a']}:{PORT}"
         self.spec = root / "multinode.yaml"
         self.out = root / "out"
@@ -85,6 +90,9 @@ class Cluster:
             RAY_AUTH_MODE="disabled",
             RAY_USAGE_STATS_ENABLED="0",
             OMP_NUM_THREADS="1",
+            NODEGATE_DIR=str(self.gate),
+            # The driver (spec check) and both nodes' trial workers import nodegate from here.
+            PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).parent), env.get("PYTHONPATH")) if p),
         )
         self.env = env
 
@@ -109,7 +117,16 @@ class Cluster:
         _wait_for_log(worker, worker_log, "Ray runtime started")
 
     def run_study(self) -> subprocess.Popen:
-        self.spec.write_text(SPEC.format(prune_after=self.prune_after, epochs=self.epochs))
+        self.spec.write_text(
+            SPEC.format(prune_after=self.prune_after, epochs=self.epochs, prefix="nodegate:")
+        )
+        nodegate.write_config(
+            self.gate,
+            worker_ip=self.net.ip["b"],
+            records=self.out / "records",
+            head_after=self.head_after,
+            hold=self.hold,
+        )
         argv = [STUDY_BIN, "run", str(self.spec), "--address", self.address, "--out", str(self.out)]
         return self.net.popen(
             "a", [*argv, "--quiet", "--no-report"], env=self.env, log=self.root / "driver.log"
@@ -119,7 +136,10 @@ class Cluster:
         try:
             rc = driver.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"study run did not finish in {timeout_s:.0f}s:\n{_tail(self.root / 'driver.log')}")
+            pytest.fail(
+                f"study run did not finish in {timeout_s:.0f}s (trials that reached the worker node: "
+                f"{nodegate.worker_markers(self.gate)}):\n{_tail(self.root / 'driver.log')}"
+            )
         assert rc == 0, _tail(self.root / "driver.log")
 
 
@@ -155,6 +175,8 @@ def _check_planned_trials(c: Cluster) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_trials_run_on_both_nodes(cluster):
+    # Head trials wait at epoch 2 until a trial has reached the worker (tests/nodegate.py): both nodes
+    # train whatever the worker's actor start-up costs on a loaded machine.
     t0 = time.time()
     cluster.wait(cluster.run_study())
     print(f"study on two nodes: {time.time() - t0:.0f}s")
@@ -165,40 +187,30 @@ def test_trials_run_on_both_nodes(cluster):
     assert "running 2 trial(s) at once" in (cluster.root / "driver.log").read_text()
 
 
-def _training_pids(net: netns.NetnsPair, side: str) -> set[int]:
-    # Ray retitles a worker after the task it runs: Tune's function trainables run ImplicitFunc.train.
-    pids = set()
-    for pid in net.pids(side):
-        try:
-            if b"ImplicitFunc.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.add(pid)
-        except OSError:
-            pass
-    return pids
-
-
 @pytest.mark.slow
 def test_losing_the_worker_node_mid_study_loses_and_duplicates_no_trial(cluster):
     # No pruning: a trial must be mid-training when its node goes, not stopping because it was pruned.
     cluster.prune_after = 100
-    # Long enough that a trial is seen mid-training on the worker node: a 3-epoch trial on 800 samples
-    # is over in well under a second once the worker has its data.
-    cluster.epochs = 60
+    # Deterministic, not timed (tests/nodegate.py): the first trial on the worker node waits there at
+    # the start of epoch 2, after epoch 1's checkpoint, until we kill the node; once 2 trials have ended
+    # (the study is under way), head trials wait at epoch 2 until that trial is there, so the head cannot
+    # finish the study alone however slowly the worker's first actor starts.
+    cluster.epochs, cluster.head_after, cluster.hold = 4, 2, True
     t0 = time.time()
     driver = cluster.run_study()
     records = cluster.out / "records" / "search"
-    deadline, seen = time.time() + 240, {}
-    while True:
+    deadline = time.time() + 240
+    while not (nodegate.worker_markers(cluster.gate) and len(list(records.glob("*.json"))) >= 2):
         if time.time() > deadline or driver.poll() is not None:
-            pytest.fail(f"no trial trained on the worker node:\n{_tail(cluster.root / 'driver.log')}")
-        now, training = time.time(), _training_pids(cluster.net, "b")
-        seen = {pid: seen.get(pid, now) for pid in training}
-        # Inside train(), past actor start-up (a trial killed in __init__ is rescheduled, not failed;
-        # train() lasts ~3 s here, mostly data set-up, so 1 s in it is mid-trial), and past
-        # the brief's ">= 2 trials ended".
-        if len(list(records.glob("*.json"))) >= 2 and any(now - t > 1.0 for t in seen.values()):
-            break
+            pytest.fail(
+                f"no trial held on the worker node with 2 trials ended (markers: "
+                f"{nodegate.worker_markers(cluster.gate)}):\n{_tail(cluster.root / 'driver.log')}"
+            )
         time.sleep(0.2)
+    (held,) = nodegate.worker_markers(cluster.gate)  # one CPU on the worker: one trial there
+    # The held trial's process is alive in the worker's namespace: it is mid-training there right now.
+    assert held["node"] == cluster.net.ip["b"] and held["epochs_done"] == 1, held
+    assert held["pid"] in cluster.net.pids("b"), held
     killed_at = time.time()
     assert cluster.net.kill_side("b") > 0
     done_before = len(list(records.glob("*.json")))
@@ -221,7 +233,7 @@ def test_losing_the_worker_node_mid_study_loses_and_duplicates_no_trial(cluster)
 def _bad_address_cli(tmp_path: Path, addresses: list[str]) -> dict[str, tuple[int, str, Path]]:
     """`study run --address A` for each A at once (start-up dominates): A -> (exit code, stderr, --out)."""
     spec = tmp_path / "multinode.yaml"
-    spec.write_text(SPEC.format(prune_after=1, epochs=3))
+    spec.write_text(SPEC.format(prune_after=1, epochs=3, prefix=""))
     procs = {}
     for i, address in enumerate(addresses):
         out = tmp_path / f"out{i}"
@@ -306,7 +318,7 @@ def test_cluster_slots_sizes_from_current_resources_and_hints_on_remote_clusters
     from study.sweep import tune as tune_lib
 
     spec_path = tmp_path / "multinode.yaml"
-    spec_path.write_text(SPEC.format(prune_after=1, epochs=3))
+    spec_path.write_text(SPEC.format(prune_after=1, epochs=3, prefix=""))
     spec = load_spec(spec_path)
     gpu_spec = spec.model_copy(
         update={"resources": spec.resources.model_copy(update={"gpus_per_trial": 0.5})}
@@ -330,7 +342,7 @@ def test_cluster_slots_counts_gpus_and_hints_when_trials_take_none(tmp_path, cap
     from study.sweep import tune as tune_lib
 
     spec_path = tmp_path / "multinode.yaml"
-    spec_path.write_text(SPEC.format(prune_after=1, epochs=3))
+    spec_path.write_text(SPEC.format(prune_after=1, epochs=3, prefix=""))
     spec = load_spec(spec_path)
     resources = spec.resources.model_copy(update={"gpus_per_trial": 0.5})
     half_gpu = spec.model_copy(update={"resources": resources})
