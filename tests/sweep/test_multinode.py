@@ -75,7 +75,7 @@ class Cluster:
         self.net, self.root = net, root
         self.prune_after = 1  # completed trials before the median pruner may prune
         self.epochs = 3
-        # The nodegate losses (tests/nodegate.py): trials on the head wait at epoch 2, once this many
+        # The nodegate losses (tests/sweep/nodegate.py): trials on the head wait at epoch 2, once this many
         # trials have ended, until a trial has reached the worker; `hold` keeps that one there.
         self.head_after, self.hold = 0, False
         self.gate = root / "gate"
@@ -175,7 +175,7 @@ def _check_planned_trials(c: Cluster) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_trials_run_on_both_nodes(cluster):
-    # Head trials wait at epoch 2 until a trial has reached the worker (tests/nodegate.py): both nodes
+    # Head trials wait at epoch 2 until a trial has reached the worker (tests/sweep/nodegate.py): both nodes
     # train whatever the worker's actor start-up costs on a loaded machine.
     t0 = time.time()
     cluster.wait(cluster.run_study())
@@ -191,7 +191,7 @@ def test_trials_run_on_both_nodes(cluster):
 def test_losing_the_worker_node_mid_study_loses_and_duplicates_no_trial(cluster):
     # No pruning: a trial must be mid-training when its node goes, not stopping because it was pruned.
     cluster.prune_after = 100
-    # Deterministic, not timed (tests/nodegate.py): the first trial on the worker node waits there at
+    # Deterministic, not timed (tests/sweep/nodegate.py): the first trial on the worker node waits there at
     # the start of epoch 2, after epoch 1's checkpoint, until we kill the node; once 2 trials have ended
     # (the study is under way), head trials wait at epoch 2 until that trial is there, so the head cannot
     # finish the study alone however slowly the worker's first actor starts.
