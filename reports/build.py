@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from study import vocabulary
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: summary comparison columns, projections table
 SCHEMA_KEY = b"regstudy.schema_version"
 TABLES = ("trials", "epochs", "evals", "summary", "projections")
 MANIFEST_STATUSES = vocabulary.MANIFEST_STATUSES
@@ -47,7 +47,8 @@ SCHEMAS: dict[str, dict[str, pa.DataType]] = {
     "summary": {
         "study": _S, "cell_id": _S, "dataset": _S, "model": _S, "regularizer": _S, "noise_setting": _S,
         "noise_kind": _S, "noise_rate": _F, "split": _S, "condition": _S, "severity": _F, "metric": _S,
-        "mean": _F, "std": _F, "n": _I, "ci_low": _F, "ci_high": _F, "delta_vs_ce": _F, "p_value": _F,
+        "mean": _F, "std": _F, "n": _I, "ci_low": _F, "ci_high": _F, "delta_vs_ce": _F, "reference": _S,
+        "n_pairs": _I, "diff": _F, "diff_ci_low": _F, "diff_ci_high": _F, "effect_size_dz": _F, "p_value": _F,
         "p_adjusted": _F, "significant": _B, "best_params": _S, "best_strength": _F, "correction": _S,
         "test": _S,
     },

@@ -1,0 +1,128 @@
+"""Paired comparisons between the regularizers of one (dataset, model, noise setting): against one
+reference regularizer, or between all pairs.
+
+Final trials of two cells of the same group with the same seed share their noisy labels and their
+initialisation stream, so they are paired by seed. For each pair of regularizers (a, b) and each
+(split, condition, severity, metric): d_s = value_a(s) - value_b(s) over the seeds both completed;
+diff = mean(d), its 95% t-interval, Cohen's d_z = mean(d) / sd(d), and the paired t-test
+(``scipy.stats.ttest_rel``: t = mean(d) / (sd(d) / sqrt(n)), n - 1 df, two-sided). Holm's step-down
+correction runs within each family: the comparisons that answer one question in one setting (one
+group x split x condition x severity x metric), i.e. every regularizer against the reference, or every
+unordered pair in all-pairs mode (a pair is one test; both directions carry its p).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+KEYS = ["split", "condition", "severity", "metric"]
+GROUP = ["dataset", "model", "noise_setting"]
+CELL_COLS = ["cell_id", "dataset", "model", "regularizer", "noise_setting", "noise_kind", "noise_rate"]
+COMPARISON_COLUMNS = [
+    *GROUP, *KEYS, "regularizer", "reference", "n_pairs", "diff", "diff_ci_low", "diff_ci_high",
+    "effect_size_dz", "t", "p_value", "p_adjusted", "significant",
+]  # fmt: skip
+# NaN severities (most metrics) as a finite sentinel: pandas merges/groupbys on NaN keys are fragile.
+NOSEV = -1.0e300
+
+
+def t_half_width(std: np.ndarray, n: np.ndarray, level: float = 0.95) -> np.ndarray:
+    """Half-width of the two-sided t confidence interval of a mean; NaN where n < 2."""
+    n = np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = sps.t.ppf(0.5 + level / 2, np.where(n >= 2, n - 1, np.nan))
+        return q * np.asarray(std, dtype=float) / np.sqrt(n)
+
+
+def holm(p: pd.Series, groups: pd.DataFrame) -> pd.Series:
+    """Holm step-down adjusted p-values within groups; NaN p-values stay NaN and do not count in m.
+
+    p_adj(i) = max_{j <= i} min(1, (m - j + 1) p_(j)) over the ascending p-values of a group.
+    """
+    out = pd.Series(np.nan, index=p.index)
+    ok = p.notna()
+    if not ok.any():
+        return out
+    frame = groups.loc[ok].copy()
+    cols = list(frame.columns)
+    frame["p"] = p[ok]
+    frame = frame.sort_values([*cols, "p"], kind="mergesort")
+    rank = frame.groupby(cols, sort=False).cumcount()
+    m = frame.groupby(cols, sort=False)["p"].transform("count")
+    frame["adj"] = ((m - rank) * frame["p"]).clip(upper=1.0)
+    out.loc[frame.index] = frame.groupby(cols, sort=False)["adj"].cummax()
+    return out
+
+
+def per_seed(trials: pd.DataFrame, evals: pd.DataFrame) -> pd.DataFrame:
+    """One value per completed final trial's cell, seed and (split, condition, severity, metric), with
+    the cell's columns; severity NaN as ``NOSEV``. Several trials of one cell and seed are averaged."""
+    final = trials[(trials["phase"] == "final") & (trials["status"] == "completed")]
+    ev = evals.merge(final[["trial_id", "cell_id", "seed"]], on="trial_id", how="inner")
+    if ev.empty:
+        return pd.DataFrame(columns=[*CELL_COLS, *KEYS, "seed", "value"])
+    ev["severity"] = ev["severity"].astype(float).fillna(NOSEV)
+    values = ev.groupby(["cell_id", *KEYS, "seed"], sort=False, observed=True)["value"].mean().reset_index()
+    return values.merge(trials.drop_duplicates("cell_id")[CELL_COLS], on="cell_id", how="left")
+
+
+def compare(values: pd.DataFrame, *, reference: str | None = "ce", alpha: float = 0.05) -> pd.DataFrame:
+    """Paired comparisons of `per_seed` values (see the module docstring).
+
+    Args:
+        values: ``per_seed`` output.
+        reference: compare every regularizer with this one (rows: regularizer vs reference); None for
+            all pairs (rows in both directions, a pair's p counted once in its Holm family).
+        alpha: level of ``significant`` (p_adjusted < alpha).
+
+    Returns:
+        COMPARISON_COLUMNS; severity NaN restored. Empty when no pair of cells shares a seed.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), but got {alpha}.")
+    a = values[[*GROUP, *KEYS, "seed", "regularizer", "value"]]
+    b = a.rename(columns={"regularizer": "reference", "value": "ref_value"})
+    pairs = a.merge(b, on=[*GROUP, *KEYS, "seed"], how="inner")
+    pairs = pairs[pairs["regularizer"] != pairs["reference"]]
+    if reference is not None:
+        pairs = pairs[pairs["reference"] == reference]
+    if pairs.empty:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in COMPARISON_COLUMNS})
+    pairs = pairs.assign(d=pairs["value"] - pairs["ref_value"]).dropna(subset=["d"])
+    keys = [*GROUP, *KEYS, "regularizer", "reference"]
+    d = pairs.groupby(keys, sort=False, observed=True)["d"].agg(["mean", "std", "count"]).reset_index()
+    n, sd = d["count"].to_numpy(dtype=float), d["std"].to_numpy(dtype=float)
+    half = t_half_width(sd, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = d["mean"].to_numpy() / (sd / np.sqrt(n))
+        p = np.where(n >= 2, 2 * sps.t.sf(np.abs(t), n - 1), np.nan)
+        dz = np.where(n >= 2, d["mean"].to_numpy() / sd, np.nan)
+    out = d[keys].assign(
+        n_pairs=d["count"].astype(int),
+        diff=d["mean"],
+        diff_ci_low=d["mean"] - half,
+        diff_ci_high=d["mean"] + half,
+        effect_size_dz=dz,
+        t=np.where(n >= 2, t, np.nan),
+        p_value=p,
+    )
+    # One test per unordered pair in all-pairs mode: adjust over a < b, then copy to b vs a.
+    family = out if reference is not None else out[out["regularizer"] < out["reference"]]
+    adj = holm(family["p_value"], family[[*GROUP, *KEYS]])
+    out["p_adjusted"] = adj.reindex(out.index)
+    if reference is None:
+        mirror = out.loc[family.index, [*GROUP, *KEYS, "regularizer", "reference", "p_adjusted"]]
+        mirror = mirror.rename(columns={"regularizer": "reference", "reference": "regularizer"})
+        rest = out.index.difference(family.index)
+        back = out.loc[rest, keys].merge(mirror, on=keys, how="left")["p_adjusted"].to_numpy()
+        out.loc[rest, "p_adjusted"] = back
+    out["significant"] = (out["p_adjusted"] < alpha).fillna(False).astype(bool)
+    out["severity"] = out["severity"].replace(NOSEV, np.nan)
+    return out[COMPARISON_COLUMNS].reset_index(drop=True)
+
+
+def correction_text(reference: str | None) -> str:
+    scope = f"regularizers vs {reference}" if reference is not None else "all pairs of regularizers"
+    return f"holm within dataset/model/noise_setting/split/condition/severity/metric over {scope}"
