@@ -54,7 +54,8 @@ def measure(out: Path) -> dict:
     from rich.console import Console
 
     from reports.build import build_summary, load_study
-    from reports.render import render_markdown, render_rich
+    from reports.export import render_markdown
+    from reports.render import render_rich
 
     t0 = time.perf_counter()
     summary = build_summary(out)

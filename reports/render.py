@@ -22,6 +22,7 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from reports.build import Study
+from reports.findings import findings, findings_lines, load_spec_dict, warnings
 from reports.stats import CORRECTION, REFERENCE, best_trials, corruption_mask, corruption_summary, summarize
 from study import vocabulary as vocab
 from study.vocabulary import HIGHER, NEITHER
@@ -256,14 +257,17 @@ def build_tables(study: Study, summary: pd.DataFrame | None = None) -> list[Tabl
     return tables
 
 
-def header_lines(study: Study) -> list[str]:
-    """Report header: study, status, the statistics used, and a warning for partial results."""
+def header_lines(study: Study, *, tables: bool = True) -> list[str]:
+    """Report header: study, status, a warning for partial results and (with ``tables``) how to read
+    the tables."""
     n = len(study.trials)
     lines = [f"Study {study.name}: status {study.status}, {n} trials ({study.path})"]
     if study.partial:
         lines.append("PARTIAL RESULTS: the study has not completed; numbers may change.")
     # Things the run wanted the reader to know, e.g. a cell with no final trials (manifest "notes").
     lines.extend(f"Note: {note}" for note in study.manifest.get("notes", []))
+    if not tables:
+        return lines
     lines.append(
         "Cells: mean ± 95% t-CI half-width over final-phase seeds; second value: difference to ce "
         "(same dataset/model/noise). Paired t-test across seeds (scipy ttest_rel), "
@@ -308,10 +312,31 @@ def _chunks(t: Table, width: int) -> list[list[int]]:
     return groups
 
 
-def render_rich(study: Study, console: Console, summary: pd.DataFrame | None = None) -> None:
-    """Print all tables; a table too wide for the console is split into several column groups."""
-    for i, line in enumerate(header_lines(study)):
+_STYLES = {"title": "bold", "group": "bold cyan", "line": "", "warning": "yellow", "note": "dim"}
+
+
+def answer_lines(study: Study, reference: str = REFERENCE) -> list[tuple[str, str]]:
+    """The findings section (reports/findings.py) of a study."""
+    found = findings(study.trials, study.evals, reference=reference)
+    return findings_lines(found, warnings(study.trials, study.evals, load_spec_dict(study.path)), reference)
+
+
+def render_rich(
+    study: Study,
+    console: Console,
+    summary: pd.DataFrame | None = None,
+    *,
+    full: bool = True,
+    reference: str = REFERENCE,
+) -> None:
+    """Print the header and the findings, then (``full``) all tables; a table too wide for the console
+    is split into several column groups."""
+    for i, line in enumerate(header_lines(study, tables=full)):
         console.print(line, style="bold yellow" if "PARTIAL" in line else "bold" if i == 0 else "dim")
+    for kind, text in answer_lines(study, reference):
+        console.print(text, style=_STYLES[kind], highlight=False)
+    if not full:
+        return
     tables = build_tables(study, summary)
     question = None
     for t in tables:
@@ -330,65 +355,3 @@ def render_rich(study: Study, console: Console, summary: pd.DataFrame | None = N
             for label, cells in t.rows:
                 rt.add_row(label, *(_rich_cell(cells[c]) for c in cols))
             console.print(rt)
-
-
-def _text_cell(c: Value | str | None, fmt: str) -> str:
-    if c is None:
-        return "-"
-    if isinstance(c, str):
-        return c.replace("%", r"\%") if fmt == "latex" else c
-    pm, bold = (r"$\pm$", r"\textbf{%s}") if fmt == "latex" else ("±", "**%s**")
-    s = bold % _fmt(c.mean) if c.best else _fmt(c.mean)
-    if np.isfinite(c.half):
-        s += f" {pm} {_fmt(c.half)}"
-    if c.is_ref:
-        s += " (ref)"
-    elif np.isfinite(c.delta):
-        stars = (f"$^{{{c.stars}}}$" if fmt == "latex" else c.stars.replace("*", r"\*")) if c.stars else ""
-        s += f" ({c.delta:+.3f}{stars})"
-    return s
-
-
-def render_markdown(study: Study, summary: pd.DataFrame | None = None) -> str:
-    """The report as GitHub markdown: a header paragraph, then one pipe table per table."""
-    out = [f"# {study.name}", ""] + [f"{line}  " for line in header_lines(study)] + [""]
-    question = None
-    for t in build_tables(study, summary):
-        if t.question != question:
-            question = t.question
-            out += [f"## {question}", ""]
-        out += [f"### {t.title}", "", "| " + " | ".join([t.first, *t.columns]) + " |"]
-        out.append("|" + "---|" * (len(t.columns) + 1))
-        out += [
-            "| " + " | ".join([label, *(_text_cell(c, "md") for c in cells)]) + " |"
-            for label, cells in t.rows
-        ]
-        out.append("")
-    return "\n".join(out)
-
-
-def _tex(s: str) -> str:
-    for a, b in (
-        ("\\", r"\textbackslash{}"),
-        ("_", r"\_"),
-        ("%", r"\%"),
-        ("&", r"\&"),
-        ("#", r"\#"),
-        ("Σ", r"$\Sigma$"),
-    ):
-        s = s.replace(a, b)
-    return s.replace("²", "$^2$")
-
-
-def render_latex(study: Study, summary: pd.DataFrame | None = None) -> str:
-    """The report as LaTeX (booktabs tabulars, one table environment per table)."""
-    out = [f"% {line}" for line in header_lines(study)]
-    for t in build_tables(study, summary):
-        out += [r"\begin{table}[ht]", r"\centering", rf"\caption{{{_tex(t.question)}: {_tex(t.title)}}}"]
-        out += [r"\begin{tabular}{l" + "r" * len(t.columns) + "}", r"\toprule"]
-        out.append(" & ".join(_tex(x) for x in [t.first, *t.columns]) + r" \\")
-        out.append(r"\midrule")
-        for label, cells in t.rows:
-            out.append(" & ".join([_tex(label), *(_text_cell(c, "latex") for c in cells)]) + r" \\")
-        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return "\n".join(out)

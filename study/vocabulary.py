@@ -88,6 +88,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("nll", "NLL", LOWER, Q_CALIBRATION),
     Metric("brier", "Brier score", LOWER, Q_CALIBRATION),
     Metric("ece_ts", "ECE after temperature scaling", LOWER, Q_CALIBRATION),
+    Metric(
+        "calibration_gap", "mean confidence - accuracy (signed: > 0 overconfident)", NEITHER, Q_CALIBRATION
+    ),  # fmt: skip
+    Metric("temperature", "fitted temperature T (> 1: overconfident)", NEITHER, Q_CALIBRATION),
     Metric("overconfidence_on_errors", "mean confidence on errors", LOWER, Q_CALIBRATION),
     Metric("mean_confidence", "mean confidence", NEITHER),
     Metric("mce", "MCE", LOWER),
@@ -96,7 +100,6 @@ METRICS: tuple[Metric, ...] = (
     Metric("nll_ts", "NLL after temperature scaling", LOWER),
     Metric("adaptive_ece_ts", "adaptive ECE after temperature scaling", LOWER),
     Metric("brier_ts", "Brier score after temperature scaling", LOWER),
-    Metric("temperature", "fitted temperature T", NEITHER),
     Metric(
         "gradient_masking",
         "gradient masking flag (1 = a weaker attack beat PGD-CE)",
@@ -130,3 +133,36 @@ BIN_METRIC_PREFIX = "bin_"
 
 def metrics_for(question: str) -> list[Metric]:
     return [m for m in METRICS if m.question == question]
+
+
+# The one metric per question that the report's findings answer with (robustness picks its attack
+# and corruption rows from what the study measured).
+FINDING_METRICS = {
+    Q_ACCURACY: "accuracy",
+    Q_CALIBRATION: "ece",
+    Q_NOISE: "memorisation_rate",
+    Q_GEOMETRY: "r2",
+    Q_DISTILLATION: "student_accuracy",
+}
+# Metrics on a [0, 1] scale, shown as percentages / differences in percentage points.
+PERCENT_METRICS = frozenset(
+    {"accuracy", "ece", "mce", "adaptive_ece", "classwise_ece", "ece_ts", "memorisation_rate",
+     "clean_label_recovery", "train_accuracy_clean_labels", "student_accuracy", "teacher_accuracy",
+     "student_ece", "calibration_gap", "overconfidence_on_errors", "mean_confidence"}
+)  # fmt: skip
+# Short display names of the built-in regularizers (others are shown as they are named).
+REGULARIZER_SHORT = {
+    "ce": "CE",
+    "label_smoothing": "LS",
+    "maxsup": "MaxSup",
+    "confidence_penalty": "CP",
+    "online_label_smoothing": "OLS",
+    "logit_penalty": "LogitPen",
+    "logitnorm": "LogitNorm",
+    "focal": "Focal",
+    "disturb_label": "DisturbLbl",
+}
+
+
+def short_name(regularizer: str) -> str:
+    return REGULARIZER_SHORT.get(regularizer, regularizer)

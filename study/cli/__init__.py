@@ -57,7 +57,7 @@ def run(
         err.print("[yellow]interrupted: continue with --resume[/yellow]")
         raise typer.Exit(130) from None
     if not no_report:
-        report(out_dir, fmt="rich", no_plots=False)
+        report(out_dir, fmt="rich", no_plots=False, full=False, reference="ce", all_pairs=False)
         if storage:
             from study.sweep.runner import sync_storage
 
@@ -133,8 +133,14 @@ def report(
     out_dir: Path = typer.Argument(..., metavar="DIR", help="Results directory of a study."),
     fmt: str = typer.Option("rich", "--format", help="rich | markdown | latex"),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not write plots/*.png."),
+    full: bool = typer.Option(False, "--full", help="Every table after the findings."),
+    reference: str = typer.Option("ce", "--reference", help="Regularizer the others are compared with."),
+    all_pairs: bool = typer.Option(
+        False, "--all-pairs", help="summary.parquet compares every pair of regularizers (Holm over pairs)."
+    ),
 ) -> None:
-    """Render the report of a results directory (writes summary.parquet and plots/*.png)."""
+    """Render the report of a results directory: findings first (--full: every table); writes
+    summary.parquet and plots/*.png."""
     import os
     import shutil
     import tempfile
@@ -148,26 +154,36 @@ def report(
         _bad_input(f"--format must be rich, markdown or latex, but got {escape(fmt)!r}")
     try:
         study = load_study(out_dir)
-        study.summary = summarize(study.trials, study.evals, study=study.name)
+        regs = sorted(study.trials["regularizer"].dropna().unique())
+        if regs and reference not in regs:
+            allowed = ", ".join(regs)
+            _bad_input(f"--reference must be a regularizer of the study ({allowed}), but got {reference!r}")
+        # The tables show one comparison per cell (vs the reference); --all-pairs widens the file.
+        study.summary = summarize(study.trials, study.evals, study=study.name, reference=reference)
+        summary_out = study.summary
+        if all_pairs:
+            summary_out = summarize(study.trials, study.evals, study=study.name, all_pairs=True)
     except ResultsError as exc:
         _bad_input(escape(str(exc)))
     # Nothing in the directory changes until everything has been computed: plots go to a temp dir
     # (removed on failure), then summary.parquet and the PNGs are moved in with os.replace.
     tmp = None
     try:
-        from reports.render import render_latex, render_markdown, render_rich
+        from reports.export import render_latex, render_markdown
+        from reports.render import render_rich
 
         if fmt == "rich":
-            render_rich(study, Console())
+            render_rich(study, Console(), full=full, reference=reference)
         else:
-            typer.echo(render_markdown(study) if fmt == "markdown" else render_latex(study))
+            render = render_markdown if fmt == "markdown" else render_latex
+            typer.echo(render(study, full=full, reference=reference))
         written = []
         if not no_plots:
             from reports.plots import write_plots
 
             tmp = Path(tempfile.mkdtemp(dir=study.path, prefix=".plots-"))
             written = write_plots(study, tmp)
-        write_table(study.path, "summary", study.summary)
+        write_table(study.path, "summary", summary_out)
         if written:
             (study.path / "plots").mkdir(exist_ok=True)
             for png in written:

@@ -42,7 +42,10 @@ def evaluate_model(
     rows: list[dict[str, Any]] = []
     test_logits, test_feats = predict(model, b.x_test, b.to_float, device, features=True)
     y_test = b.y_test
-    for name, value in metrics.classification_metrics(test_logits, y_test).items():
+    clean = metrics.classification_metrics(test_logits, y_test)
+    # Signed calibration next to ECE: > 0 overconfident, < 0 underconfident (strong LS).
+    clean["calibration_gap"] = clean["mean_confidence"] - clean["accuracy"]
+    for name, value in clean.items():
         rows.append(_row("test", "clean", name, value))
     val_logits, _ = predict(model, prep.x_val, b.to_float, device)
     for name, value in metrics.calibration_after_temperature(

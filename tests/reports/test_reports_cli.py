@@ -56,9 +56,10 @@ def test_query_numbers(frames_and_dir):
 
 def test_report_writes_summary_and_plots(frames_and_dir):
     _, out = frames_and_dir
-    result = runner.invoke(app, ["report", str(out), "--format", "markdown"])
+    result = runner.invoke(app, ["report", str(out), "--format", "markdown", "--full"])
     assert result.exit_code == 0, result.output
     assert "## Clean test accuracy" in result.stdout
+    assert result.stdout.index("## Findings") < result.stdout.index("## Clean test accuracy")
     assert len(read_table(out, "summary")) > 0
     pngs = sorted((out / "plots").glob("*.png"))
     assert {p.name.split("_")[0] for p in pngs} == {"accuracy", "strength", "reliability", "curves"}
@@ -69,7 +70,7 @@ def test_report_writes_summary_and_plots(frames_and_dir):
         with Image.open(p) as im:
             im.verify()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # temp files cleaned up
-    rich = runner.invoke(app, ["report", str(out), "--no-plots"])
+    rich = runner.invoke(app, ["report", str(out), "--no-plots", "--full"])
     assert rich.exit_code == 0 and "Calibration" in rich.stdout
 
 

@@ -11,7 +11,8 @@ from rich.console import Console
 from scipy import stats as sps
 
 from reports.build import build_summary, load_study, write_table
-from reports.render import abbreviate, build_tables, render_latex, render_markdown, render_rich
+from reports.export import render_latex, render_markdown
+from reports.render import abbreviate, build_tables, render_rich
 from reports.synthetic import make_synthetic_study
 
 WIDE = (

@@ -52,6 +52,6 @@ def test_distillation_and_transfer_rows(tmp_path, monkeypatch):
     flags = final[final.metric == "gradient_masking"]
     assert len(flags) == 3 and set(flags["value"]) <= {0.0, 1.0}
 
-    res = CliRunner().invoke(app, ["report", str(out), "--format", "markdown", "--no-plots"])
+    res = CliRunner().invoke(app, ["report", str(out), "--format", "markdown", "--no-plots", "--full"])
     assert res.exit_code == 0, res.output
     assert "student" in res.output.lower() and "teacher" in res.output.lower()
