@@ -39,7 +39,7 @@ SCHEMAS: dict[str, dict[str, pa.DataType]] = {
         "noise_mode": _S, "noise_setting": _S, "realized_noise_rate": _F, "noise_seed": _I, "seed": _I,
         "status": _S, "epochs": _I, "max_epochs": _I, "best_value": _F, "best_epoch": _I, "metric": _S,
         "direction": _S, "wall_s": _F, "device": _S, "node": _S, "error": _S, "started_at": _F,
-        "ended_at": _F, "optuna_number": _I,
+        "ended_at": _F, "optuna_number": _I, "params_text": _S,
     },
     "epochs": {"trial_id": _S, **{c: (_I if c == "epoch" else _F) for c in vocabulary.EPOCH_COLUMNS}},
     "projections": {"trial_id": _S, "cls": _I, "x": _F, "y": _F},

@@ -190,10 +190,21 @@ def warnings(trials: pd.DataFrame, evals: pd.DataFrame, spec: dict[str, Any] | N
     edge = _at_edge(trials, spec) if spec else []
     if edge:
         out.append(f"best config at the edge of its search range (widen it): {_few(edge)}")
+    if spec and _noisy_validation(spec) and (evals["metric"] == "ece_ts").any():
+        out.append(
+            "temperature scaling (T, ece_ts) was fitted on NOISY validation labels; set "
+            "dataset.clean_validation: true to fit it on clean ones"
+        )
     outliers = _outlier_seeds(final, evals)
     if outliers:
         out.append(f"single-seed outliers (> 3 MAD from the other seeds): {_few(outliers)}")
     return out
+
+
+def _noisy_validation(spec: dict[str, Any]) -> bool:
+    noise = spec.get("noise") or []
+    noisy = any(isinstance(n, dict) and n.get("kind", "none") != "none" for n in noise)
+    return noisy and not (spec.get("dataset") or {}).get("clean_validation", False)
 
 
 def _few(items: list[str], k: int = 3) -> str:

@@ -213,6 +213,17 @@ def _best_strength(best: dict, regs: list[str], cols: list[str], where: str) -> 
     return table
 
 
+def _best_config(best: pd.DataFrame, regs: list[str], where: str) -> Table:
+    """The hyperparameters the final trials used, per cell (lr included, schedules as start->end)."""
+    table = Table("Search economics", f"{where}: configuration of the final trials", ["configuration"],
+                  first="cell", noise_columns=False)  # fmt: skip
+    for _, r in best.sort_values(["regularizer", "noise_setting"]).iterrows():
+        if r["regularizer"] in regs:
+            label = f"{r['regularizer']} / {r['noise_setting']}"
+            table.rows.append((label, [r["params_text"] if isinstance(r["params_text"], str) else "-"]))
+    return table
+
+
 def build_tables(study: Study, summary: pd.DataFrame | None = None) -> list[Table]:
     """All report tables of a study: questions in order, then one table per (dataset, model) and metric.
 
@@ -246,6 +257,8 @@ def build_tables(study: Study, summary: pd.DataFrame | None = None) -> list[Tabl
                     zip(zip(b["regularizer"], b["noise_setting"], strict=True), b["strength"], strict=True)
                 )
                 tables += [econ, _best_strength(best, regs, cols, where)]
+                if "params_text" in b.columns and b["params_text"].notna().any():
+                    tables.append(_best_config(b, regs, where))
                 continue
             for split, cond, sev, metric, label, better in _specs(question, index, dataset, model):
                 sub = index.get((dataset, model, split, cond, metric))

@@ -123,6 +123,15 @@ METRICS: tuple[Metric, ...] = (
     Metric("d_total", "d_total (cosine distance over all pairs)", NEITHER),
     Metric("student_accuracy", "student accuracy", HIGHER, Q_DISTILLATION, condition=DISTILL),
     Metric("teacher_accuracy", "teacher accuracy", HIGHER, Q_DISTILLATION, condition=DISTILL),
+    Metric(
+        "distill_gain",
+        "student accuracy - same student on the labels alone",
+        HIGHER,
+        Q_DISTILLATION,
+        condition=DISTILL,
+    ),  # fmt: skip
+    Metric("teacher_student_gap", "teacher accuracy - student accuracy", LOWER, condition=DISTILL),
+    Metric("baseline_student_accuracy", "student trained on the labels alone", HIGHER, condition=DISTILL),
     Metric("student_ece", "student ECE", LOWER, condition=DISTILL),
     Metric("distill_wall_s", "distillation wall time (s)", NEITHER, condition=DISTILL),
 )
@@ -148,7 +157,8 @@ FINDING_METRICS = {
 PERCENT_METRICS = frozenset(
     {"accuracy", "ece", "mce", "adaptive_ece", "classwise_ece", "ece_ts", "memorisation_rate",
      "clean_label_recovery", "train_accuracy_clean_labels", "student_accuracy", "teacher_accuracy",
-     "student_ece", "calibration_gap", "overconfidence_on_errors", "mean_confidence"}
+     "student_ece", "calibration_gap", "overconfidence_on_errors", "mean_confidence", "distill_gain",
+     "teacher_student_gap", "baseline_student_accuracy"}
 )  # fmt: skip
 # Short display names of the built-in regularizers (others are shown as they are named).
 REGULARIZER_SHORT = {

@@ -124,7 +124,10 @@ def grid_size(cell: Cell) -> int:
 
 
 def search_budget(spec: StudySpec, cell: Cell) -> int:
-    """Search trials of a cell: trials_per_cell, capped by the grid's size under the grid sampler."""
+    """Search trials of a cell: trials_per_cell, capped by the grid's size under the grid sampler; 0 for
+    every cell when the spec searches nothing (its final trials then start at once)."""
+    if not _searches_anything(spec):
+        return 0
     if spec.search.sampler == "grid":
         return min(spec.search.trials_per_cell, max(grid_size(cell), 1))
     return spec.search.trials_per_cell
@@ -138,3 +141,9 @@ def final_seeds(spec: StudySpec) -> range:
     # Final seeds start at 1: seed 0 trained the search trials, and re-using it would carry the
     # selection's luck (winner's curse) into the final estimate.
     return range(1, spec.final.seeds + 1)
+
+
+def _searches_anything(spec: StudySpec) -> bool:
+    values = [getattr(spec.train, k) for k in TrainSpec.SEARCHABLE]
+    values += [v for params in spec.regularizers.values() for v in params.values()]
+    return any(isinstance(v, (Range, Choices, Grid)) for v in values)

@@ -164,8 +164,23 @@ def _trial_row(spec: StudySpec, cell: Cell, rec: dict[str, Any]) -> dict[str, An
     }
     values = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **reg_params}
     for k, v in values.items():
-        row[f"param_{k}"] = json.dumps(v) if isinstance(v, dict) else v
+        if isinstance(v, dict):  # a schedule: numeric start and end columns, the whole in params_text
+            row[f"param_{k}"], row[f"param_{k}_end"] = float(v["start"]), float(v["end"])
+        else:
+            row[f"param_{k}"] = v
+    row["params_text"] = params_text(values)
     return row
+
+
+def params_text(values: dict[str, Any]) -> str:
+    """The hyperparameters as a reader wants them: "alpha=0.1->0.2 linear, lr=0.011, weight_decay=0"."""
+    parts = []
+    for k, v in sorted(values.items()):
+        if isinstance(v, dict):
+            parts.append(f"{k}={v['start']:.3g}->{v['end']:.3g} {v.get('schedule', 'linear')}")
+        else:
+            parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts)
 
 
 def _best(rec: dict[str, Any], spec: StudySpec) -> float | None:

@@ -238,3 +238,25 @@ def test_live_view_counts_per_cell_best_and_eta(tmp_path, monkeypatch):
     assert rows["s mnist1d/cnn1d/ce/none"] == ["1", "0", "0", "0", "-"]
     # 3 of the 8 planned trials (4 search + 4 final) ended in 30 s: ETA 30 / 3 * 5 = 50 s.
     assert "3/8 trials ended" in text and "ETA 50s" in text
+
+
+def test_a_spec_with_nothing_to_search_skips_the_search_phase(tmp_path):
+    spec = parse_spec(
+        "name: fixed\nmodels: [mlp]\nregularizers: {ce: {}, label_smoothing: {alpha: 0.1}}\n"
+        "train: {epochs: 2, lr: 0.01}\nfinal: {seeds: 2}\n"
+    )
+    cells = expand_cells(spec)
+    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
+    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
+    told: list[str] = []
+    source = TrialSource(spec, cells, studies, ctx, on_search_done=lambda: told.append("search_done"))
+    assert source.remaining() == 4  # final trials only
+    configs = [source.suggest(f"t{i}") for i in range(4)]
+    assert told == ["search_done"] and all(ctx.by_tune_id[f"t{i}"].phase == "final" for i in range(4))
+    assert {(c["trial"]["regularizer"]["name"], c["trial"]["seed"]) for c in configs} == {
+        ("ce", 1),
+        ("ce", 2),
+        ("label_smoothing", 1),
+        ("label_smoothing", 2),
+    }
+    assert all(not studies.trials(c.cell_id) for c in cells)  # nothing asked of Optuna

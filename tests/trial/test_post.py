@@ -45,6 +45,13 @@ def test_distillation_and_transfer_rows(tmp_path, monkeypatch):
         "value"
     ]
     assert (distill["teacher_accuracy"] - clean).abs().max() < 1e-9
+    # The baseline student (labels alone) is the same model for every teacher of a seed: same seed,
+    # same noisy labels, same student recipe; the gain and the gap follow from the three accuracies.
+    assert distill["baseline_student_accuracy"].nunique() == 1
+    gain = distill["student_accuracy"] - distill["baseline_student_accuracy"]
+    assert (distill["distill_gain"] - gain).abs().max() < 1e-12
+    gap = distill["teacher_accuracy"] - distill["student_accuracy"]
+    assert (distill["teacher_student_gap"] - gap).abs().max() < 1e-12
     transfer = final[final.condition == "transfer"]
     assert set(transfer.regularizer) == {"label_smoothing", "maxsup"}  # crafted on ce: not for ce itself
     assert set(transfer.severity) == {0.1}
