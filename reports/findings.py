@@ -140,8 +140,14 @@ def findings(
             row = _comparison(comp, (dataset, model, setting), key, best, other, reference)
             head = (dataset, model, setting, question, label, metric, better, best)
             out.append(Finding(*head, float(ranked.iloc[0]["value"]), other, *row))
-    # Grouped by setting (in the study's order), questions in the vocabulary's order.
-    order = {g: i for i, g in enumerate(dict.fromkeys(zip(*(values[c] for c in GROUP), strict=True)))}
+    # Grouped by setting (clean first, then noise kinds in the vocabulary's order and by rate),
+    # questions in the vocabulary's order.
+    kinds = list(vocab.NOISE_KINDS)
+    settings = values.drop_duplicates(GROUP).assign(
+        _k=lambda f: f["noise_kind"].map(lambda k: kinds.index(k) if k in kinds else len(kinds))
+    )
+    settings = settings.sort_values(["dataset", "model", "_k", "noise_rate", "noise_setting"])
+    order = {g: i for i, g in enumerate(zip(*(settings[c] for c in GROUP), strict=True))}
     out.sort(key=lambda f: (order[(f.dataset, f.model, f.noise_setting)], vocab.QUESTIONS.index(f.question)))
     return out
 

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from study.spec._checks import check_cross_fields, format_error
 from study.spec._models import (
     METRICS,
+    AdaptiveSeeds,
     Choices,
     DatasetSpec,
     DistillSpec,
@@ -35,6 +36,7 @@ from study.spec._models import (
 )
 
 __all__ = [
+    "AdaptiveSeeds",
     "Choices",
     "DatasetSpec",
     "DistillSpec",

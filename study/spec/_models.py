@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -206,9 +206,34 @@ class SearchSpec(_Strict):
         return METRICS[self.metric]
 
 
+class AdaptiveSeeds(_Strict):
+    """Seeds added in rounds: every cell starts with `min`; after each round, a cell whose key
+    comparison (test accuracy vs the reference cell of its group, paired by seed) has a 95% CI that
+    still straddles zero gets one more seed (and so does its reference), until decided or `max`."""
+
+    min: int = Field(3, ge=2)
+    max: int = Field(10, ge=2)
+    until: Literal["decided"] = "decided"
+    reference: str = "ce"
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaptiveSeeds:
+        if self.max < self.min:
+            raise ValueError(f"max must be >= min, but got min={self.min}, max={self.max}")
+        return self
+
+
 class FinalSpec(_Strict):
-    seeds: int = Field(3, ge=1)
+    seeds: Annotated[int, Field(ge=1)] | AdaptiveSeeds = 3
     epochs: int | None = Field(None, ge=1)
+
+    @property
+    def max_seeds(self) -> int:
+        return self.seeds if isinstance(self.seeds, int) else self.seeds.max
+
+    @property
+    def first_seeds(self) -> int:
+        return self.seeds if isinstance(self.seeds, int) else self.seeds.min
 
 
 class EvaluateSpec(_Strict):

@@ -16,9 +16,10 @@ from typing import Any
 from optuna.trial import TrialState
 
 from study.spec import StudySpec
-from study.sweep.cells import Cell, expand_cells, final_seeds
+from study.sweep.cells import Cell, expand_cells
 from study.sweep.optuna_cells import CellStudies
 from study.sweep.records import Records, TrialRecord, safe_name, trial_id_for, trial_key
+from study.sweep.seeds import SeedPlan
 from study.vocabulary import EPOCH_COLUMNS, FINAL_DONE_STATUSES, TERM_PREFIX
 
 # The sentinel TrialSource.suggest returns when no trial is left (Tune's Searcher.FINISHED).
@@ -71,6 +72,10 @@ class TrialSource:
         }
         self.search_ended: set[str] = set()  # cells whose search trials have all ended
         self.final_queue: list[tuple[Cell, dict[str, Any], int]] = []
+        self.final_params: dict[str, dict[str, Any]] = {}  # cell id -> the config its finals retrain
+        self.queued: set[str] = set()  # final trial keys queued (or handed out) by this driver
+        self.seeds = SeedPlan(spec, cells)
+        ctx.seed_plan = self.seeds
 
     def remaining(self) -> int:
         """Trials still to run: the search budget not yet ended plus final trials not yet done."""
@@ -80,9 +85,9 @@ class TrialSource:
         final = sum(
             trial_key("final", c.cell_id, seed) not in self.final_done
             for c in self.cells
-            for seed in final_seeds(self.spec)
+            for seed in range(1, self.spec.final.max_seeds + 1)
         )
-        return search + final
+        return search + final  # an upper bound with adaptive seeds: suggest says FINISHED early
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self.orphans:
@@ -95,12 +100,17 @@ class TrialSource:
             cell = min(open_cells, key=lambda c: asked[c.cell_id])
             return self.ctx.new_search_trial(trial_id, cell, self.studies.ask(cell))
         self.queue_finals()
+        if not self.final_queue and len(self.search_ended) == len(self.cells):
+            self._next_round()
         if self.final_queue:
             cell, params, seed = self.final_queue.pop(0)
             return self.ctx.new_final_trial(trial_id, cell, params, seed)
-        if len(self.search_ended) == len(self.cells):
+        # Fixed seeds: nothing more will be asked. Adaptive: running finals may still ask for a round.
+        if len(self.search_ended) == len(self.cells) and (
+            self.seeds.adaptive is None or not self._pending_finals()
+        ):
             return FINISHED
-        return None  # the last search trials of some cells are still running: ask again later
+        return None  # search or final trials that decide what comes next still run: ask again later
 
     def queue_finals(self) -> None:
         """Queue the final trials of every cell whose search has just ended (all its trials told); tell
@@ -121,11 +131,42 @@ class TrialSource:
                     f"{states.count(TrialState.FAIL)} failed or diverged), so it has no final trials"
                 )
                 continue
-            for seed in final_seeds(self.spec):
-                if trial_key("final", cell.cell_id, seed) not in self.final_done:
-                    self.final_queue.append((cell, params, seed))
+            self.final_params[cell.cell_id] = params
+            self._queue_seeds(cell)
         if len(self.search_ended) == len(self.cells) > ended_before:
             self.on_search_done()
+
+    def _queue_seeds(self, cell: Cell) -> None:
+        for seed in self.seeds.wanted(cell):
+            key = trial_key("final", cell.cell_id, seed)
+            if key not in self.final_done and key not in self.queued:
+                self.queued.add(key)
+                self.final_queue.append((cell, self.final_params[cell.cell_id], seed))
+
+    def _ended_finals(self) -> set[str]:
+        live = {r.key for r in self.ctx.by_tune_id.values() if r.phase == "final" and r.ended_at is not None}
+        return self.final_done | live
+
+    def _pending_finals(self) -> bool:
+        return bool(self.queued - self._ended_finals())
+
+    def _next_round(self) -> None:
+        """Adaptive seeds: once every wanted seed of a group has ended, ask the plan for more."""
+        if self.seeds.adaptive is None:
+            return
+        ended = self._ended_finals()
+        records = self.ctx.records.load_all("final")
+        accuracy: dict[str, dict[int, float]] = {}
+        for cell in self.cells:
+            keys = [trial_key("final", cell.cell_id, s) for s in self.seeds.wanted(cell)]
+            if cell.cell_id not in self.final_params or not all(k in ended for k in keys):
+                continue
+            accuracy[cell.cell_id] = {
+                s: v for s, k in zip(self.seeds.wanted(cell), keys, strict=True)
+                if (v := _test_accuracy(records.get(k))) is not None
+            }  # fmt: skip
+        for cell_id in self.seeds.advance(accuracy):
+            self._queue_seeds(self.ctx.cells[cell_id])
 
     def ended(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.ctx.search_trial_ended(trial_id, result, error)
@@ -148,6 +189,8 @@ class StudyContext(DriverOnly):
         self.after_trial: Callable[[], None] = lambda: None
         # One line per thing the user should know that is not an error (e.g. a cell with no finals).
         self.notes: list[str] = []
+        # How many final seeds each cell got and why it stopped (set by TrialSource; manifest).
+        self.seed_plan: SeedPlan | None = None
 
     def progress(self) -> None:
         self.on_progress()
@@ -301,3 +344,13 @@ def post_jobs(spec: StudySpec, ctx: StudyContext) -> list[tuple[str, str, tuple[
         if spec.distill and "distill" not in conditions:
             jobs.append((key, "distill", (rec["config"], spec.distill.model_dump())))
     return jobs
+
+
+def _test_accuracy(rec: dict[str, Any] | None) -> float | None:
+    """Clean test accuracy of a final trial's record (None when it did not complete)."""
+    if rec is None or rec.get("status") != "completed":
+        return None
+    for row in (rec.get("payload") or {}).get("eval_rows") or []:
+        if (row["split"], row["condition"], row["metric"]) == ("test", "clean", "accuracy"):
+            return float(row["value"])
+    return None

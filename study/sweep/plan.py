@@ -27,9 +27,16 @@ def print_plan(spec: StudySpec, console: Console) -> dict[str, int]:
     console.print(
         f"search: {counts['search']} trials x <= {spec.train.epochs} epochs "
         f"({spec.search.sampler} sampler, {spec.search.pruner.kind} pruner, metric {spec.search.metric})\n"
-        f"final:  {counts['final']} trials ({spec.final.seeds} seeds per cell) x {final_epochs} epochs\n"
+        f"final:  {counts['final']} trials ({_seeds_text(spec)} per cell) x {final_epochs} epochs\n"
         f"budget: at most {budget} epochs; "
         f"resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU",
         highlight=False,
     )
     return {**counts, "cells": len(cells), "epoch_budget": budget}
+
+
+def _seeds_text(spec: StudySpec) -> str:
+    seeds = spec.final.seeds
+    if isinstance(seeds, int):
+        return f"{seeds} seeds"
+    return f"{seeds.min}-{seeds.max} seeds, added until the comparison with {seeds.reference} is decided"

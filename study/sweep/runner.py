@@ -215,6 +215,8 @@ def _finish(
     manifest["status"] = status
     manifest["ended_at"] = time.time()
     manifest["schema_version"] = SCHEMA_VERSION
+    if ctx is not None and ctx.seed_plan is not None and ctx.seed_plan.adaptive is not None:
+        manifest["final_seeds"] = ctx.seed_plan.record()
     if ctx is not None and ctx.notes:
         manifest["notes"] = sorted(set(manifest.get("notes", [])) | set(ctx.notes))
         for note in ctx.notes:

@@ -260,3 +260,47 @@ def test_a_spec_with_nothing_to_search_skips_the_search_phase(tmp_path):
         ("label_smoothing", 2),
     }
     assert all(not studies.trials(c.cell_id) for c in cells)  # nothing asked of Optuna
+
+
+@pytest.mark.parametrize(("effect", "expected"), [(0.10, 3), (0.0, 6)])
+def test_adaptive_seeds_stop_when_decided_and_go_to_max_on_a_null(tmp_path, effect, expected):
+    """Large planted effect: decided after the first round (min seeds). Null: seeds until max."""
+    import numpy as np
+
+    spec = parse_spec(
+        "name: adaptive\nmodels: [mlp]\nregularizers: {ce: {}, label_smoothing: {alpha: 0.1}}\n"
+        "train: {epochs: 2, lr: 0.01}\nfinal: {seeds: {min: 3, max: 6, until: decided}}\n"
+    )
+    cells = expand_cells(spec)
+    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
+    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
+    source = TrialSource(spec, cells, studies, ctx)
+    rng = np.random.default_rng(0)
+    seed_effect = {s: 0.8 + rng.normal(0, 0.05) for s in range(1, 7)}  # shared by both cells: paired
+    n, running = 0, []
+    while True:
+        cfg = source.suggest(f"t{n}")
+        if cfg == FINISHED:
+            break
+        if cfg is None:  # finals of the round still running: finish them, as Tune would
+            assert running, "suggest waits with nothing running"
+            for tid in running:
+                rec = ctx.by_tune_id[tid]
+                seed = rec.index
+                acc = seed_effect[seed] + (effect if "label_smoothing" in rec.cell_id else 0.0)
+                acc += rng.normal(0, 0.005)
+                rec.payload = {"status": "completed", "best_value": acc, "epoch_rows": [],
+                               "eval_rows": [{"split": "test", "condition": "clean", "severity": None,
+                                              "metric": "accuracy", "value": acc}]}  # fmt: skip
+                ctx.finish(tid, error=None)
+            running = []
+            continue
+        running.append(f"t{n}")
+        n += 1
+        assert n < 50
+    seeds = {c: sorted(r.index for r in ctx.by_tune_id.values() if r.cell_id == c) for c in ctx.cells}
+    assert all(s == list(range(1, expected + 1)) for s in seeds.values()), seeds
+    record = ctx.seed_plan.record()
+    ls = next(c for c in record if "label_smoothing" in c)
+    assert record[ls]["stopped"].startswith("decided" if effect else "max seeds")
+    assert record[ls]["seeds"] == expected
