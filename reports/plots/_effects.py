@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from reports.plots._common import grid, kinds_in, mean_ci, panels, seeds_note, seeds_panel
 from reports.stats import corruption_mask
@@ -82,6 +83,7 @@ def vs_severity(
     for ax, ns in zip(axes, settings, strict=False):
         n = seeds_panel(ax, d[d["noise_setting"] == ns], "severity", regs, cols)
         fewest = min(fewest, n) if fewest and n else fewest or n
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # severities are levels 1..5
         ax.set(xlabel="corruption severity (0 = clean)", ylabel="test accuracy, mean over corruptions")
         ax.set_title(f"{title}: {ns}", fontsize=10)
     axes[0].legend(fontsize=8, title=seeds_note(fewest), title_fontsize=7)
