@@ -71,7 +71,7 @@ def make_synthetic_study(
     seeds: int = 3,
     search_trials: int = 6,
     max_epochs: int = 8,
-    bins: int = 10,
+    bins: int = 15,
     corruptions: int = 2,
     status: str = "completed",
     rng_seed: int = 0,
@@ -81,7 +81,8 @@ def make_synthetic_study(
     Args:
         seeds: final trials per cell (seed 0..seeds-1, noise_seed = seed).
         search_trials: search trials per cell; about 40% pruned, a few failed/diverged.
-        bins: reliability bins per final trial.
+        bins: reliability bins per final trial, plus the evaluation's extra bin (index ``bins``) of
+            confidences equal to 1.0.
         corruptions: number of corruption types (5 severities each) plus their mean.
         status: manifest status ("completed" gives a non-partial study).
     """
@@ -181,7 +182,7 @@ def make_synthetic_study(
     specs: list[tuple[str, str, float, str]] = [("test", "clean", np.nan, m) for m in _CLEAN]
     specs += [
         ("test", "clean", float(b), m)
-        for b in range(bins)
+        for b in range(bins + 1)
         for m in ("bin_accuracy", "bin_confidence", "bin_count")
     ]
     specs += [("test", c, eps, "accuracy") for c in ("fgsm", "pgd_ce", "pgd_dlr") for eps in (0.05, 0.1)]
@@ -208,12 +209,12 @@ def make_synthetic_study(
             val[:, j] = 0.3 * ece + 0.01
         elif mt in ("nll", "nll_ts"):
             val[:, j] = 1.5 - fq + ece + (0 if mt == "nll" else -0.02)
-        elif mt == "bin_confidence":
-            val[:, j] = (s_ + 0.5) / bins
+        elif mt == "bin_confidence":  # bin `bins` holds confidences of exactly 1.0
+            val[:, j] = min((s_ + 0.5) / bins, 1.0)
         elif mt == "bin_accuracy":
-            val[:, j] = np.clip((s_ + 0.5) / bins - ece * (s_ / bins) * 2, 0, 1)
+            val[:, j] = np.clip(min((s_ + 0.5) / bins, 1.0) - ece * min(s_ / bins, 1.0) * 2, 0, 1)
         elif mt == "bin_count":
-            val[:, j] = np.round(1000 * np.exp(s_ - bins))
+            val[:, j] = np.round(1000 * np.exp(s_ - bins)) if s_ < bins else 7.0
         elif mt == "gradient_masking":
             val[:, j] = (ft["regularizer"] != "ce").astype(float)
         else:

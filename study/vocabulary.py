@@ -17,7 +17,10 @@ PHASES = ("search", "final")
 TRIAL_STATUSES = ("completed", "pruned", "failed", "diverged")
 # A final trial in one of these states is not run again on resume (a pruned final trial cannot exist).
 FINAL_DONE_STATUSES = ("completed", "diverged", "failed")
-MANIFEST_STATUSES = ("running", "search_done", "completed", "interrupted", "failed")
+# A run's manifest status follows its phases: running (search and final trials) -> search_done (every
+# cell's search has ended; final trials may still run) -> post (transfer attacks, distillation) ->
+# completed; or interrupted / failed.
+MANIFEST_STATUSES = ("running", "search_done", "post", "completed", "interrupted", "failed")
 SPLITS = ("test", "val", "train")
 
 # Per-epoch columns every trial reports (epochs.parquet); a regularizer's own terms add ``term_*``.

@@ -1,10 +1,13 @@
-"""The live view of a running study: per-cell progress (running / completed / pruned / failed, best so
-far, ETA) in a rich Live table, or one plain line per ended trial with --quiet."""
+"""The live view of a running study: per-cell progress (running / completed / pruned / failed, best value
+of the search metric in its own direction, ETA) in a rich Live table that re-renders on its own clock,
+or one plain line per ended trial (wall-clock time, value of the metric) with --quiet. The post phase
+(transfer attacks, distillation) reports each finished job."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -13,75 +16,191 @@ from rich.table import Table
 
 from study.spec import StudySpec
 from study.sweep.cells import expand_cells, planned_counts
+from study.vocabulary import ADVERSARIAL_MODES, NOISE_KINDS
+
+_SHORT_NOISE = {**NOISE_KINDS, **ADVERSARIAL_MODES}
+
+
+def _short_reg(name: str) -> str:
+    """ "label_smoothing" -> "ls"; one-word names stay as they are."""
+    words = [w for w in name.split("_") if w]
+    return "".join(w[0] for w in words) if len(words) > 1 else name
+
+
+def _short_noise(setting: str) -> str:
+    """ "symmetric:0.4" -> "sym:0.4", "adversarial-confident:0.2" -> "adv-conf:0.2"."""
+    head, sep, rate = setting.partition(":")
+    return "-".join(_SHORT_NOISE.get(p, p) for p in head.split("-")) + sep + rate
+
+
+def short_names(cell_ids: list[str]) -> dict[str, str]:
+    """Cell ids ("dataset/model/regularizer/noise") as short names that fit a narrow terminal: dataset and
+    model only when the study has several, regularizers abbreviated unless two would collide."""
+    parts = [cid.split("/") for cid in cell_ids]
+    if not parts or any(len(p) != 4 for p in parts):
+        return {cid: cid for cid in cell_ids}
+    keep = [len({p[i] for p in parts}) > 1 for i in range(2)]
+    regs = {p[2] for p in parts}
+    abbrev = {r: _short_reg(r) for r in regs}
+    if len(set(abbrev.values())) < len(regs):
+        abbrev = {r: r for r in regs}
+    out = {}
+    for cid, (ds, model, reg, noise) in zip(cell_ids, parts, strict=True):
+        head = [x for x, k in zip((ds, model), keep, strict=True) if k]
+        out[cid] = " ".join([*head, abbrev[reg], _short_noise(noise)])
+    return out
+
+
+def startup_line(spec: StudySpec) -> str:
+    """What `study run` prints at once, before Ray's start takes its seconds."""
+    cells = expand_cells(spec)
+    planned = planned_counts(spec, cells)
+    best = "max" if spec.search.direction == "maximize" else "min"
+    return (
+        f"study {spec.name}: {len(cells)} cells, {planned['search']} search + {planned['final']} final "
+        f"trials, {best} {spec.search.metric}; starting Ray"
+    )
+
+
+def _fmt_s(seconds: float) -> str:
+    s = int(round(seconds))
+    return (
+        f"{s // 3600}h{s % 3600 // 60:02d}m"
+        if s >= 3600
+        else f"{s // 60}m{s % 60:02d}s"
+        if s >= 60
+        else f"{s}s"
+    )
 
 
 class LiveView:
-    """Per-cell progress (running / completed / pruned / failed, best so far, ETA), throttled."""
+    """Per-cell progress (running / completed / pruned / failed, best so far, ETA).
 
-    def __init__(self, spec: StudySpec, ctx_getter: Any, console: Console, quiet: bool) -> None:
-        self.spec, self.ctx_getter, self.console, self.quiet = spec, ctx_getter, console, quiet
+    The rich Live re-renders ``table()`` on its own refresh thread, so the clock and the ETA move even
+    when no trial event arrives. ``clock`` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        ctx_getter: Callable[[], Any],
+        console: Console,
+        quiet: bool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec, self.ctx_getter, self.console, self.quiet, self.clock = (
+            spec,
+            ctx_getter,
+            console,
+            quiet,
+            clock,
+        )
         self.live: Live | None = None
-        self.last = 0.0
-        self.t0 = time.time()
+        self.t0 = clock()
         self.seen_done: set[str] = set()
-        self.planned = planned_counts(spec, expand_cells(spec))
+        cells = expand_cells(spec)
+        self.planned = planned_counts(spec, cells)
+        self.names = short_names([c.cell_id for c in cells])
+        self.metric, self.maximize = spec.search.metric, spec.search.direction == "maximize"
+        self.post: tuple[int, int] | None = None  # (done, total) once the post phase has started
 
     def __enter__(self) -> LiveView:
         if not self.quiet:
-            self.live = Live(console=self.console, refresh_per_second=2, transient=False)
+            self.live = Live(
+                console=self.console, refresh_per_second=2, transient=False, get_renderable=self.table
+            )
             self.live.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.live is not None:
-            self.live.update(self.table())
             self.live.__exit__(*exc)
 
     def __call__(self) -> None:
+        """A trial event (asked, epoch, ended): quiet mode prints the trials that have just ended; the
+        live table redraws now rather than at its next tick."""
         ctx = self.ctx_getter()
         if ctx is None:
             return
         if self.quiet:
-            for rec in ctx.by_tune_id.values():
+            for rec in list(ctx.by_tune_id.values()):
                 if rec.ended_at is not None and rec.key not in self.seen_done:
                     self.seen_done.add(rec.key)
-                    self.console.print(
-                        f"{rec.phase} {rec.cell_id} #{rec.index}: {rec.status}", highlight=False
-                    )
-            return
-        now = time.time()
-        if self.live is not None and now - self.last > 0.5:
-            self.last = now
-            self.live.update(self.table())
+                    self.console.print(self.trial_line(rec), highlight=False)
+        elif self.live is not None:
+            self.live.refresh()
+
+    def _stamp(self) -> str:
+        return f"{time.strftime('%H:%M:%S', time.localtime(self.clock()))} +{_fmt_s(self.clock() - self.t0)}"
+
+    def trial_line(self, rec: Any) -> str:
+        """One --quiet line: time, phase, cell, trial, status, value of the metric, trial wall time."""
+        payload = rec.payload or {}
+        value = payload.get("best_value")
+        rows = [r for r in rec.epoch_rows if r.get(self.metric) is not None]
+        if value is None and rows:  # a pruned trial: its last reported value
+            value = rows[-1][self.metric]
+        shown = f" {self.metric}={value:.4f}" if value is not None else ""
+        wall = payload.get("wall_s") or (rec.ended_at - rec.started_at if rec.ended_at else None)
+        took = f" ({_fmt_s(wall)})" if wall else ""
+        name = self.names.get(rec.cell_id, rec.cell_id)
+        return f"{self._stamp()} {rec.phase} {name} #{rec.index}: {rec.status}{shown}{took}"
+
+    def post_progress(self, done: int, total: int, kind: str = "", key: str = "", error: str = "") -> None:
+        """The post phase (transfer attacks, distillation): `done` of `total` jobs finished."""
+        self.post = (done, total)
+        if self.quiet:
+            if not done:
+                line = f"post phase: {total} jobs (transfer attacks, distillation)"
+            else:
+                _, cell_id, seed = (key.split("|") + ["", ""])[:3]
+                what = f"{kind} {self.names.get(cell_id, cell_id)} #{seed}"
+                line = f"post {done}/{total} {what}" + (f": failed ({error})" if error else ": done")
+            self.console.print(f"{self._stamp()} {line}", highlight=False)
+        elif self.live is not None:
+            self.live.refresh()
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.maximize else a < b
 
     def table(self) -> Table:
         ctx = self.ctx_getter()
-        t = Table(title=f"{self.spec.name}", expand=False)
-        for col in ("phase/cell", "run", "done", "pruned", "fail", "best"):
-            t.add_column(col, overflow="fold")
-        if ctx is None:
-            return t
+        arrow = "max" if self.maximize else "min"
+        t = Table(title=f"{self.spec.name} (s: search, f: final)", expand=False, min_width=72)
+        for col, just in (
+            ("cell", "left"),
+            ("run", "right"),
+            ("done", "right"),
+            ("pruned", "right"),
+            ("fail", "right"),
+            (f"best: {arrow} {self.metric}", "right"),
+        ):
+            t.add_column(col, justify=just, overflow="ellipsis", no_wrap=True, max_width=32)
+        recs = list(ctx.by_tune_id.values()) if ctx is not None else []
         by_cell: dict[tuple[str, str], Counter] = {}
         best: dict[tuple[str, str], float] = {}
-        for rec in ctx.by_tune_id.values():
+        for rec in recs:
             k = (rec.phase, rec.cell_id)
             by_cell.setdefault(k, Counter())[rec.status] += 1
-            if rec.payload and rec.payload.get("best_value") is not None:
-                v = rec.payload["best_value"]
-                best[k] = max(best.get(k, v), v)
-        done = sum(1 for r in ctx.by_tune_id.values() if r.ended_at is not None)
-        total = self.planned["search"] + self.planned["final"]
+            v = (rec.payload or {}).get("best_value")
+            if v is not None and (k not in best or self._better(v, best[k])):
+                best[k] = v
         for (phase, cell_id), c in sorted(by_cell.items(), key=lambda kv: (kv[0][0] != "search", kv[0][1])):
             b = best.get((phase, cell_id))
             t.add_row(
-                f"{phase[0]} {cell_id}",
-                str(c["running"]),
-                str(c["completed"]),
-                str(c["pruned"]),
-                str(c["failed"] + c["diverged"]),
-                f"{b:.3f}" if b is not None else "-",
+                f"{phase[0]} {self.names.get(cell_id, cell_id)}",
+                *(str(n) for n in (c["running"], c["completed"], c["pruned"], c["failed"] + c["diverged"])),
+                f"{b:.4f}" if b is not None else "-",
             )
-        elapsed = time.time() - self.t0
-        eta = elapsed / done * (total - done) if done else float("nan")
-        t.caption = f"{done}/{total} trials ended, {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
+        t.caption = self.caption(recs)
         return t
+
+    def caption(self, recs: list[Any]) -> str:
+        done = sum(1 for r in recs if r.ended_at is not None)
+        total = self.planned["search"] + self.planned["final"]
+        elapsed = self.clock() - self.t0
+        eta = _fmt_s(elapsed / done * (total - done)) if done and self.post is None else "-"
+        text = f"{done}/{total} trials ended, {_fmt_s(elapsed)} elapsed, ETA {eta}"
+        if self.post is not None:
+            text += f", post phase {self.post[0]}/{self.post[1]} jobs"
+        return text

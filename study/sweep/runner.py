@@ -15,7 +15,7 @@ from rich.console import Console
 from study.spec import StudySpec, load_spec, spec_hash
 from study.sweep.cells import expand_cells, planned_counts
 from study.sweep.context import StudyContext
-from study.sweep.live import LiveView
+from study.sweep.live import LiveView, startup_line
 from study.sweep.optuna_cells import CellStudies
 from study.sweep.records import write_tables
 
@@ -74,9 +74,8 @@ def prepare_out_dir(spec: StudySpec, spec_text: str, out: Path, resume: bool) ->
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        old["status"] = "running"
         old["resumed_at"] = time.time()
-        _write_json(manifest_path, old)
+        set_status(out, old, "running")
         return old
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(spec_text)
@@ -87,14 +86,23 @@ def prepare_out_dir(spec: StudySpec, spec_text: str, out: Path, resume: bool) ->
         "status": "running",
         "started_at": time.time(),
         "ended_at": None,
+        "phases": [],
         "planned": planned_counts(spec, cells),
         "cells": len(cells),
         "versions": _versions(),
         "git_sha": _git_sha(),
         "schema_version": None,
     }
-    _write_json(manifest_path, manifest)
+    set_status(out, manifest, "running")
     return manifest
+
+
+def set_status(out_dir: Path, manifest: dict[str, Any], status: str) -> None:
+    """The manifest follows the phases (running -> search_done -> post -> completed, or interrupted /
+    failed); ``phases`` lists [status, time] as each was entered (a resumed run appends to it)."""
+    manifest["status"] = status
+    manifest.setdefault("phases", []).append([status, time.time()])
+    _write_json(out_dir / "manifest.json", manifest)
 
 
 def sync(remote: tuple[Any, str] | None, out_dir: Path, *, light: bool = False) -> None:
@@ -126,6 +134,8 @@ def run_study(
     # Absolute: Ray Tune takes the storage path as a URI and refuses a relative one.
     out_dir = (Path(out) if out else Path("results") / spec.name).resolve()
     remote = _preflight(spec, out_dir, address=address, resume=resume, storage=storage)
+    console = console or Console()
+    console.print(startup_line(spec), highlight=False)  # at once: Ray's start takes seconds
     try:
         handle = tune_lib.init_ray(address)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -137,7 +147,6 @@ def run_study(
         tune_lib.shutdown(handle)
         raise
     sync(remote, out_dir)
-    console = console or Console()
     holder: dict[str, Any] = {"ctx": None}
     status = "failed"
     try:
@@ -152,12 +161,15 @@ def run_study(
 
             def search_done() -> None:
                 write_tables(spec, out_dir)
-                manifest["status"] = "search_done"
-                _write_json(out_dir / "manifest.json", manifest)
+                set_status(out_dir, manifest, "search_done")
                 sync(remote, out_dir)
 
+            def post_started(jobs: int) -> None:
+                set_status(out_dir, manifest, "post")
+                view.post_progress(0, jobs)
+
             tune_lib.run_trials(spec, out_dir, ctx, slots, on_search_done=search_done)
-            tune_lib.run_post_phase(spec, ctx, slots)
+            tune_lib.run_post_phase(spec, ctx, slots, on_start=post_started, on_progress=view.post_progress)
         write_tables(spec, out_dir)
         status = "completed"
     except KeyboardInterrupt:
@@ -212,8 +224,9 @@ def _finish(
     # The tables are rebuilt on resume: never mask the real error with a failure here.
     with contextlib.suppress(Exception):
         write_tables(spec, out_dir)
-    manifest["status"] = status
     manifest["ended_at"] = time.time()
+    manifest["status"] = status
+    manifest.setdefault("phases", []).append([status, manifest["ended_at"]])
     manifest["schema_version"] = SCHEMA_VERSION
     if ctx is not None and ctx.seed_plan is not None and ctx.seed_plan.adaptive is not None:
         manifest["final_seeds"] = ctx.seed_plan.record()

@@ -340,26 +340,38 @@ def run_trials(
     tuner.fit()
 
 
-def run_post_phase(spec: StudySpec, ctx: StudyContext, max_concurrent: int) -> None:
+def run_post_phase(
+    spec: StudySpec,
+    ctx: StudyContext,
+    max_concurrent: int,
+    *,
+    on_start: Callable[[int], None] = lambda jobs: None,
+    on_progress: Callable[..., None] = lambda *a, **k: None,
+) -> None:
     """Transfer attacks and distillation (study/sweep/context.post_jobs) as Ray tasks over the finished
-    final-phase models; each result lands in its record as soon as it arrives."""
+    final-phase models; each result lands in its record as soon as it arrives. `on_start(jobs)` runs
+    when there is something to do, `on_progress(done, total, kind, key, error)` after each job."""
     from study.trial import post
 
     jobs = post_jobs(spec, ctx)
     if not jobs:
         return
+    on_start(len(jobs))
     remote = ray.remote(num_cpus=spec.resources.cpus_per_trial, num_gpus=spec.resources.gpus_per_trial)
     tasks = {"transfer": remote(post.transfer_rows), "distill": remote(post.distill_rows)}
     pending = {tasks[kind].remote(*args): (key, kind) for key, kind, args in jobs}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         key, kind = pending.pop(ready[0])
+        done = len(jobs) - len(pending)
         try:
             rows = ray.get(ready[0])
         except Exception as exc:  # noqa: BLE001 - one failed evaluation must not lose the others
             ctx.post_failed(key, kind, str(exc).splitlines()[-1])
+            on_progress(done, len(jobs), kind, key, str(exc).splitlines()[-1])
             continue
         ctx.post_done(key, kind, rows)
+        on_progress(done, len(jobs), kind, key)
 
 
 def shutdown(handle: RayHandle) -> None:

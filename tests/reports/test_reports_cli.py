@@ -62,7 +62,14 @@ def test_report_writes_summary_and_plots(frames_and_dir):
     assert result.stdout.index("## Findings") < result.stdout.index("## Clean test accuracy")
     assert len(read_table(out, "summary")) > 0
     pngs = sorted((out / "plots").glob("*.png"))
-    assert {p.name.split("_")[0] for p in pngs} == {"accuracy", "strength", "reliability", "curves"}
+    assert {p.name.split("_")[0] for p in pngs} == {
+        "accuracy",
+        "ece",
+        "forest",
+        "strength",
+        "reliability",
+        "curves",
+    }
     from PIL import Image
 
     for p in pngs:

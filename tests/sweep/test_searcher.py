@@ -233,9 +233,10 @@ def test_live_view_counts_per_cell_best_and_eta(tmp_path, monkeypatch):
         for line in text.splitlines()
         if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 6
     }
-    # run, done, pruned, fail, best: two completed (best 0.812) and one pruned; ce's one trial runs.
-    assert rows["s mnist1d/cnn1d/label_smoothing/none"] == ["0", "2", "1", "0", "0.812"]
-    assert rows["s mnist1d/cnn1d/ce/none"] == ["1", "0", "0", "0", "-"]
+    # run, done, pruned, fail, best: two completed (best 0.8125) and one pruned; ce's one trial runs.
+    # Short cell names: one dataset and one model, so neither is repeated; label_smoothing -> ls.
+    assert rows["s ls none"] == ["0", "2", "1", "0", "0.8125"]
+    assert rows["s ce none"] == ["1", "0", "0", "0", "-"]
     # 3 of the 8 planned trials (4 search + 4 final) ended in 30 s: ETA 30 / 3 * 5 = 50 s.
     assert "3/8 trials ended" in text and "ETA 50s" in text
 

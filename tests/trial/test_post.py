@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pandas as pd
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from study.cli import app
@@ -31,7 +35,21 @@ def test_distillation_and_transfer_rows(tmp_path, monkeypatch):
     monkeypatch.setenv("REGSTUDY_CACHE", str(tmp_path / "cache"))
     spec = tmp_path / "distill.yaml"
     spec.write_text(SPEC)
-    out = run_study(spec, out=tmp_path / "out", quiet=True)
+    console = Console(record=True, width=200, color_system=None)
+    out = run_study(spec, out=tmp_path / "out", quiet=True, console=console)
+    # The manifest followed the phases; the quiet log started at once and showed the post phase.
+    phases = [s for s, _ in json.loads((out / "manifest.json").read_text())["phases"]]
+    assert phases == ["running", "search_done", "post", "completed"]
+    lines = console.export_text().splitlines()
+    assert lines[0].startswith(
+        "study distill: 3 cells, 3 search + 3 final trials, max val_accuracy; starting Ray"
+    )
+    assert any(
+        re.fullmatch(r"\S+ \+\S+ final ce none #1: completed val_accuracy=0\.\d{4} \(\d+s\)", ln)
+        for ln in lines
+    )
+    # 2 transfer jobs (not for ce) and 3 distillations.
+    assert sum(bool(re.search(r" post \d/5 (transfer|distill) \S+ none #1: done$", ln)) for ln in lines) == 5
     trials = pd.read_parquet(out / "trials.parquet")
     evals = pd.read_parquet(out / "evals.parquet").merge(trials[["trial_id", "regularizer", "phase"]])
     final = evals[evals.phase == "final"]
