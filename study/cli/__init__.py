@@ -182,7 +182,7 @@ def report(
             from reports.plots import write_plots
 
             tmp = Path(tempfile.mkdtemp(dir=study.path, prefix=".plots-"))
-            written = write_plots(study, tmp)
+            written = write_plots(study, tmp, reference=reference)
         write_table(study.path, "summary", summary_out)
         if written:
             (study.path / "plots").mkdir(exist_ok=True)
