@@ -18,6 +18,12 @@ TRIAL_STATUSES = ("completed", "pruned", "failed", "diverged")
 # A final trial in one of these states is not run again on resume (a pruned final trial cannot exist).
 FINAL_DONE_STATUSES = ("completed", "diverged", "failed")
 MANIFEST_STATUSES = ("running", "search_done", "completed", "interrupted", "failed")
+# Manifest statuses of a run in progress: with nobody holding the results dir's lock, the driver died
+# (SIGKILL, power loss) and `study ls` shows the study as "interrupted".
+RUNNING_STATUSES = ("running", "search_done")
+# The results directory's writer lock (study/sweep/lock.py) and its sidecar naming the holder.
+LOCK_FILE = ".study.lock"
+LOCK_OWNER_FILE = ".study.lock.owner"
 SPLITS = ("test", "val", "train")
 
 # Per-epoch columns every trial reports (epochs.parquet); a regularizer's own terms add ``term_*``.
