@@ -33,8 +33,8 @@ dataset: {name: mnist1d, options: {max_train: 1200, max_test: 400}}
 models: [cnn1d]
 regularizers: {ce: {}, label_smoothing: {alpha: {low: 0.0, high: 0.3}}}
 noise: [{kind: none}]
-train: {epochs: 4, batch_size: 128, lr: {low: 1.0e-4, high: 3.0e-2, log: true}}
-search: {trials_per_cell: 4, sampler: random, pruner: {kind: none}}
+train: {epochs: 8, batch_size: 64, lr: {low: 1.0e-4, high: 3.0e-2, log: true}}
+search: {trials_per_cell: 6, sampler: random, pruner: {kind: none}}
 final: {seeds: 1}
 resources: {cpus_per_trial: 1}
 """
@@ -85,14 +85,15 @@ def killed_run(tmp_path_factory):
         while time.time() < deadline and not list((out / "records" / "search").glob("*.json")):
             assert driver.poll() is None, "the study ended before it could be observed"
             time.sleep(0.2)
-        procs = _run_processes(mark)
-        seen["names"] = {p.name() for p in procs}
-        seen["listening"] = _listening(procs)
         seen["second"] = subprocess.run(
             [*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120
         )
+        procs = _run_processes(mark)
+        seen["names"] = {p.name() for p in procs}
+        seen["listening"] = _listening(procs)
         seen["driver_pid"] = driver.pid
         seen["ls_running"] = {s["study"]: s["status"] for s in list_studies(root)}
+        assert driver.poll() is None, "the study ended before it could be killed"
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         killed_at = time.time()
@@ -146,7 +147,7 @@ def test_torn_journal_resumes_to_a_complete_study(killed_run):
     trials = pd.read_parquet(out / "trials.parquet")
     assert trials["trial_id"].is_unique
     counts = trials.groupby(["cell_id", "phase"]).size().unstack()
-    assert len(counts) == 2 and (counts["search"] == 4).all() and (counts["final"] == 1).all()
+    assert len(counts) == 2 and (counts["search"] == 6).all() and (counts["final"] == 1).all()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed"
     assert any("incomplete last record" in n for n in manifest["notes"])
@@ -177,5 +178,5 @@ def test_resume_of_a_completed_study_says_so_and_rebuilds_damaged_tables(killed_
     )
     check_parquet(out / "trials.parquet")
     assert len(pd.read_parquet(out / "summary.parquet")) > 0
-    assert len(pd.read_parquet(out / "trials.parquet")) == 2 * 4 + 2
+    assert len(pd.read_parquet(out / "trials.parquet")) == 2 * 6 + 2
     assert (out / "manifest.json").read_text() == manifest
