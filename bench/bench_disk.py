@@ -39,7 +39,8 @@ def main(spec_path: Path) -> None:
         search, final = sorted(ck.glob("search*")), sorted(ck.glob("final*"))
         before, n_before = _size([ck])
         s_bytes, _ = _size(search)
-        StudyContext(load_spec(kept), out, None, lambda: None).remove_search_checkpoints()
+        # The spec as given (keep_checkpoints false): the cleanup of a default run.
+        StudyContext(load_spec(spec_path), out, None, lambda: None).remove_search_checkpoints()
         after, n_after = _size([ck])
     mib = 1024 * 1024
     print(f"| {spec_path.name} | {len(search)} search + {len(final)} final trial dirs |")
