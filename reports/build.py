@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,8 +142,9 @@ def write_table(out_dir: str | os.PathLike, name: str, rows: list[dict[str, Any]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{name}.parquet"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".parquet.tmp")
-    os.close(fd)
+    # Not mkstemp: it creates the file 0600, and results on shared storage must stay readable by the
+    # group (the umask decides, 0644 with the usual 022). The name is unique per process and call.
+    tmp = out / f".{name}.{os.getpid()}.{secrets.token_hex(6)}.parquet.tmp"
     try:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, target)

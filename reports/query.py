@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import filelock
 import pandas as pd
 import pyarrow.parquet as pq
 
 from reports.build import TABLES, ResultsError, _one_line, check_parquet
+from study import vocabulary
 
 
 def run_query(out_dir: str | os.PathLike, sql: str) -> pd.DataFrame:
@@ -64,8 +66,28 @@ def _status_counts(file: Path) -> dict[str, int]:
     return counts
 
 
+def _driver_alive(study_dir: Path) -> bool | None:
+    """Whether a `study run` holds the directory's writer lock (True), nobody does (False: its driver
+    died), or it cannot be told (None: no write access to try the lock)."""
+    lock_path = study_dir / vocabulary.LOCK_FILE
+    if not lock_path.exists():
+        return False  # a running driver always has it (lock files appeared with the lock itself)
+    lock = filelock.FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return True
+    except OSError:
+        return None
+    lock.release()
+    return False
+
+
 def list_studies(root: str | os.PathLike) -> list[dict[str, Any]]:
     """Studies (dirs with manifest.json) at ``root`` or up to 2 levels below, sorted by path.
+
+    A study whose manifest says it is running but whose writer lock nobody holds is shown as
+    "interrupted": its driver was killed (continue it with `study run --resume`).
 
     Returns:
         One dict per study: study, path, status, trials ({status: count}), last_modified (unix s,
@@ -86,6 +108,8 @@ def list_studies(root: str | os.PathLike) -> list[dict[str, Any]]:
             status = str(manifest.get("status", "unknown"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             manifest, status = {}, "unreadable manifest"
+        if status in vocabulary.RUNNING_STATUSES and _driver_alive(d) is False:
+            status = "interrupted"  # the manifest says running, but its driver is gone (e.g. SIGKILL)
         files = [f for f in d.iterdir() if f.is_file()]
         out.append({
             "study": str(manifest.get("study") or d.name),

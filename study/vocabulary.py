@@ -21,6 +21,12 @@ FINAL_DONE_STATUSES = ("completed", "diverged", "failed")
 # cell's search has ended; final trials may still run) -> post (transfer attacks, distillation) ->
 # completed; or interrupted / failed.
 MANIFEST_STATUSES = ("running", "search_done", "post", "completed", "interrupted", "failed")
+# Manifest statuses of a run in progress: with nobody holding the results dir's lock, the driver died
+# (SIGKILL, power loss) and `study ls` shows the study as "interrupted".
+RUNNING_STATUSES = ("running", "search_done", "post")
+# The results directory's writer lock (study/sweep/lock.py) and its sidecar naming the holder.
+LOCK_FILE = ".study.lock"
+LOCK_OWNER_FILE = ".study.lock.owner"
 SPLITS = ("test", "val", "train")
 
 # Per-epoch columns every trial reports (epochs.parquet); a regularizer's own terms add ``term_*``.

@@ -190,6 +190,13 @@ class SearchSpec(_Strict):
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     seed: int = 0
     n_startup_trials: int = Field(4, ge=0)
+    keep_checkpoints: bool = Field(
+        False,
+        description=(
+            "Keep each search trial's checkpoint after the trial has ended (default: removed then; final "
+            "trials' models are always kept). Not part of the spec hash: it changes no result."
+        ),
+    )
 
     @field_validator("sampler")
     @classmethod
@@ -335,5 +342,6 @@ class StudySpec(_Strict):
 
 def spec_hash(spec: StudySpec) -> str:
     """Hash of the resolved spec (defaults filled in), stable across key order and formatting."""
-    blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    # keep_checkpoints changes what is kept on disk, not a result: a study may be resumed with either.
+    blob = json.dumps(spec.model_dump(mode="json", exclude={"search": {"keep_checkpoints"}}), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

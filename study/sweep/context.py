@@ -8,6 +8,7 @@ adapter (study/sweep/tune.py) calls into both from Tune's searcher, scheduler an
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -282,7 +283,19 @@ class StudyContext(DriverOnly):
             rec.epoch_rows = rec.payload.get("epoch_rows") or rec.epoch_rows
             rec.started_at = rec.payload.get("started_at", rec.started_at)
         self.records.save(rec)
+        if rec.phase == "search" and not self.spec.search.keep_checkpoints:
+            shutil.rmtree(self._checkpoint_dir(rec.key), ignore_errors=True)
         self.progress()
+
+    def remove_search_checkpoints(self) -> None:
+        """Remove the checkpoints of every ended search trial (keep_checkpoints: false), also those a
+        worker wrote again after its trial had ended (a pruned trial's last epoch), or an earlier run
+        left. Final trials keep theirs: the post phase and `study report` users read model.pt."""
+        if self.spec.search.keep_checkpoints:
+            return
+        for key, rec in self.records.load_all("search").items():
+            if rec["status"] != "running":
+                shutil.rmtree(self._checkpoint_dir(key), ignore_errors=True)
 
     def new_final_trial(self, tune_id: str, cell: Cell, params: dict[str, Any], seed: int) -> dict[str, Any]:
         key = trial_key("final", cell.cell_id, seed)

@@ -5,6 +5,10 @@ Only the driver touches this (a multi-node cluster must not have workers write t
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,44 @@ def distributions(cell: Cell) -> dict[str, BaseDistribution]:
         elif isinstance(value, (Choices, Grid)):
             out[name] = CategoricalDistribution(value.choices if isinstance(value, Choices) else value.grid)
     return out
+
+
+def repair_journal(path: Path) -> str | None:
+    """Drop a journal's torn tail (a driver killed while appending); a note saying so, or None.
+
+    Optuna's JournalFileBackend skips a last line without a newline when reading, but the next append
+    glues its record onto that fragment, and from then on every read raises (JSONDecodeError). Each
+    append is fsynced, so damage from a crash is confined to the end: the trailing lines that are not
+    complete JSON records are cut off, after a copy of the file is kept beside it (`.damaged-<time>`).
+    Damage before the last complete record is not repaired (Optuna reports it as it is).
+    """
+    if not path.exists():
+        return None
+    with path.open("rb") as f:
+        data = f.read()
+    keep = len(data)
+    while keep > 0:
+        start = data.rfind(b"\n", 0, keep - 1) + 1  # the start of the last line within data[:keep]
+        line = data[start:keep]
+        if line.endswith(b"\n"):
+            try:
+                json.loads(line)
+                break
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                pass
+        keep = start
+    if keep == len(data):
+        return None
+    backup = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    shutil.copy2(path, backup)
+    with path.open("r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return (
+        f"{path.name}: dropped {len(data) - keep} bytes of an incomplete last record (a crash while "
+        f"writing); the damaged file is kept as {backup.name}"
+    )
 
 
 def make_sampler(spec: StudySpec, cell: Cell) -> optuna.samplers.BaseSampler:

@@ -16,8 +16,10 @@ from study.spec import StudySpec, load_spec, spec_hash
 from study.sweep.cells import expand_cells, planned_counts
 from study.sweep.context import StudyContext
 from study.sweep.live import LiveView, startup_line
-from study.sweep.optuna_cells import CellStudies
+from study.sweep.lock import LockedError, ResultsLock
+from study.sweep.optuna_cells import CellStudies, repair_journal
 from study.sweep.records import write_tables
+from study.vocabulary import LOCK_FILE, LOCK_OWNER_FILE
 
 
 class RunError(ValueError):
@@ -65,7 +67,7 @@ def check_out_dir(spec: StudySpec, out: Path, resume: bool) -> None:
             )
         if not resume:
             raise RunError(f"{out}: study {spec.name!r} already exists here; pass --resume to continue it")
-    elif resume and out.exists() and any(out.iterdir()):
+    elif resume and out.exists() and any(p.name not in (LOCK_FILE, LOCK_OWNER_FILE) for p in out.iterdir()):
         raise RunError(f"{out}: not a study results directory (no manifest.json); nothing to resume")
 
 
@@ -126,16 +128,63 @@ def run_study(
     storage: str | None = None,
 ) -> Path:
     """Run a study: check everything that can be wrong before Ray starts, then both phases in one
-    Tuner, the post phase and the tables; the manifest says how it ended (also when interrupted)."""
-    from study.sweep import tune as tune_lib
+    Tuner, the post phase and the tables; the manifest says how it ended (also when interrupted).
 
+    The results directory is locked for the whole run (one writer: study/sweep/lock.py). `resume` on a
+    study that has completed runs nothing: it says so, rebuilds damaged tables and returns.
+    """
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
     # Absolute: Ray Tune takes the storage path as a URI and refuses a relative one.
     out_dir = (Path(out) if out else Path("results") / spec.name).resolve()
-    remote = _preflight(spec, out_dir, address=address, resume=resume, storage=storage)
     console = console or Console()
-    console.print(startup_line(spec), highlight=False)  # at once: Ray's start takes seconds
+    created = not out_dir.exists()
+    lock = ResultsLock(out_dir)
+    try:
+        lock.acquire()
+    except LockedError as exc:
+        raise RunError(str(exc)) from None
+    except OSError as exc:
+        raise RunError(f"{out_dir}: cannot write the results directory ({exc.strerror or exc})") from None
+    try:
+        remote = _preflight(spec, out_dir, address=address, resume=resume, storage=storage)
+        console.print(startup_line(spec), highlight=False)  # at once: Ray's start takes seconds
+        if resume and _manifest_status(out_dir) == "completed":
+            fixed = repair_tables(spec, out_dir, rebuild=True)
+            console.print(
+                f"study: {spec.name!r} in {out_dir} has already completed; nothing to resume"
+                + (f" (rebuilt damaged {', '.join(fixed)})" if fixed else ""),
+                highlight=False,
+            )
+            return out_dir
+        if resume:
+            repair_tables(spec, out_dir, rebuild=False)
+        _run(spec, spec_path, out_dir, address, resume, max_concurrent, quiet, console, remote)
+    except RunError:
+        lock.release()
+        if created:  # bad input writes nothing: not even the directory the lock needed
+            with contextlib.suppress(OSError):
+                (out_dir / LOCK_FILE).unlink(missing_ok=True)  # filelock leaves the file behind
+                out_dir.rmdir()
+        raise
+    finally:
+        lock.release()
+    return out_dir
+
+
+def _run(
+    spec: StudySpec,
+    spec_path: Path,
+    out_dir: Path,
+    address: str | None,
+    resume: bool,
+    max_concurrent: int | None,
+    quiet: bool,
+    console: Console,
+    remote: tuple[Any, str] | None,
+) -> None:
+    from study.sweep import tune as tune_lib
+
     try:
         handle = tune_lib.init_ray(address)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -143,6 +192,7 @@ def run_study(
         raise RunError(f"--address {address or 'local'}: cannot start or join Ray ({first})") from None
     try:
         manifest = prepare_out_dir(spec, spec_path.read_text(), out_dir, resume)
+        note = repair_journal(out_dir / "optuna.journal")
     except BaseException:
         tune_lib.shutdown(handle)
         raise
@@ -154,6 +204,7 @@ def run_study(
         studies = CellStudies(spec, expand_cells(spec), out_dir / "optuna.journal")
         with LiveView(spec, lambda: holder["ctx"], console, quiet) as view:
             ctx = StudyContext(spec, out_dir, studies, view)
+            ctx.notes.extend([note] if note else [])
             holder["ctx"] = ctx
             if remote:
                 ctx.tune_storage = (f"{remote[1]}/ray", remote[0])
@@ -177,8 +228,37 @@ def run_study(
         raise
     finally:
         tune_lib.shutdown(handle)
+        if holder["ctx"] is not None:
+            holder["ctx"].remove_search_checkpoints()  # those whose trial ended while a worker wrote
         _finish(spec, out_dir, manifest, status, holder["ctx"], console, remote)
-    return out_dir
+
+
+def _manifest_status(out_dir: Path) -> str | None:
+    try:
+        return json.loads((out_dir / "manifest.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def repair_tables(spec: StudySpec, out_dir: Path, *, rebuild: bool) -> list[str]:
+    """Remove Parquet tables that fail to read (all are derived: the tables from the records, the
+    summary from the tables); with `rebuild`, write them again now. Returns the damaged files' names."""
+    from reports.build import TABLES, ResultsError, build_summary, check_parquet
+
+    damaged = []
+    for name in TABLES:
+        path = out_dir / f"{name}.parquet"
+        try:
+            if path.exists():
+                check_parquet(path)
+        except (ResultsError, OSError):
+            path.unlink()
+            damaged.append(path.name)
+    if damaged and rebuild:
+        write_tables(spec, out_dir)
+        if "summary.parquet" in damaged:
+            build_summary(out_dir)
+    return damaged
 
 
 def _preflight(

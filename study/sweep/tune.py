@@ -20,9 +20,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,28 @@ class RayHandle:
 _current_handle: RayHandle | None = None
 
 
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray's local-only mode while a private local Ray starts: every component listens on 127.0.0.1.
+
+    On Linux, ray.init turns a loopback `_node_ip_address` into the machine's address
+    (services.resolve_ip_for_localhost -> get_node_ip_address), and gcs_server, raylet and the workers
+    then listen on all interfaces. With ray_constants.ENABLE_RAY_CLUSTER off (Ray's own switch,
+    $RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read once at import; off by default on macOS and Windows)
+    the node address stays 127.0.0.1, which the gcs, raylet and worker gRPC servers take as "listen on
+    loopback only". Only the constant of this process is switched, and only during ray.init: joining
+    a cluster later (--address) still resolves the machine's routable address.
+    """
+    from ray._private import ray_constants
+
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old
+
+
 def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> RayHandle:
     """Local Ray with a private temp dir (never joins another instance), or connect to `address`.
 
@@ -203,17 +226,18 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
     if address in (None, "local"):
         # Unix socket paths must stay short: a private dir directly under /tmp.
         temp_dir = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
-        ray.init(
-            address="local",
-            _temp_dir=temp_dir,
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=True,
-            logging_level="ERROR",
-            _node_ip_address="127.0.0.1",
-        )
+        with _loopback_only():
+            ray.init(
+                address="local",
+                _temp_dir=temp_dir,
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=True,
+                logging_level="ERROR",
+                _node_ip_address="127.0.0.1",
+            )
         _current_handle = RayHandle("local", temp_dir, True)
     else:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
@@ -375,7 +399,10 @@ def run_post_phase(
 
 
 def shutdown(handle: RayHandle) -> None:
+    """Stop Ray (a local one with all its processes) and remove the private temp dir it ran in."""
     ray.shutdown()
+    if handle.started_here and handle.temp_dir:
+        shutil.rmtree(handle.temp_dir, ignore_errors=True)
 
 
 __all__ = [

@@ -264,7 +264,7 @@ def fit(
     loop = _Loop(cfg, prep, device)
     start_epoch, rows, best = 0, [], (None, None)
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
         loop.restore(state)
         start_epoch, rows, best = state["epoch"], state["epoch_rows"], tuple(state["best"])
         if state.get("status") in ("diverged", "pruned"):

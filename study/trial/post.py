@@ -27,7 +27,7 @@ def load_trained(cfg: TrialConfig, device: torch.device, bundle: Any = None) -> 
     """The final model of a finished trial (and its prepared data: same split and noisy labels)."""
     prep = prepare_data(cfg, bundle)
     model = build_model(cfg, prep.bundle).to(device)
-    state = torch.load(Path(cfg.checkpoint_dir) / "model.pt", map_location=device, weights_only=False)
+    state = torch.load(Path(cfg.checkpoint_dir) / "model.pt", map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     model.eval()
     return model, prep

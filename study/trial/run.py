@@ -139,7 +139,7 @@ def run_trial(
         result.projection = extras.get("projection", [])
     if fitted.status == "completed" and cfg.save_model and ckpt_dir is not None:
         save_checkpoint(
-            ckpt_dir / "model.pt", {"model": fitted.model.state_dict(), "config": cfg.model_dump()}
+            ckpt_dir / "model.pt", {"model": fitted.model.state_dict(), "config": cfg.model_dump(mode="json")}
         )
     result.wall_s = time.perf_counter() - t_start
     return result

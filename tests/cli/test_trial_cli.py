@@ -96,7 +96,7 @@ def test_missing_dataset_files_say_how_to_download(env, tmp_path):
 
 def _checkpoint_epoch(path: Path) -> int:
     try:
-        return int(torch.load(path, weights_only=False)["epoch"])
+        return int(torch.load(path, weights_only=True)["epoch"])
     except (FileNotFoundError, EOFError, RuntimeError):
         return 0
 

@@ -125,7 +125,7 @@ def test_resume_after_crash_matches_uninterrupted(bundle, tmp_path, regularizer,
 
     _run_killed_in_epoch_3(ck, bundle)
     # The report of epoch 3 never went through, so the newest checkpoint is the one of epoch 2.
-    assert torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=True)["epoch"] == 2
     seen: list[int] = []
     resumed = run_trial(ck, lambda row: seen.append(row["epoch"]), bundle=bundle)
     assert seen == [3, 4]
@@ -329,7 +329,7 @@ def test_cuda_trial_learns_and_resumes(bundle, tmp_path):
     ck = updated(cfg, checkpoint_dir=str(tmp_path / "ck"))
 
     _run_killed_in_epoch_3(ck, bundle)
-    first_two = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)["epoch_rows"]
+    first_two = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=True)["epoch_rows"]
     seen: list[int] = []
     resumed = run_trial(ck, lambda row: seen.append(row["epoch"]), bundle=bundle)
     assert seen == [3, 4] and resumed.status == "completed"
