@@ -96,7 +96,6 @@ def test_cifar100_coarse_labels_of_exactly_100_samples_are_read_per_sample():
 def test_ols_class_without_correct_prediction_keeps_its_previous_column():
     """Documented choice (the authors' code zeroes the column): epoch 2 without a correct prediction of
     class 0 keeps the column learned in epoch 1, not the initial one and not zeros."""
-    k = 3
     ols = create("online_label_smoothing", alpha=0.5).train()
     y = torch.tensor([0, 0, 1, 2])
     right = torch.tensor([[4.0, 1.0, 0.0], [3.0, 0.0, 1.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
