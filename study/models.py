@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from study.registry import Registry
 
-__all__ = ["Classifier", "ModelEntry", "MODELS", "list_models", "create_model"]
+__all__ = ["Classifier", "ModelEntry", "MODELS", "list_models", "model_options", "create_model"]
 
 
 class Classifier(nn.Module):
@@ -346,6 +346,13 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
+def model_options(name: str) -> tuple[str, ...] | None:
+    """The keyword options of a registered model's builder (after input_shape, num_classes); None for
+    ``tv:<name>`` (torchvision's constructor arguments) and unknown names."""
+    entry = MODELS.get(name)
+    return None if entry is None else tuple(inspect.signature(entry.builder).parameters)[2:]
+
+
 def _check_shape(name: str, kind: str, shape: tuple[int, ...]) -> None:
     if kind == "signal" and len(shape) != 2:
         raise ValueError(
@@ -394,7 +401,7 @@ def create_model(
         )
     entry = MODELS[name]
     _check_shape(name, entry.input_kind, shape)
-    allowed = list(inspect.signature(entry.builder).parameters)[2:]
+    allowed = list(model_options(name) or ())
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"model {name!r}: options must be among {allowed}, but got {unknown}.")

@@ -116,13 +116,20 @@ def trial(
 
 
 @app.command()
-def validate(spec: Path = typer.Argument(..., help="Study spec (YAML).")) -> None:
+def validate(
+    spec: Path = typer.Argument(..., help="Study spec (YAML)."),
+    address: str | None = typer.Option(
+        None, "--address", help="The Ray cluster it will run on: skips the checks against this machine."
+    ),
+) -> None:
     """Validate a spec and print the plan (cells, trials, epoch budget)."""
-    from study.spec import SpecError, load_spec
+    from study.spec import SpecError, check_local_resources, load_spec
     from study.sweep.plan import print_plan
 
     try:
         parsed = load_spec(spec)
+        if address in (None, "local"):  # as `study run` without --address: this machine's resources
+            check_local_resources(parsed, str(spec))
     except SpecError as exc:
         _bad_input(str(exc))
     print_plan(parsed, Console())

@@ -41,7 +41,13 @@ def parse_params(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--param must be key=value, but got {item!r}")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise ValueError(
+                f"--param {key}: {value!r} is not a value ({problem}); give a number, true/false or a string"
+            ) from None
     return out
 
 
@@ -127,9 +133,12 @@ def trial_config_from_options(
             save_model=True,
         )
     except ValidationError as exc:
+        from study.spec import error_message, loc_path
+
         err = exc.errors()[0]
-        option = "--" + str(err["loc"][-1]).replace("_", "-") if err["loc"] else "option"
-        raise ValueError(f"{option}: {err['msg'].removeprefix('Value error, ')}") from None
+        loc = [p for p in loc_path(err) if isinstance(p, str)]
+        option = "--" + loc[-1].replace("_", "-") if loc else "option"
+        raise ValueError(f"{option}: {error_message(err)}") from None
 
 
 def run_trial_command(

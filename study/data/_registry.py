@@ -174,6 +174,15 @@ def list_datasets() -> list[str]:
     return DATASETS.names()
 
 
+# Options every dataset takes (load_dataset applies them after the loader).
+COMMON_OPTIONS = ("max_train", "max_test")
+
+
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The options ``load_dataset(name, ...)`` accepts: the loader's own plus ``COMMON_OPTIONS``."""
+    return (*DATASETS[name].options, *COMMON_OPTIONS)
+
+
 def load_dataset(
     name: str, *, root: str | Path | None = None, download: bool = False, **options: Any
 ) -> DatasetBundle:
@@ -193,13 +202,10 @@ def load_dataset(
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {list_datasets()}, but got {name!r}.")
     entry = DATASETS[name]
-    max_train, max_test = options.pop("max_train", None), options.pop("max_test", None)
-    unknown = sorted(set(options) - set(entry.options))
+    unknown = sorted(set(options) - set(dataset_options(name)))
     if unknown:
-        raise ValueError(
-            f"{name}: options must be among {sorted([*entry.options, 'max_test', 'max_train'])}, "
-            f"but got {unknown}."
-        )
+        raise ValueError(f"{name}: options must be among {sorted(dataset_options(name))}, but got {unknown}.")
+    max_train, max_test = options.pop("max_train", None), options.pop("max_test", None)
     for key, val in (("max_train", max_train), ("max_test", max_test)):
         if val is not None and (not isinstance(val, int) or val < 1):
             raise ValueError(f"{key} must be a positive int or None, but got {val!r}.")

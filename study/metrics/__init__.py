@@ -8,6 +8,8 @@ the template-plane projection of penultimate features (Mueller et al. 2019).
 from study.metrics._projection import project_features, template_plane_basis
 from study.metrics._scores import (
     CHUNK_SIZE,
+    T_MAX,
+    T_MIN,
     accuracy,
     adaptive_ece,
     brier,
@@ -27,6 +29,8 @@ from study.metrics._scores import (
 
 __all__ = [
     "CHUNK_SIZE",
+    "T_MAX",
+    "T_MIN",
     "accuracy",
     "adaptive_ece",
     "brier",

@@ -150,53 +150,71 @@ def classification_metrics(
     }
 
 
+# The temperatures fit_temperature may return: at the bounds the NLL is still falling (separable or
+# uninformative logits) and the bound is returned.
+T_MIN, T_MAX = 1e-3, 1e3
+
+
+def _nll_in_beta(logits: Tensor, labels: Tensor, beta: float, chunk: int) -> tuple[float, float, float]:
+    """Mean NLL of ``beta * logits`` and its first two derivatives in beta, in float64 chunks.
+
+    d/dbeta = mean(E_p[z] - z_y) and d2/dbeta2 = mean(Var_p[z]) >= 0 (p = softmax(beta z)): the NLL is
+    convex in beta = 1/T.
+    """
+    f = g = h = 0.0
+    for start in range(0, logits.shape[0], chunk):
+        z = logits[start : start + chunk].double()
+        y = labels[start : start + chunk].to(device=z.device, dtype=torch.long)
+        zy = z.gather(1, y.unsqueeze(1)).squeeze(1)
+        log_p = torch.log_softmax(beta * z, 1)
+        p = log_p.exp()
+        mean_z = (p * z).sum(1)
+        f += float((-log_p.gather(1, y.unsqueeze(1))).sum())
+        g += float((mean_z - zy).sum())
+        h += float((p * (z - mean_z.unsqueeze(1)) ** 2).sum())
+    n = logits.shape[0]
+    return f / n, g / n, h / n
+
+
 def fit_temperature(
-    logits: Tensor,
-    labels: Tensor,
-    init: float = 1.5,
-    lr: float = 0.01,
-    max_iter: int = 50,
-    *,
-    chunk_size: int | None = None,
+    logits: Tensor, labels: Tensor, max_iter: int = 100, *, chunk_size: int | None = None
 ) -> float:
     """Temperature scaling (Guo et al. 2017): T minimising the mean NLL of ``logits / T``.
 
-    One ``torch.optim.LBFGS(lr, max_iter)`` step from T = ``init``. Deviations from Guo's reference code,
-    both for convergence: the optimised parameter is log T (so T > 0 always), and LBFGS uses the
-    strong-Wolfe line search (without it, lr = 0.01 moves only 1% of each quasi-Newton step and T stays
-    near ``init``). The NLL and its gradient are accumulated chunk by chunk in float64 (O(chunk x K) memory).
-    Call it on validation logits. Raises ValueError on bad arguments and RuntimeError if the fit
-    produces a non-finite T (e.g. non-finite logits).
+    Solved to convergence, not with Guo's fixed LBFGS budget (at lr 0.01 that stopped 0.4% short of the
+    optimum T when it lay near the start): the NLL is convex in beta = 1/T, so a Newton iteration on
+    beta with exact float64 derivatives, kept inside a bisection bracket, reaches the minimum to
+    ~1e-12 relative in a handful of passes. T is limited to [T_MIN, T_MAX] (a bound is returned when
+    the NLL still falls there: separable or uninformative logits). Chunked over rows (O(chunk x K)
+    memory). Call it on validation logits. Raises ValueError on bad arguments and RuntimeError on
+    non-finite logits.
     """
     _, chunk = _prepare(logits, labels, 15, chunk_size)
-    for name, value in (("init", init), ("lr", lr)):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, but got {value!r}.")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, but got {max_iter!r}.")
-    n = logits.shape[0]
-    log_t = torch.tensor(math.log(init), dtype=torch.float64, device=logits.device, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=lr, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        total = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for start in range(0, n, chunk):
-            # float64: near its minimum the NLL is flat in T and float32 rounding stalls the line search
-            z = logits[start : start + chunk].double()
-            y = labels[start : start + chunk].to(device=logits.device, dtype=torch.long)
-            # Backward per chunk frees that chunk's graph: memory stays O(chunk x K).
-            part = F.cross_entropy(z * torch.exp(-log_t), y, reduction="sum") / n
-            part.backward()
-            total += part.detach()
-        return total
-
-    with torch.enable_grad():
-        opt.step(closure)
-    t = math.exp(float(log_t.detach()))
-    if not math.isfinite(t) or t <= 0:
-        raise RuntimeError(f"temperature fit diverged: T = {t}.")
-    return t
+    lo, hi = 1.0 / T_MAX, 1.0 / T_MIN  # bracket on beta: g(lo) < 0 < g(hi) once checked
+    for edge, sign in ((lo, 1.0), (hi, -1.0)):
+        _, g, _ = _nll_in_beta(logits, labels, edge, chunk)
+        if not math.isfinite(g):
+            raise RuntimeError("temperature fit diverged: the NLL is not finite (non-finite logits?).")
+        if sign * g >= 0:  # the minimum lies at or beyond this bound
+            return 1.0 / edge
+    beta = 1.0
+    for _ in range(max_iter):
+        _, g, h = _nll_in_beta(logits, labels, beta, chunk)
+        if g < 0:
+            lo = beta
+        else:
+            hi = beta
+        step = g / h if h > 0 else math.inf
+        new = beta - step
+        if not lo < new < hi:  # Newton would leave the bracket: bisect it (geometrically, beta > 0)
+            new = math.sqrt(lo * hi)
+        if abs(new - beta) <= 1e-13 * beta or hi - lo <= 1e-13 * hi:
+            beta = new
+            break
+        beta = new
+    return 1.0 / beta
 
 
 def calibration_after_temperature(

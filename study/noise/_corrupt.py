@@ -337,8 +337,9 @@ def corrupt(
             instance_std) on [0, 1] (r = 0 gives q = 0); adversarial: per-class budget floor(r n_c).
         seed: seeds the dedicated generator (unused by adversarial, which is deterministic).
         dataset: selects the asymmetric map (cifar10, mnist, cifar100); others fall back to pairflip.
-        coarse_labels: cifar100 asymmetric only: length-K fine->superclass vector, or per-sample coarse
-            labels (length N, N != K).
+        coarse_labels: cifar100 asymmetric only: per-sample coarse labels (length N, read per sample
+            whenever N equals the number of labels, N = K included), or the length-K fine->superclass
+            vector.
         features: instance only: (N, ...) inputs, flattened to (N, d) and standardised per dimension.
         probs: adversarial only: (N, K) out-of-fold reference probabilities from a clean-label model.
         mode: adversarial only: "confident" flips the highest margins p_y - max_{k!=y} p_k, "boundary"

@@ -60,10 +60,14 @@ def _check_labels(labels: ArrayLike, num_classes: int) -> np.ndarray:
 
 
 def _coarse_per_class(coarse_labels: ArrayLike, y: np.ndarray, k: int) -> np.ndarray:
-    """Reduce per-sample coarse labels (length N != K) to the length-K fine->coarse vector."""
+    """Reduce per-sample coarse labels (length N) to the length-K fine->coarse vector.
+
+    A vector as long as the labels is read per sample, also when N = K (100 CIFAR-100 samples): read as
+    the fine->coarse vector it would name the superclass of class i by sample i's label.
+    """
     coarse = _as_int_array(coarse_labels, "coarse_labels")
-    if len(coarse) == k or len(coarse) != len(y):
-        return coarse  # asymmetric_map checks the length
+    if len(coarse) != len(y):
+        return coarse  # the length-K vector; asymmetric_map checks the length
     per_class = np.full(k, -1)
     per_class[y] = coarse  # last write wins; checked for consistency just below
     if (per_class < 0).any() or (per_class[y] != coarse).any():

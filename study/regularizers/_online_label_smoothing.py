@@ -38,9 +38,15 @@ class OnlineLabelSmoothing(Regularizer):
     Column c of S is a distribution over classes (columns sum to 1). S starts at ``1 - eps`` on the
     diagonal and ``eps / (K - 1)`` elsewhere. In training mode every forward accumulates, per class c,
     the softmax predictions of the correctly classified samples of class c; :meth:`on_epoch_end`
-    replaces column c by their mean (a class without a correct sample keeps its column) and resets the
-    accumulators. The loss itself is the same in eval mode; only the accumulation stops. S is a
-    buffer, so no gradient flows into it.
+    replaces column c by their mean and resets the accumulators. The loss itself is the same in eval
+    mode; only the accumulation stops. S is a buffer, so no gradient flows into it.
+
+    A class with no correct prediction in an epoch keeps its column from before that epoch (the initial
+    smoothed one-hot until it has had one), so its samples keep a soft target of total weight 1 - alpha.
+    This is our choice: the paper leaves the case open, and the authors' code (``OLS.update`` in
+    Kurumi233/OnlineLabelSmoothing) zeroes that column instead, which drops the soft term and leaves
+    those samples with alpha x CE for the next epoch - a smaller loss for exactly the classes the model
+    gets wrong. It matters early in training and for rare or hard classes.
 
     K is taken from the first batch (buffers are created lazily, and resized on ``load_state_dict``,
     so checkpoints round-trip); later batches with another K raise ValueError.

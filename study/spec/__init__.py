@@ -8,25 +8,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from study.spec._checks import check_cross_fields, format_error
+from study.spec import _yaml
+from study.spec._checks import (
+    check_cross_fields,
+    check_local_resources,
+    error_message,
+    format_error,
+    loc_path,
+)
 from study.spec._models import (
     METRICS,
     AdaptiveSeeds,
-    Choices,
     DatasetSpec,
     DistillSpec,
     EvaluateSpec,
     FinalSpec,
-    Grid,
     ModelSpec,
     NoiseSetting,
     NoiseSpec,
     PrunerSpec,
-    Ramp,
-    Range,
     ResourcesSpec,
     SearchSpec,
     SpecError,
@@ -34,6 +36,7 @@ from study.spec._models import (
     TrainSpec,
     spec_hash,
 )
+from study.spec._values import Choices, Grid, Ramp, Range
 
 __all__ = [
     "AdaptiveSeeds",
@@ -56,6 +59,9 @@ __all__ = [
     "StudySpec",
     "TrainSpec",
     "spec_hash",
+    "check_local_resources",
+    "error_message",
+    "loc_path",
     "load_spec",
     "parse_spec",
 ]
@@ -65,20 +71,23 @@ def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a spec file. Raises SpecError with a single line on any problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec ({exc.strerror})") from None
+    try:
+        text = _yaml.decode(data)
+    except _yaml.SpecYAMLError as exc:
+        raise SpecError(f"{path}: {exc}") from None
     return parse_spec(text, source=str(path))
 
 
 def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
     """Validate a spec's text; SpecError (one line: field path, YAML line, problem) on any problem."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise SpecError(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raw = _yaml.load(text)
+    except _yaml.SpecYAMLError as exc:
+        where = f" (line {exc.line})" if exc.line else ""
+        raise SpecError(f"{source}{where}: {exc}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a spec must be a YAML mapping with at least name, models, regularizers")
     try:

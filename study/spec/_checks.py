@@ -4,14 +4,22 @@ combinations of fields, and the one-line error message of a pydantic ValidationE
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from study import data, models
 from study.robustness import corruptions
-from study.spec._models import Range, SpecError, StudySpec, TrainSpec
+from study.spec._models import SpecError, StudySpec, TrainSpec
+from study.spec._values import TAG_MARK, FieldError, Range
+
+# Bounds on what one spec may expand to: far above any real study (the largest shipped spec has 216
+# cells, 3672 trials), low enough that a typo or an alias bomb fails here instead of filling the disk.
+MAX_CELLS = 5_000
+MAX_TRIALS = 200_000
 
 
 def yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
@@ -36,26 +44,94 @@ def yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
+# pydantic's words for these say less than ours.
+_MESSAGES = {"missing": "missing (required)", "extra_forbidden": "unknown key"}
+
+
+def _is_tag(part: str) -> bool:
+    """A union member's or a constraint's name in a pydantic error location, not a spec key."""
+    plain_union = part in ("int", "float", "str", "bool") or part[:1].isupper()  # e.g. int | AdaptiveSeeds
+    return part.startswith(TAG_MARK) or "[" in part or part.startswith("constrained-") or plain_union
+
+
+def loc_path(err: ErrorDetails) -> tuple[str | int, ...]:
+    """A pydantic error's field path as the spec spells it: value-shape tags and union members such as
+    ``literal['all']`` dropped, a FieldError's own path (below the validated model) appended."""
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and _is_tag(p))]
+    exc = (err.get("ctx") or {}).get("error")
+    if isinstance(exc, FieldError):
+        loc.extend(exc.loc)
+    return tuple(loc)
+
+
+def error_message(err: ErrorDetails) -> str:
+    """The problem, in words, with the offending value for type and bound errors."""
+    if err["type"] in _MESSAGES:
+        return _MESSAGES[err["type"]]
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if err["type"] not in ("value_error", "value_shape") and not isinstance(value, (dict, list)):
+        msg += f", but got {value!r}"[:80]
+    return msg
+
+
 def format_error(exc: ValidationError, text: str) -> str:
     errors = exc.errors()
-    # A value of a union type (number | range | choices | ...) fails once per member; the member whose
-    # own check failed (e.g. "low must be <= high") says more than "Input should be a valid number".
+    # A field whose own check failed (e.g. "low must be <= high") says more than a type error elsewhere.
     err = next((e for e in errors if e["type"] == "value_error"), None) or next(
         (e for e in errors if e["type"] == "extra_forbidden"), errors[0]
     )
-    # Union members add their type names to the location; they mean nothing to the user.
-    loc = tuple(
-        p
-        for p in err["loc"]
-        if not (isinstance(p, str) and (p[:1].isupper() or p in {"float", "int", "str", "bool"}))
-    )
-    path = ".".join(str(p) for p in loc) or "<root>"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+    loc = loc_path(err)
+    path = ".".join(str(p) for p in loc) or "spec"
     line = yaml_line(text, loc)
     where = f" (line {line})" if line else ""
-    return f"{path}{where}: {msg}"
+    return f"{path}{where}: {error_message(err)}"
+
+
+def check_local_resources(spec: StudySpec, source: str) -> None:
+    """A local run gets this machine's CPUs and GPUs: a trial that needs more would stay pending forever.
+
+    Ray counts ``os.cpu_count()`` CPUs (or a container's quota) and the GPUs CUDA shows.
+    """
+    import torch
+
+    res = spec.resources
+    cpus = os.cpu_count() or 1
+    if res.cpus_per_trial > cpus:
+        raise SpecError(
+            f"{source}: resources.cpus_per_trial: a local run has {cpus} CPUs, but got "
+            f"{res.cpus_per_trial:g} (allowed: 0 < cpus_per_trial <= {cpus}, or a cluster via --address)"
+        )
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if res.gpus_per_trial > gpus:
+        raise SpecError(
+            f"{source}: resources.gpus_per_trial: a local run has {gpus} GPUs, but got "
+            f"{res.gpus_per_trial:g} (allowed: 0 <= gpus_per_trial <= {gpus}, or a cluster via --address)"
+        )
+
+
+def _check_options(source: str, path: str, given: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise SpecError(
+            f"{source}: {path}.{unknown[0]}: unknown option (allowed: {', '.join(sorted(allowed)) or 'none'})"
+        )
+
+
+def _check_size(spec: StudySpec, source: str) -> None:
+    settings = sum(len(n.settings()) for n in spec.noise)
+    cells = len(spec.models) * len(spec.regularizers) * settings
+    if cells > MAX_CELLS:
+        raise SpecError(
+            f"{source}: the spec expands to {cells} cells (models x regularizers x noise settings), "
+            f"more than the {MAX_CELLS} allowed; split it into several studies"
+        )
+    trials = cells * (spec.search.trials_per_cell + spec.final.max_seeds)
+    if trials > MAX_TRIALS:
+        raise SpecError(
+            f"{source}: search.trials_per_cell: {cells} cells x ({spec.search.trials_per_cell} search + "
+            f"{spec.final.max_seeds} final) = {trials} trials, more than the {MAX_TRIALS} allowed"
+        )
 
 
 def check_cross_fields(spec: StudySpec, source: str) -> None:
@@ -81,6 +157,14 @@ def check_cross_fields(spec: StudySpec, source: str) -> None:
             f"{source}: distill.student: unknown model {spec.distill.student!r} "
             f"(allowed: {', '.join(known_models)})"
         )
+    _check_options(source, "dataset.options", spec.dataset.options, data.dataset_options(spec.dataset.name))
+    for i, m in enumerate(spec.models):
+        allowed = models.model_options(m.name)
+        if allowed is not None:  # tv:<name> takes torchvision's keyword arguments, unknown here
+            _check_options(source, f"models.{i}.options", m.options, allowed)
+    if spec.distill and (allowed := models.model_options(spec.distill.student)) is not None:
+        _check_options(source, "distill.student_options", spec.distill.student_options, allowed)
+    _check_size(spec, source)
     data_kind = data.DATASETS[spec.dataset.name].kind
     named = [(f"models.{i}", m.name) for i, m in enumerate(spec.models)]
     if spec.distill:

@@ -1,22 +1,33 @@
-"""Pydantic models of the study spec, strict about unknown keys (frozen; unknown keys are errors).
+"""Pydantic models of the study spec: frozen, unknown keys are errors, no type coercion (``epochs: true``
+is not 1), no NaN or infinity in any float field.
 
 Every hyperparameter value in the spec is one
 of: a number or string (fixed), ``{low, high[, log][, step][, int]}`` (searched range), ``{choices: [...]}``
 (categorical), ``{grid: [...]}`` (categorical, enumerated exhaustively by the grid sampler) or, for a
-regularizer's strength, ``{start, end[, schedule]}`` (a fixed schedule over training).
+regularizer's strength, ``{start, end[, schedule]}`` (a fixed schedule over training); ``_values`` defines
+them. Training's lr and weight_decay take only numbers, at every value they can reach.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from study import noise as noise_lib
 from study import regularizers
 from study.optuna_kinds import PRUNERS, SAMPLERS
+from study.spec._values import (
+    FieldError,
+    ParamValue,
+    Ramp,
+    Strict,
+    check_number,
+    endpoints,
+)
 from study.vocabulary import SEARCH_METRICS
 
 # The search metrics and their directions (read by the trial layer and the sweep too).
@@ -33,57 +44,12 @@ def _one_of(value: str, allowed: Any, what: str) -> str:
     return value
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+# A spec's name is a directory name (results/<name>, the --storage prefix): one path component.
+NAME_MAX = 100
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class Range(_Strict):
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
-    int: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> Range:
-        if self.low > self.high:
-            raise ValueError(f"low must be <= high, but got low={self.low}, high={self.high}")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log range needs low > 0, but got low={self.low}")
-        return self
-
-
-class Choices(_Strict):
-    choices: list[Any] = Field(min_length=1)
-
-
-class Grid(_Strict):
-    grid: list[Any] = Field(min_length=1)
-
-
-class Ramp(_Strict):
-    start: float
-    end: float
-    schedule: Literal["constant", "linear", "cosine"] = "linear"
-
-
-ParamValue = float | int | str | bool | Range | Choices | Grid | Ramp
-
-
-def _endpoints(value: Any) -> list[Any]:
-    """The concrete values a spec value can take at its extremes (for range validation)."""
-    if isinstance(value, Range):
-        return [value.low, value.high]
-    if isinstance(value, Choices):
-        return list(value.choices)
-    if isinstance(value, Grid):
-        return list(value.grid)
-    if isinstance(value, Ramp):
-        return [value.start, value.end]
-    return [value]
-
-
-class DatasetSpec(_Strict):
+class DatasetSpec(Strict):
     name: str = "mnist1d"
     root: str | None = None
     download: bool = False
@@ -92,12 +58,12 @@ class DatasetSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class NoiseSetting(_Strict):
+class NoiseSetting(Strict):
     """One noise setting of a cell (and of a trial): a kind at one rate."""
 
     kind: str = "none"
@@ -118,9 +84,9 @@ class NoiseSetting(_Strict):
         return f"{kind}:{self.rate:g}"
 
 
-class NoiseSpec(_Strict):
+class NoiseSpec(Strict):
     kind: str = "none"
-    rate: list[float] = Field(default_factory=lambda: [0.0])
+    rate: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
     mode: str | None = None
 
     def settings(self) -> list[NoiseSetting]:
@@ -139,7 +105,7 @@ class NoiseSpec(_Strict):
         return self
 
 
-class PrunerSpec(_Strict):
+class PrunerSpec(Strict):
     kind: str = "median"
     n_warmup_steps: int = Field(3, ge=0)
     n_startup_trials: int = Field(3, ge=0)
@@ -156,7 +122,7 @@ class PrunerSpec(_Strict):
         return _one_of(v, PRUNERS.names(), "pruner")
 
 
-class TrainSpec(_Strict):
+class TrainSpec(Strict):
     """Training settings: the spec's ``train:`` block, and (with concrete lr / weight_decay) a trial's.
 
     A new training setting is one field here, read where fit.py uses it: cells, trial configs and
@@ -175,15 +141,26 @@ class TrainSpec(_Strict):
     weight_decay: ParamValue = 0.0
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
-    milestones: list[float] = Field(default_factory=lambda: [0.3, 0.6, 0.8])
+    # Fractions of the run: a milestone at 0 or 1 (or beyond) would never change the learning rate.
+    milestones: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(default_factory=lambda: [0.3, 0.6, 0.8])
     gamma: float = Field(0.2, gt=0.0, le=1.0)
     warmup_epochs: int = Field(0, ge=0)
     augment: bool = True
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: Any) -> Any:
+        return check_number(v, low=0.0, low_inclusive=False)
 
-class SearchSpec(_Strict):
+    @field_validator("weight_decay")
+    @classmethod
+    def _weight_decay(cls, v: Any) -> Any:
+        return check_number(v, low=0.0, low_inclusive=True)
+
+
+class SearchSpec(Strict):
     trials_per_cell: int = Field(8, ge=1)
     sampler: str = "tpe"
     metric: str = "val_accuracy"
@@ -213,7 +190,7 @@ class SearchSpec(_Strict):
         return METRICS[self.metric]
 
 
-class AdaptiveSeeds(_Strict):
+class AdaptiveSeeds(Strict):
     """Seeds added in rounds: every cell starts with `min`; after each round, a cell whose key
     comparison (test accuracy vs the reference cell of its group, paired by seed) has a 95% CI that
     still straddles zero gets one more seed (and so does its reference), until decided or `max`."""
@@ -230,7 +207,7 @@ class AdaptiveSeeds(_Strict):
         return self
 
 
-class FinalSpec(_Strict):
+class FinalSpec(Strict):
     seeds: Annotated[int, Field(ge=1)] | AdaptiveSeeds = 3
     epochs: int | None = Field(None, ge=1)
 
@@ -243,7 +220,7 @@ class FinalSpec(_Strict):
         return self.seeds if isinstance(self.seeds, int) else self.seeds.min
 
 
-class EvaluateSpec(_Strict):
+class EvaluateSpec(Strict):
     attacks: list[str] = Field(default_factory=list)
     eps: list[float] = Field(default_factory=list)
     pgd_steps: int = Field(10, ge=1)
@@ -276,16 +253,18 @@ class EvaluateSpec(_Strict):
         return self
 
 
-class DistillSpec(_Strict):
+class DistillSpec(Strict):
     student: str = "mlp"
     temperature: float = Field(4.0, gt=0)
     epochs: int | None = Field(None, ge=1)
     student_options: dict[str, Any] = Field(default_factory=dict)
 
 
-class ResourcesSpec(_Strict):
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
+class ResourcesSpec(Strict):
+    # A trial runs on one node, so it can never take more than one machine has; above these bounds Ray
+    # would keep it pending forever (what the local machine has is checked before a local run starts).
+    cpus_per_trial: float = Field(1.0, gt=0, le=1024)
+    gpus_per_trial: float = Field(0.0, ge=0, le=16)
 
     @field_validator("gpus_per_trial")
     @classmethod
@@ -296,12 +275,12 @@ class ResourcesSpec(_Strict):
         return v
 
 
-class StudySpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+class StudySpec(Strict):
+    name: str
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     models: list[ModelSpec] = Field(min_length=1)
     regularizers: dict[str, dict[str, ParamValue]] = Field(min_length=1)
-    noise: list[NoiseSpec] = Field(default_factory=lambda: [NoiseSpec()])
+    noise: list[NoiseSpec] = Field(default_factory=lambda: [NoiseSpec()], min_length=1)
     noise_seed: int = 0
     train: TrainSpec = Field(default_factory=TrainSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
@@ -310,6 +289,16 @@ class StudySpec(_Strict):
     distill: DistillSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_failures: int = Field(1, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v) or v in (".", "..") or len(v) > NAME_MAX:
+            raise ValueError(
+                f"must be 1-{NAME_MAX} letters, digits, '_', '-' or '.' and not '.' or '..' "
+                f"(it names the results directory), but got {v[: NAME_MAX + 20]!r}"
+            )
+        return v
 
     @field_validator("models", mode="before")
     @classmethod
@@ -330,13 +319,23 @@ class StudySpec(_Strict):
     @model_validator(mode="after")
     def _check_regularizers(self) -> StudySpec:
         for name, params in self.regularizers.items():
-            info = regularizers.get_info(name)  # ValueError lists the known names
+            try:
+                info = regularizers.get_info(name)  # ValueError lists the known names
+            except ValueError as exc:
+                raise FieldError(("regularizers", name), str(exc).rstrip(".")) from None
             for pname, value in params.items():
+                loc = ("regularizers", name, pname)
                 if pname not in info.params:
                     allowed = ", ".join(info.params) or "none"
-                    raise ValueError(f"{name}: unknown parameter {pname!r} (allowed: {allowed})")
-                for v in _endpoints(value):
-                    regularizers.validate_params(name, {pname: v})
+                    raise FieldError(loc, f"unknown parameter (allowed: {allowed})")
+                # A ramp is checked whole too: only schedulable parameters take one.
+                whole = [value.model_dump()] if isinstance(value, Ramp) else []
+                for v in [*whole, *endpoints(value)]:
+                    try:
+                        regularizers.validate_params(name, {pname: v})
+                    except ValueError as exc:
+                        # "label_smoothing: alpha must be in [-10, 1), but got 2": the path says whose.
+                        raise FieldError(loc, str(exc).split(": ", 1)[-1].rstrip(".")) from None
         return self
 
 

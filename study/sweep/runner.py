@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from study.spec import StudySpec, load_spec, spec_hash
+from study.spec import StudySpec, check_local_resources, load_spec, spec_hash
 from study.sweep.cells import expand_cells, planned_counts
 from study.sweep.context import StudyContext
 from study.sweep.live import LiveView, startup_line
@@ -135,6 +135,8 @@ def run_study(
     """
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
+    if address in (None, "local"):  # a local Ray gets this machine's CPUs/GPUs: more never schedules
+        check_local_resources(spec, str(spec_path))
     # Absolute: Ray Tune takes the storage path as a URI and refuses a relative one.
     out_dir = (Path(out) if out else Path("results") / spec.name).resolve()
     console = console or Console()

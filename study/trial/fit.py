@@ -51,6 +51,22 @@ class Fitted:
     best: tuple[float | None, int | None] = (None, None)
 
 
+# A training loss this many times above its reference has exploded (see `exploded`).
+DIVERGENCE_FACTOR = 100.0
+
+
+def exploded(train_loss: float, reference: float) -> bool:
+    """Whether an epoch's mean training loss says the fit blew up.
+
+    ``reference`` is max(the loss of the first batch at initialisation, log K): what the untrained
+    model scores, so a regularizer whose loss is large by construction (LogitNorm at a small tau) sets
+    its own scale. Healthy runs stay below a few times it (worst measured over every regularizer on
+    MNIST-1D: see tests/trial/test_train.py); AdamW at lr 1e3 reaches ~1e15 in its first epoch, at
+    chance accuracy and without a NaN. NaN and infinities count as exploded.
+    """
+    return not math.isfinite(train_loss) or train_loss > DIVERGENCE_FACTOR * reference
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,6 +172,8 @@ class _Loop:
             to_float=b.to_float,
         )
         self.x_val = prep.x_val.to(device)
+        # The scale `exploded` compares against: log K until the first batch's loss is known.
+        self.reference_loss = math.log(b.num_classes)
         self.total_steps = len(self.batches) * cfg.train.epochs
         # set_progress checks its argument and re-evaluates every schedule (~65 us, 2% of a batch-32
         # cnn1d step on a CPU core): call it per step only when a schedule varies or a module listens.
@@ -175,6 +193,7 @@ class _Loop:
             "epoch_rows": rows,
             "best": list(best),
             "status": status if status != "completed" else None,
+            "reference_loss": self.reference_loss,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -184,6 +203,7 @@ class _Loop:
         # Generator states are CPU byte tensors whatever map_location did to them.
         self.gen.set_state(state["batch_rng"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
+        self.reference_loss = state.get("reference_loss", self.reference_loss)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training batches; the epoch's row (validation metrics included)."""
@@ -208,6 +228,8 @@ class _Loop:
             with autocast or contextlib.nullcontext():
                 logits = model(xb)
             loss = reg(logits.float(), yb)
+            if step == 0:  # the untrained model's loss: one sync per fit
+                self.reference_loss = max(self.reference_loss, float(loss.detach()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -237,6 +259,11 @@ class _Loop:
         row.update({f"term_{k}": float(v) / n_terms for k, v in terms_sum.items()})
         return row
 
+    def diverged(self, row: dict[str, Any]) -> bool:
+        """The epoch's loss exploded, or a weight is no longer finite (a loss can stay finite a while)."""
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        return exploded(row["train_loss"], self.reference_loss) or not bool(finite)
+
 
 def update_best(best: tuple, row: dict[str, Any], epoch: int, metric: str) -> tuple:
     value = row[metric]
@@ -258,7 +285,8 @@ def fit(
     """Train `cfg` on `prep`; `report(epoch_row)` returning True stops the fit as pruned.
 
     Resumes from `checkpoint` when it exists (a fit that ended pruned or diverged stays so) and writes
-    it after every epoch. A NaN/inf training loss ends the fit as "diverged" instead of raising.
+    it after every epoch. A training loss that is NaN/inf or exploded (``exploded``) or a non-finite
+    weight ends the fit as "diverged" instead of raising.
     """
     device = resolve_device(cfg.train.device)
     loop = _Loop(cfg, prep, device)
@@ -273,7 +301,7 @@ def fit(
     for epoch in range(start_epoch, cfg.train.epochs):
         row = loop.train_epoch(epoch)
         rows.append(row)
-        if not math.isfinite(row["train_loss"]):
+        if loop.diverged(row):
             status = "diverged"
         else:
             best = update_best(best, row, epoch + 1, cfg.metric)

@@ -68,6 +68,10 @@ BAD_INPUTS = [
     (["--noise", "symmetric"], "KIND:RATE"),
     (["--optimizer", "lion"], "optimizer"),
     (["--device", "tpu9"], "--device"),
+    # Not YAML: a traceback before the fix.
+    (["--regularizer", "label_smoothing", "--param", "alpha=[0.1"], "--param alpha: '[0.1' is not a value"),
+    (["--regularizer", "label_smoothing", "--param", "alpha=.nan"], "alpha must be in"),
+    (["--lr", "0"], "--lr: must be a finite number > 0"),
 ]
 
 

@@ -94,7 +94,11 @@ def test_spec_hash_ignores_formatting_but_not_content():
         ("search.sampler", "bayes", "unknown sampler 'bayes'"),
         ("train.lr", {"low": 0.1, "high": 0.01}, "low must be <= high"),
         ("regularizers.label_smoothing", {"alpha": {"low": 0.0, "high": 1.0}}, "alpha must be in"),
-        ("regularizers.label_smoothing", {"beta": 0.1}, "unknown parameter 'beta'"),
+        (
+            "regularizers.label_smoothing",
+            {"beta": 0.1},
+            "label_smoothing.beta (line 10): unknown parameter (allowed: alpha)",
+        ),
         ("noise.1.rate", [0.2, 1.5], "1.5"),
         ("train.epochs", 0, "train.epochs"),
         ("search.typo_key", 1, "search.typo_key"),

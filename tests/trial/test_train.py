@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from study import data, metrics
+from study import data, metrics, regularizers
 from study import noise as noise_lib
 from study.spec import TrainSpec
 from study.trial.config import TrialConfig
-from study.trial.fit import build_model
+from study.trial.fit import DIVERGENCE_FACTOR, build_model, exploded
 from study.trial.reference import reference_probabilities
 from study.trial.run import prepare_data, run_trial
 
@@ -149,6 +149,35 @@ def test_diverging_run_ends_with_status_diverged(bundle, tmp_path):
     # Resuming a diverged trial does not train again.
     again = run_trial(cfg, lambda row: reported.append(row["epoch"]), bundle=bundle)
     assert again.status == "diverged" and reported == []
+
+
+def test_exploding_loss_without_nan_is_diverged(bundle, tmp_path):
+    """AdamW at lr 1e3: loss ~1e15 at chance accuracy and no NaN, recorded `completed` before."""
+    cfg = make_cfg(epochs=3, optimizer="adamw", lr=1e3, checkpoint_dir=str(tmp_path / "ck"))
+    reported: list[int] = []
+    result = run_trial(cfg, lambda row: reported.append(row["epoch"]), bundle=bundle)
+    assert result.status == "diverged" and result.epochs_run == 1
+    loss = result.epoch_rows[0]["train_loss"]
+    assert math.isfinite(loss) and loss > DIVERGENCE_FACTOR * math.log(10)
+    assert reported == [] and result.eval_rows == [] and result.best_value is None
+    again = run_trial(cfg, lambda row: reported.append(row["epoch"]), bundle=bundle)
+    assert again.status == "diverged" and reported == []
+
+
+def test_exploded_rule():
+    assert exploded(math.nan, 2.3) and exploded(math.inf, 2.3) and exploded(231.0, 2.3)
+    assert not exploded(229.0, 2.3) and not exploded(-50.0, 2.3)
+
+
+@pytest.mark.parametrize("name", regularizers.list_regularizers())
+def test_normal_runs_of_every_regularizer_stay_completed(bundle, name):
+    """The divergence rule never fires on a healthy run: every regularizer at its defaults, at the
+    default recipe's lr (full MNIST-1D, 30 epochs, every regularizer at its default and its strongest
+    setting: the largest epoch loss was at most 1.0x the reference, 100x would fire)."""
+    result = run_trial(make_cfg(epochs=3, lr=2e-2, regularizer=name, evaluate=None), bundle=bundle)
+    assert result.status == "completed" and result.epochs_run == 3
+    # At least 10x below where the rule fires (LogitNorm's 1/tau scale puts it highest: ~6 here).
+    assert max(r["train_loss"] for r in result.epoch_rows) < DIVERGENCE_FACTOR * math.log(10) / 10
 
 
 def test_report_returning_true_prunes(bundle, tmp_path):

@@ -1,0 +1,136 @@
+"""Hyperparameter values of a spec: a fixed value, ``{low, high[, log][, step][, int]}`` (searched range),
+``{choices: [...]}``, ``{grid: [...]}`` or ``{start, end[, schedule]}`` (a fixed schedule).
+
+The shape of a mapping picks its model (``low``/``high`` -> Range, ...), so a bad value is reported
+against that one model ("train.lr.high: missing") rather than once per member of a union.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+
+class FieldError(ValueError):
+    """A check's error about a field below the one the validator runs on: ``loc`` is appended to the
+    location pydantic reports (a model validator of StudySpec otherwise reports the whole spec)."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class Strict(BaseModel):
+    """Base of every spec model: unknown keys are errors, no coercion (``true`` is not the int 1,
+    ``"0.1"`` is not a number), NaN and infinities are refused in every float field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class Range(Strict):
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    int: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low must be <= high, but got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, but got low={self.low}")
+        return self
+
+
+class Choices(Strict):
+    choices: list[Any] = Field(min_length=1)
+
+
+class Grid(Strict):
+    grid: list[Any] = Field(min_length=1)
+
+
+class Ramp(Strict):
+    start: float
+    end: float
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+
+
+VALUE_SHAPES = (
+    "a number, {low, high[, log, step, int]}, {choices: [...]}, {grid: [...]} or {start, end[, schedule]}"
+)
+# Discriminator tags appear in pydantic's error locations; the "=" marks them for format_error to drop
+# (a plain "choices" would clash with the field of the same name).
+TAG_MARK = "="
+
+
+def _fixed(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(float(value)):
+            raise ValueError(f"must be a finite number, but got {value!r}")
+        return value
+    raise ValueError(f"must be {VALUE_SHAPES}, but got {value!r}")
+
+
+def _shape(value: Any) -> str | None:
+    """Which model a value is: by class for a model instance, by its keys for a mapping."""
+    for cls, tag in ((Range, "=range"), (Choices, "=choices"), (Grid, "=grid"), (Ramp, "=ramp")):
+        if isinstance(value, cls):
+            return tag
+    if not isinstance(value, dict):
+        return "=fixed"
+    keys = set(value)
+    if keys & {"low", "high", "log", "step", "int"}:
+        return "=range"
+    if "choices" in keys:
+        return "=choices"
+    if "grid" in keys:
+        return "=grid"
+    if keys & {"start", "end", "schedule"}:
+        return "=ramp"
+    return None
+
+
+ParamValue = Annotated[
+    Annotated[Any, AfterValidator(_fixed), Tag("=fixed")]
+    | Annotated[Range, Tag("=range")]
+    | Annotated[Choices, Tag("=choices")]
+    | Annotated[Grid, Tag("=grid")]
+    | Annotated[Ramp, Tag("=ramp")],
+    Discriminator(_shape, custom_error_type="value_shape", custom_error_message=f"must be {VALUE_SHAPES}"),
+]
+
+
+def endpoints(value: Any) -> list[Any]:
+    """The concrete values a spec value can take at its extremes (for range validation)."""
+    if isinstance(value, Range):
+        return [value.low, value.high]
+    if isinstance(value, Choices):
+        return list(value.choices)
+    if isinstance(value, Grid):
+        return list(value.grid)
+    if isinstance(value, Ramp):
+        return [value.start, value.end]
+    return [value]
+
+
+def check_number(value: Any, *, low: float, low_inclusive: bool) -> Any:
+    """A numeric setting (train.lr, train.weight_decay): every value it can take is a finite real number
+    (not a bool or a string) at least / above ``low``; ramps are refused (they are regularizer schedules)."""
+    bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
+    if isinstance(value, Ramp):
+        raise ValueError(
+            "must be a number or a searched value ({low, high}, {choices}, {grid}); a {start, end} "
+            "schedule is only for regularizer parameters (use train.schedule for the learning rate)"
+        )
+    for v in endpoints(value):
+        ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(float(v))
+        if not ok or float(v) < low or (float(v) == low and not low_inclusive):
+            raise ValueError(f"must be a finite number {bound}, but got {v!r}")
+    return value
