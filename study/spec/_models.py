@@ -98,44 +98,75 @@ class ModelSpec(_Strict):
 
 
 class NoiseSetting(_Strict):
-    """One noise setting of a cell (and of a trial): a kind at one rate."""
+    """One noise setting of a cell (and of a trial): a kind at one rate, or given labels.
+
+    ``human``: ``dataset_labels`` (cifar10n | cifar100n) and ``label_set`` (aggre, random1..3, worst |
+    noisy_label); ``file``: ``path`` to one label per training sample. Those take no rate.
+    """
 
     kind: str = "none"
     rate: float = 0.0
     mode: str | None = None
+    dataset_labels: str | None = None
+    label_set: str | None = None
+    path: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> NoiseSetting:
-        noise_lib.validate_noise(self.kind, self.rate, mode=self.mode)
+        noise_lib.validate_noise(self.kind, self.rate, **self.source)
         return self
 
     @property
+    def source(self) -> dict[str, Any]:
+        """Keyword arguments of ``validate_noise`` besides kind and rate."""
+        return {"mode": self.mode, "dataset_labels": self.dataset_labels, "label_set": self.label_set,
+                "path": self.path}  # fmt: skip
+
+    @property
     def label(self) -> str:
-        """``none``, ``symmetric:0.4`` or ``adversarial-confident:0.2`` (the cell id's last part)."""
+        """``none``, ``symmetric:0.4``, ``adversarial-confident:0.2``, ``human-worst`` or ``file-<stem>``
+        (the cell id's last part)."""
         if self.kind == "none":
             return "none"
+        if not noise_lib.NOISE_REGISTRY[self.kind].uses_rate:
+            return noise_lib.given_label(self.kind, self.label_set, self.path)
         kind = f"{self.kind}-{self.mode}" if self.mode else self.kind
         return f"{kind}:{self.rate:g}"
 
 
 class NoiseSpec(_Strict):
+    """A ``noise:`` entry: a kind with a list of rates, or (kind human) a list of label sets."""
+
     kind: str = "none"
     rate: list[float] = Field(default_factory=lambda: [0.0])
     mode: str | None = None
+    dataset_labels: str | None = None
+    label_set: list[str] | None = None
+    path: str | None = None
 
     def settings(self) -> list[NoiseSetting]:
         rates = [0.0] if self.kind == "none" else self.rate
-        return [NoiseSetting(kind=self.kind, rate=float(r), mode=self.mode) for r in rates]
+        common = {"kind": self.kind, "mode": self.mode, "dataset_labels": self.dataset_labels,
+                  "path": self.path}  # fmt: skip
+        return [
+            NoiseSetting(rate=float(r), label_set=ls, **common)
+            for ls in (self.label_set or [None])
+            for r in rates
+        ]
 
-    @field_validator("rate", mode="before")
+    @field_validator("rate", "label_set", mode="before")
     @classmethod
     def _as_list(cls, v: Any) -> Any:
-        return v if isinstance(v, list) else [v]
+        return v if v is None or isinstance(v, list) else [v]
 
     @model_validator(mode="after")
     def _check(self) -> NoiseSpec:
-        for r in self.rate:
-            noise_lib.validate_noise(self.kind, r, mode=self.mode)
+        for label_set in self.label_set or [None]:
+            for r in self.rate:
+                noise_lib.validate_noise(
+                    self.kind, r, mode=self.mode, dataset_labels=self.dataset_labels, label_set=label_set,
+                    path=self.path,
+                )  # fmt: skip
         return self
 
 

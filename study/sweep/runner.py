@@ -193,7 +193,29 @@ def _preflight(
         if resume and not (out_dir / "manifest.json").exists():
             storage_lib.download(fs, remote[1], out_dir)
     check_out_dir(spec, out_dir, resume)  # refuse a foreign or existing study before starting Ray
+    check_given_labels(spec)
     return remote
+
+
+def check_given_labels(spec: StudySpec) -> None:
+    """Read every given-label setting (human, file) once against the dataset: a missing or malformed
+    label file is a RunError naming the file and the expected shape, before any trial runs."""
+    from study import data as data_lib
+    from study import noise as noise_lib
+    from study.trial.run import given_labels
+
+    settings = [
+        s for ns in spec.noise for s in ns.settings() if not noise_lib.NOISE_REGISTRY[s.kind].uses_rate
+    ]
+    if not settings:
+        return
+    d = spec.dataset
+    try:
+        bundle = data_lib.load_dataset(d.name, root=d.root, download=d.download, **d.options)
+        for setting in settings:
+            given_labels(setting, d, bundle)
+    except (noise_lib.LabelFileError, FileNotFoundError) as exc:
+        raise RunError(str(exc).splitlines()[0]) from None
 
 
 def _finish(
