@@ -186,12 +186,16 @@ def report(
 
 @app.command()
 def query(
-    out_dir: Path = typer.Argument(..., metavar="DIR", help="Results directory of a study."),
-    sql: str = typer.Argument(..., help="SQL over the views trials, epochs, evals, summary."),
+    args: list[str] = typer.Argument(
+        ...,
+        metavar="DIR... SQL",
+        help="One or more results directories, then the SQL over the views trials, epochs, evals, "
+        "summary, projections, params (several directories: every view gains a `study` column).",
+    ),
     csv: bool = typer.Option(False, "--csv", help="Print CSV."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON records."),
 ) -> None:
-    """Run SQL (DuckDB) over a results directory's Parquet tables."""
+    """Run SQL (DuckDB) over the Parquet tables of one or several results directories."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -200,8 +204,11 @@ def query(
 
     if csv and as_json:
         _bad_input("--csv and --json are exclusive")
+    if len(args) < 2:
+        _bad_input("study query needs a results directory and the SQL: study query DIR [DIR ...] \"SQL\"")
+    *dirs, sql = args
     try:
-        df = run_query(out_dir, sql)
+        df = run_query(dirs[0] if len(dirs) == 1 else dirs, sql)
     except ResultsError as exc:
         _bad_input(escape(str(exc)))
     if csv:

@@ -34,14 +34,26 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _git_sha() -> str | None:
+def _git(args: list[str], cwd: Path) -> str | None:
     try:
-        res = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-        return res.stdout.strip() or None
+        res = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=cwd)
     except (OSError, subprocess.SubprocessError):
         return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def git_state(cwd: Path | None = None) -> dict[str, Any]:
+    """The commit the study was run from: ``git_sha`` / ``git_dirty`` of the user's working directory
+    (their specs, label files, own regularizers) when it is a git repository, else None; and
+    ``package_git_sha``, the regstudy checkout's commit (None for an installed wheel)."""
+    cwd = Path.cwd() if cwd is None else cwd
+    sha = _git(["rev-parse", "HEAD"], cwd) or None
+    dirty = _git(["status", "--porcelain", "--untracked-files=no"], cwd) if sha else None
+    return {
+        "git_sha": sha,
+        "git_dirty": None if dirty is None else bool(dirty),
+        "package_git_sha": _git(["rev-parse", "HEAD"], Path(__file__).parent) or None,
+    }
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -90,7 +102,7 @@ def prepare_out_dir(spec: StudySpec, spec_text: str, out: Path, resume: bool) ->
         "planned": planned_counts(spec, cells),
         "cells": len(cells),
         "versions": _versions(),
-        "git_sha": _git_sha(),
+        **git_state(),
         "schema_version": None,
     }
     _write_json(manifest_path, manifest)
