@@ -1,4 +1,4 @@
-"""The `study` command line: run, trial, validate, report, query, ls.
+"""The `study` command line: run, trial, validate, report, query, ls, dashboard.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad input (spec, arguments, results dir).
 """
@@ -249,6 +249,26 @@ def ls_(out_dir: Path = typer.Argument(Path("results"), metavar="DIR", help="Dir
         when = datetime.datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M") if when else "-"
         table.add_row(s["study"], s["status"], counts, when, s["path"])
     Console().print(table)
+
+
+@app.command()
+def dashboard(
+    out_dir: Path = typer.Argument(..., metavar="DIR", help="Results directory of a study."),
+    port: int = typer.Option(8080, "--port", min=1, max=65535, help="Port on 127.0.0.1."),
+) -> None:
+    """Serve optuna-dashboard on 127.0.0.1 over the study's optuna.journal (extra: regstudy[dashboard])."""
+    journal = out_dir / "optuna.journal"
+    if not journal.is_file():
+        _bad_input(f"{out_dir}: no optuna.journal (not a study results directory, or no search has run)")
+    try:
+        import optuna_dashboard
+    except ImportError:
+        _bad_input('study dashboard needs optuna-dashboard: pip install "regstudy[dashboard]"')
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    err.print(f"optuna-dashboard on http://127.0.0.1:{port} (Ctrl-C stops it)", highlight=False)
+    optuna_dashboard.run_server(storage, host="127.0.0.1", port=port)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ class StudyContext(DriverOnly):
             optuna_number=trial.number,
             optuna_id=trial._trial_id,
         )
+        # The trials.parquet trial_id on the Optuna trial: the dashboard's trials join the tables.
+        trial.set_user_attr("trial_id", rec.trial_id)
         self.by_tune_id[tune_id] = rec
         self.progress()
         return {"trial": config}
