@@ -52,7 +52,9 @@ def run(
             storage=storage,
         )
     except (SpecError, RunError) as exc:
-        _bad_input(str(exc))
+        from rich.markup import escape
+
+        _bad_input(escape(str(exc)))  # e.g. 'pip install "regstudy[mlflow]"' is not rich markup
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: continue with --resume[/yellow]")
         raise typer.Exit(130) from None
@@ -205,7 +207,7 @@ def query(
     if csv and as_json:
         _bad_input("--csv and --json are exclusive")
     if len(args) < 2:
-        _bad_input("study query needs a results directory and the SQL: study query DIR [DIR ...] \"SQL\"")
+        _bad_input('study query needs a results directory and the SQL: study query DIR [DIR ...] "SQL"')
     *dirs, sql = args
     try:
         df = run_query(dirs[0] if len(dirs) == 1 else dirs, sql)
@@ -263,7 +265,7 @@ def dashboard(
     try:
         import optuna_dashboard
     except ImportError:
-        _bad_input('study dashboard needs optuna-dashboard: pip install "regstudy[dashboard]"')
+        _bad_input('study dashboard needs optuna-dashboard: pip install "regstudy\\[dashboard]"')
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     storage = JournalStorage(JournalFileBackend(str(journal)))

@@ -20,6 +20,7 @@ from study.spec._models import (
     EvaluateSpec,
     FinalSpec,
     Grid,
+    MlflowSpec,
     ModelSpec,
     NoiseSetting,
     NoiseSpec,
@@ -30,7 +31,9 @@ from study.spec._models import (
     SearchSpec,
     SpecError,
     StudySpec,
+    TrackingSpec,
     TrainSpec,
+    WandbSpec,
     spec_hash,
 )
 
@@ -52,7 +55,10 @@ __all__ = [
     "SearchSpec",
     "SpecError",
     "StudySpec",
+    "TrackingSpec",
     "TrainSpec",
+    "WandbSpec",
+    "MlflowSpec",
     "spec_hash",
     "load_spec",
     "parse_spec",

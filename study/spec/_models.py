@@ -295,6 +295,29 @@ class ResourcesSpec(_Strict):
         return v
 
 
+class MlflowSpec(_Strict):
+    tracking_uri: str | None = None  # None: MLflow's default ($MLFLOW_TRACKING_URI, else ./mlruns)
+    experiment_name: str | None = None  # None: the study's name
+
+
+class WandbSpec(_Strict):
+    project: str
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    group: str | None = None  # None: the study's name
+    entity: str | None = None
+
+
+class TrackingSpec(_Strict):
+    """Ray Tune's own logger callbacks (optional extras); one run per trial named ``cell/phase/#n``.
+
+    Tracking changes no result: it is left out of the spec hash, so it can be switched on for --resume.
+    """
+
+    tensorboard: bool = False
+    mlflow: MlflowSpec | None = None
+    wandb: WandbSpec | None = None
+
+
 class StudySpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
@@ -309,6 +332,7 @@ class StudySpec(_Strict):
     distill: DistillSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_failures: int = Field(1, ge=0)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -339,7 +363,20 @@ class StudySpec(_Strict):
         return self
 
 
+# Fields added after results directories already existed, left out of the hash while unset so that
+# those studies still resume (their hash was computed without them).
+_NEW_NOISE_FIELDS = ("dataset_labels", "label_set", "path")
+
+
 def spec_hash(spec: StudySpec) -> str:
-    """Hash of the resolved spec (defaults filled in), stable across key order and formatting."""
-    blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    """Hash of the resolved spec (defaults filled in), stable across key order and formatting.
+
+    ``tracking`` is not part of it (it changes where runs are logged, not what they compute).
+    """
+    dump = spec.model_dump(mode="json", exclude={"tracking"})
+    for noise in dump["noise"]:
+        for key in _NEW_NOISE_FIELDS:
+            if noise.get(key) is None:
+                noise.pop(key, None)
+    blob = json.dumps(dump, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

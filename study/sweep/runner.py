@@ -206,7 +206,27 @@ def _preflight(
             storage_lib.download(fs, remote[1], out_dir)
     check_out_dir(spec, out_dir, resume)  # refuse a foreign or existing study before starting Ray
     check_given_labels(spec)
+    check_trackers(spec)
     return remote
+
+
+# The module each tracker of the spec's `tracking` block needs, and the regstudy extra installing it.
+TRACKER_EXTRAS = {"tensorboard": ("tensorboardX", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
+                  "wandb": ("wandb", "wandb")}  # fmt: skip
+
+
+def check_trackers(spec: StudySpec) -> None:
+    """RunError naming the extra to install when a tracker of ``tracking`` is asked for but missing."""
+    import importlib.util
+
+    t = spec.tracking
+    asked = {"tensorboard": t.tensorboard, "mlflow": t.mlflow is not None, "wandb": t.wandb is not None}
+    for tracker, on in asked.items():
+        module, extra = TRACKER_EXTRAS[tracker]
+        if on and importlib.util.find_spec(module) is None:
+            raise RunError(
+                f'tracking.{tracker}: needs {module}; install it with pip install "regstudy[{extra}]"'
+            )
 
 
 def check_given_labels(spec: StudySpec) -> None:

@@ -43,7 +43,7 @@ from ray.tune.search import Searcher  # noqa: E402
 
 from study.spec import StudySpec  # noqa: E402
 from study.sweep.cells import Cell  # noqa: E402
-from study.sweep.context import FINISHED, StudyContext, TrialSource, post_jobs  # noqa: E402
+from study.sweep.context import FINISHED, StudyContext, TrialNames, TrialSource, post_jobs  # noqa: E402
 from study.sweep.optuna_cells import CellStudies  # noqa: E402
 
 
@@ -79,10 +79,17 @@ def _trainable(config: dict[str, Any]) -> None:
         "projection": result.projection,
         "epoch_rows": result.epoch_rows,
     }
+    # The clean test metrics of a final trial as plain numbers too, for the trackers (spec `tracking`).
+    test = {
+        f"test_{r['metric']}": r["value"]
+        for r in result.eval_rows
+        if r["split"] == "test" and r["condition"] == "clean" and not r["metric"].startswith("bin_")
+    }
     tune.report(
         {
             "final": json.dumps(payload),
             "objective": result.best_value if result.best_value is not None else float("nan"),
+            **test,
         }
     )
 
@@ -298,6 +305,36 @@ def cluster_slots(spec: StudySpec, handle: RayHandle | None = None) -> int:
     return slots
 
 
+def tracking_callbacks(spec: StudySpec) -> list[Callback]:
+    """Ray Tune's own logger callbacks for the spec's ``tracking`` block (each imported only if asked)."""
+    t = spec.tracking
+    callbacks: list[Callback] = []
+    if t.tensorboard:
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    if t.mlflow is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(
+            MLflowLoggerCallback(
+                tracking_uri=t.mlflow.tracking_uri,
+                experiment_name=t.mlflow.experiment_name or spec.name,
+                tags={"study": spec.name},
+            )
+        )
+    if t.wandb is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        extra = {"entity": t.wandb.entity} if t.wandb.entity else {}
+        callbacks.append(
+            WandbLoggerCallback(
+                project=t.wandb.project, group=t.wandb.group or spec.name, mode=t.wandb.mode, **extra
+            )
+        )
+    return callbacks
+
+
 def _resources(spec: StudySpec) -> dict[str, float]:
     return {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
 
@@ -327,12 +364,14 @@ def run_trials(
             max_concurrent_trials=max_concurrent,
             # Re-using worker processes saves a Python + torch import and a dataset load per trial.
             reuse_actors=True,
+            trial_name_creator=TrialNames.name,
+            trial_dirname_creator=TrialNames.dirname,
         ),
         run_config=tune.RunConfig(
             name=f"trials-{int(time.time())}",
             storage_path=ctx.tune_storage[0] if ctx.tune_storage else str(out / "ray"),
             storage_filesystem=ctx.tune_storage[1] if ctx.tune_storage else None,
-            callbacks=[Collector(ctx)],
+            callbacks=[Collector(ctx), *tracking_callbacks(spec)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0,
         ),
@@ -372,6 +411,7 @@ __all__ = [
     "init_ray",
     "run_trials",
     "run_post_phase",
+    "tracking_callbacks",
     "cluster_slots",
     "check_address",
     "shutdown",
