@@ -206,7 +206,7 @@ def _preflight(
             storage_lib.download(fs, remote[1], out_dir)
     check_out_dir(spec, out_dir, resume)  # refuse a foreign or existing study before starting Ray
     check_given_labels(spec)
-    check_trackers(spec)
+    check_extras(spec)
     return remote
 
 
@@ -215,10 +215,15 @@ TRACKER_EXTRAS = {"tensorboard": ("tensorboardX", "tensorboard"), "mlflow": ("ml
                   "wandb": ("wandb", "wandb")}  # fmt: skip
 
 
-def check_trackers(spec: StudySpec) -> None:
-    """RunError naming the extra to install when a tracker of ``tracking`` is asked for but missing."""
+def check_extras(spec: StudySpec) -> None:
+    """RunError naming the extra to install when the spec needs an optional package that is missing:
+    a tracker of ``tracking``, or scikit-learn for the ``digits`` dataset."""
     import importlib.util
 
+    if spec.dataset.name == "digits" and importlib.util.find_spec("sklearn") is None:
+        raise RunError(
+            'dataset.name: digits needs scikit-learn; install it with pip install "regstudy[digits]"'
+        )
     t = spec.tracking
     asked = {"tensorboard": t.tensorboard, "mlflow": t.mlflow is not None, "wandb": t.wandb is not None}
     for tracker, on in asked.items():

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from study.cli import app
 from study.spec import parse_spec
-from study.sweep.runner import RunError, check_trackers, run_study
+from study.sweep.runner import RunError, check_extras, run_study
 
 SPEC = """\
 name: tracked
@@ -35,7 +35,7 @@ def test_missing_tracker_extra_names_it(tmp_path):
     with pytest.raises(
         RunError, match=r'tracking.wandb: needs wandb; install it with pip install "regstudy\[wandb\]"'
     ):
-        check_trackers(spec)
+        check_extras(spec)
     path = tmp_path / "s.yaml"
     path.write_text(SPEC.format(tracking="{wandb: {project: p}}"))
     res = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out")])
