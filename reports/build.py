@@ -12,6 +12,7 @@ half-written file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from study import vocabulary
 
 SCHEMA_VERSION = "1.1"  # 1.1: summary comparison columns, projections table
 SCHEMA_KEY = b"regstudy.schema_version"
-TABLES = ("trials", "epochs", "evals", "summary", "projections")
+TABLES = ("trials", "epochs", "evals", "summary", "projections", "params")
 MANIFEST_STATUSES = vocabulary.MANIFEST_STATUSES
 
 _S, _F, _I, _B = pa.string(), pa.float64(), pa.int64(), pa.bool_()
@@ -43,6 +44,10 @@ SCHEMAS: dict[str, dict[str, pa.DataType]] = {
     },
     "epochs": {"trial_id": _S, **{c: (_I if c == "epoch" else _F) for c in vocabulary.EPOCH_COLUMNS}},
     "projections": {"trial_id": _S, "cls": _I, "x": _F, "y": _F},
+    # Hyperparameters in long format (one row per trial and parameter), so that the trials of studies
+    # with different parameters stack: value is the number (a ramp's start value; NaN for a text
+    # value), value_text the value as written when it is not a plain number (a ramp's JSON, a string).
+    "params": {"trial_id": _S, "name": _S, "value": _F, "value_text": _S},
     "evals": {"trial_id": _S, "split": _S, "condition": _S, "severity": _F, "metric": _S, "value": _F},
     "summary": {
         "study": _S, "cell_id": _S, "dataset": _S, "model": _S, "regularizer": _S, "noise_setting": _S,
@@ -63,7 +68,7 @@ _ENUMS = {
 }
 _REQUIRED = {"trials": ("trial_id", "cell_id", "phase", "status"), "epochs": ("trial_id", "epoch"),
              "evals": ("trial_id", "metric", "value"), "summary": ("cell_id", "metric"),
-             "projections": ("trial_id", "cls", "x", "y")}  # fmt: skip
+             "projections": ("trial_id", "cls", "x", "y"), "params": ("trial_id", "name")}  # fmt: skip
 
 
 class ResultsError(ValueError):
@@ -194,6 +199,41 @@ def read_table(out_dir: str | os.PathLike, name: str) -> pd.DataFrame:
         raise ResultsError(f"{path}: corrupted or truncated Parquet file ({_one_line(exc)})") from exc
 
 
+PARAM_PREFIX = "param_"
+
+
+def _param_value(v: Any) -> tuple[float, str | None] | None:
+    """(value, value_text) of one hyperparameter as trials.parquet holds it; None when absent."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, (bool, np.bool_, int, float, np.integer, np.floating)):
+        return float(v), None
+    text = str(v)
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return math.nan, text
+    if isinstance(parsed, dict) and isinstance(parsed.get("start"), (int, float)):
+        return float(parsed["start"]), text  # a ramp {start, end, schedule}: its start value
+    if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+        return float(parsed), None
+    return math.nan, text
+
+
+def params_long(trials: list[dict[str, Any]] | pd.DataFrame) -> list[dict[str, Any]]:
+    """The ``param_<name>`` columns of trials rows in long format (the ``params`` table)."""
+    df = trials if isinstance(trials, pd.DataFrame) else pd.DataFrame(list(trials))
+    cols = [c for c in df.columns if c.startswith(PARAM_PREFIX)]
+    out = []
+    for row in df[["trial_id", *cols]].itertuples(index=False, name=None) if cols else []:
+        for col, v in zip(cols, row[1:], strict=True):
+            got = _param_value(v)
+            if got is not None:
+                out.append({"trial_id": row[0], "name": col.removeprefix(PARAM_PREFIX), "value": got[0],
+                            "value_text": got[1]})  # fmt: skip
+    return out
+
+
 def write_results(
     out_dir: str | os.PathLike,
     *,
@@ -202,9 +242,10 @@ def write_results(
     evals: list[dict[str, Any]] | pd.DataFrame,
     projections: list[dict[str, Any]] | pd.DataFrame | None = None,
 ) -> None:
-    """Write the raw tables (each atomically; projections only when given). Types are checked for all
-    of them before any write, so a bad batch changes nothing."""
-    tables = {"trials": trials, "epochs": epochs, "evals": evals}
+    """Write the raw tables (each atomically; projections only when given; params derived from the
+    trials' ``param_*`` columns). Types are checked for all of them before any write, so a bad batch
+    changes nothing."""
+    tables = {"trials": trials, "epochs": epochs, "evals": evals, "params": params_long(trials)}
     if projections is not None:
         tables["projections"] = projections
     for name, rows in tables.items():  # validate everything first

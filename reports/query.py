@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,43 +13,71 @@ import filelock
 import pandas as pd
 import pyarrow.parquet as pq
 
-from reports.build import TABLES, ResultsError, _one_line, check_parquet
+from reports.build import TABLES, ResultsError, _one_line, check_parquet, read_manifest
 from study import vocabulary
 
 
-def run_query(out_dir: str | os.PathLike, sql: str) -> pd.DataFrame:
-    """Run ``sql`` on an in-memory DuckDB with views trials, epochs, evals, summary (those present).
+def run_query(out_dir: str | os.PathLike | Sequence[str | os.PathLike], sql: str) -> pd.DataFrame:
+    """Run ``sql`` on an in-memory DuckDB with views trials, epochs, evals, summary, projections, params
+    (those present).
 
     The views expose the Parquet columns unchanged except ``trials.metric`` (the tuned objective),
     which is named ``objective_metric`` so that evals/summary joins on trial_id stay unambiguous.
+
+    Several directories (a list): each view is the union of the directories' tables (by column name,
+    so studies with different ``param_*`` columns stack), with a ``study`` column in every view naming
+    the study (manifest name; the directory path when two given directories share a name). Join on
+    ``(study, trial_id)`` then.
 
     Raises:
         ResultsError: not a study directory (no Parquet table), an unreadable/too-new Parquet file,
             or any DuckDB error (its message on one line).
     """
-    path = Path(out_dir)
-    if not path.is_dir():
-        raise ResultsError(f"{path}: not a directory")
-    present = [t for t in TABLES if (path / f"{t}.parquet").is_file()]
-    if not present:
-        raise ResultsError(f"{path}: not a study results directory (no trials/epochs/evals/summary Parquet)")
+    many = not isinstance(out_dir, (str, os.PathLike))
+    paths = [Path(p) for p in out_dir] if many else [Path(out_dir)]  # type: ignore[union-attr]
+    labels = _study_labels(paths)
     con = duckdb.connect(":memory:")
     try:
-        for name in present:
-            file = path / f"{name}.parquet"
-            check_parquet(file)  # same schema-version and integrity rules as the Python reader
-            quoted = str(file).replace("'", "''")
-            # trials.metric (the tuned objective, e.g. val_accuracy) would make every
-            # `evals JOIN trials USING (trial_id)` ambiguous on `metric`: the view calls it objective_metric.
-            cols = (
-                "* RENAME (metric AS objective_metric)" if name == "trials" and _has(file, "metric") else "*"
-            )
-            con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM read_parquet('{quoted}')")
+        for name in TABLES:
+            selects = []
+            for path, label in zip(paths, labels, strict=True):
+                file = path / f"{name}.parquet"
+                if not file.is_file():
+                    continue
+                check_parquet(file)  # same schema-version and integrity rules as the Python reader
+                quoted = str(file).replace("'", "''")
+                # trials.metric (the tuned objective, e.g. val_accuracy) would make every
+                # `evals JOIN trials USING (trial_id)` ambiguous on `metric`: the view calls it
+                # objective_metric.
+                lit = label.replace("'", "''")
+                star = "*"
+                if many:
+                    star = f"* REPLACE ('{lit}' AS study)" if _has(file, "study") else f"'{lit}' AS study, *"
+                if name == "trials" and _has(file, "metric"):
+                    star += " RENAME (metric AS objective_metric)"
+                selects.append(f"SELECT {star} FROM read_parquet('{quoted}')")
+            if selects:
+                con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(selects))
         return con.execute(sql).df()
     except duckdb.Error as exc:
         raise ResultsError(_one_line(exc)) from exc
     finally:
         con.close()
+
+
+def _study_labels(paths: list[Path]) -> list[str]:
+    """The ``study`` value of each directory (checked to be a results directory)."""
+    names = []
+    for path in paths:
+        if not path.is_dir():
+            raise ResultsError(f"{path}: not a directory")
+        if not any((path / f"{t}.parquet").is_file() for t in TABLES):
+            raise ResultsError(
+                f"{path}: not a study results directory (no trials/epochs/evals/summary Parquet)"
+            )
+        names.append(str(read_manifest(path).get("study") or path.name))
+    dup = {n for n in names if names.count(n) > 1}
+    return [str(p) if n in dup else n for p, n in zip(paths, names, strict=True)]
 
 
 def _has(file: Path, column: str) -> bool:

@@ -47,6 +47,8 @@ NOISE_KINDS: dict[str, str] = {
     "pairflip": "pair",
     "instance": "inst",
     "adversarial": "adv",
+    "human": "hum",  # CIFAR-10N / CIFAR-100N: settings human-<label set>
+    "file": "file",  # a user's label file: settings file-<file stem>
 }
 ADVERSARIAL_MODES: dict[str, str] = {"confident": "conf", "boundary": "bnd"}
 

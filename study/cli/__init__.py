@@ -1,4 +1,4 @@
-"""The `study` command line: run, trial, validate, report, query, ls.
+"""The `study` command line: run, trial, validate, report, query, ls, dashboard.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad input (spec, arguments, results dir).
 """
@@ -52,7 +52,9 @@ def run(
             storage=storage,
         )
     except (SpecError, RunError) as exc:
-        _bad_input(str(exc))
+        from rich.markup import escape
+
+        _bad_input(escape(str(exc)))  # e.g. 'pip install "regstudy[mlflow]"' is not rich markup
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: continue with --resume[/yellow]")
         raise typer.Exit(130) from None
@@ -209,12 +211,16 @@ def report(
 
 @app.command()
 def query(
-    out_dir: Path = typer.Argument(..., metavar="DIR", help="Results directory of a study."),
-    sql: str = typer.Argument(..., help="SQL over the views trials, epochs, evals, summary."),
+    args: list[str] = typer.Argument(
+        ...,
+        metavar="DIR... SQL",
+        help="One or more results directories, then the SQL over the views trials, epochs, evals, "
+        "summary, projections, params (several directories: every view gains a `study` column).",
+    ),
     csv: bool = typer.Option(False, "--csv", help="Print CSV."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON records."),
 ) -> None:
-    """Run SQL (DuckDB) over a results directory's Parquet tables."""
+    """Run SQL (DuckDB) over the Parquet tables of one or several results directories."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -223,8 +229,11 @@ def query(
 
     if csv and as_json:
         _bad_input("--csv and --json are exclusive")
+    if len(args) < 2:
+        _bad_input('study query needs a results directory and the SQL: study query DIR [DIR ...] "SQL"')
+    *dirs, sql = args
     try:
-        df = run_query(out_dir, sql)
+        df = run_query(dirs[0] if len(dirs) == 1 else dirs, sql)
     except ResultsError as exc:
         _bad_input(escape(str(exc)))
     if csv:
@@ -265,6 +274,26 @@ def ls_(out_dir: Path = typer.Argument(Path("results"), metavar="DIR", help="Dir
         when = datetime.datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M") if when else "-"
         table.add_row(s["study"], s["status"], counts, when, s["path"])
     Console().print(table)
+
+
+@app.command()
+def dashboard(
+    out_dir: Path = typer.Argument(..., metavar="DIR", help="Results directory of a study."),
+    port: int = typer.Option(8080, "--port", min=1, max=65535, help="Port on 127.0.0.1."),
+) -> None:
+    """Serve optuna-dashboard on 127.0.0.1 over the study's optuna.journal (extra: regstudy[dashboard])."""
+    journal = out_dir / "optuna.journal"
+    if not journal.is_file():
+        _bad_input(f"{out_dir}: no optuna.journal (not a study results directory, or no search has run)")
+    try:
+        import optuna_dashboard
+    except ImportError:
+        _bad_input('study dashboard needs optuna-dashboard: pip install "regstudy\\[dashboard]"')
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    err.print(f"optuna-dashboard on http://127.0.0.1:{port} (Ctrl-C stops it)", highlight=False)
+    optuna_dashboard.run_server(storage, host="127.0.0.1", port=port)
 
 
 if __name__ == "__main__":

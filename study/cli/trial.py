@@ -177,7 +177,7 @@ def run_trial_command(
         dev = _parse_device(cfg.train.device)
         bundle = data.load_dataset(dataset, root=root)
         n_params = sum(p.numel() for p in build_model(cfg, bundle).parameters())
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # ImportError: an optional extra (digits: scikit-learn)
         on_bad_input(str(exc).splitlines()[0])
         return
     except FileNotFoundError as exc:

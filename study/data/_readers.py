@@ -342,7 +342,10 @@ def load_digits(root: Path, download: bool, test_fraction: float = 0.2) -> RawSp
 
     The split is fixed for everyone: a permutation seeded with 0, its last ``test_fraction`` is the test set.
     """
-    from sklearn.datasets import load_digits as sk_load_digits
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError:  # the only use of scikit-learn: an optional extra
+        raise ImportError('dataset digits needs scikit-learn: pip install "regstudy[digits]"') from None
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), but got {test_fraction}.")

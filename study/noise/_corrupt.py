@@ -2,7 +2,9 @@
 
 Kinds (definitions in reference.md, "Label noise"): ``none``, ``symmetric`` (to a uniformly chosen OTHER
 class), ``asymmetric`` (published class maps, else pairflip), ``pairflip`` (i -> i+1 mod K), ``instance``
-(Xia et al. NeurIPS 2020) and ``adversarial`` (label-flip poisoning from reference probabilities).
+(Xia et al. NeurIPS 2020) and ``adversarial`` (label-flip poisoning from reference probabilities); and
+two kinds whose noisy labels are given, not drawn (``_given``): ``human`` (CIFAR-10N / CIFAR-100N) and
+``file`` (a user's label file).
 
 Every flip is drawn from the CLEAN labels in one vectorised step, with a generator seeded by ``seed``
 only (``numpy.random.default_rng``), so the noisy labels for (dataset, kind, rate, seed) are the same for
@@ -21,6 +23,7 @@ import torch
 from scipy import stats
 
 from study import vocabulary
+from study.noise._given import flip_given, validate_source
 from study.noise._maps import (
     CIFAR10_MAP,
     MNIST_MAP,
@@ -47,6 +50,7 @@ __all__ = [
     "instance_probabilities",
     "noise_inputs",
     "superclass_next_map",
+    "synthetic_kinds",
     "validate_noise",
 ]
 
@@ -78,8 +82,20 @@ class NoisyLabels:
     note: str = ""
 
 
-def validate_noise(kind: str, rate: float, *, mode: str | None = None) -> None:
-    """Check a noise setting; raise ``ValueError`` naming the field, the value and what is allowed."""
+def validate_noise(
+    kind: str, rate: float, *, mode: str | None = None, dataset_labels: str | None = None,
+    label_set: str | None = None, path: str | None = None,
+) -> None:  # fmt: skip
+    """Check a noise setting; raise ``ValueError`` naming the field, the value and what is allowed.
+
+    ``dataset_labels`` / ``label_set`` (kind ``human``) and ``path`` (kind ``file``) name where given
+    labels come from; those kinds take no rate (their realised rate is measured).
+    """
+    _validate_kind(kind, rate, mode)
+    validate_source(kind, dataset_labels, label_set, path)
+
+
+def _validate_kind(kind: str, rate: float, mode: str | None) -> None:
     if kind not in NOISE_REGISTRY:
         raise ValueError(
             f"kind must be a known noise kind (allowed: {', '.join(NOISE_REGISTRY)}), but got {kind!r}."
@@ -89,6 +105,10 @@ def validate_noise(kind: str, rate: float, *, mode: str | None = None) -> None:
     if mode is not None and mode not in ADVERSARIAL_MODES:
         raise ValueError(
             f"mode must be an adversarial mode (allowed: {', '.join(ADVERSARIAL_MODES)}), but got {mode!r}."
+        )
+    if not NOISE_REGISTRY[kind].uses_rate and rate != 0:
+        raise ValueError(
+            f"rate is not used by kind {kind!r} (its realised rate is measured), but got {rate!r}."
         )
 
 
@@ -231,6 +251,7 @@ class NoiseInputs:
     probs: torch.Tensor | np.ndarray | None = None
     mode: str = "confident"
     instance_std: float = 0.1
+    given_labels: ArrayLike | None = None
 
 
 FlipFn = Callable[[np.random.Generator, np.ndarray, int, float, NoiseInputs], tuple[np.ndarray, str]]
@@ -242,13 +263,15 @@ class NoiseKind:
 
     ``inputs`` names the ``NoiseInputs`` fields the kind reads from the dataset or a reference model
     (``dataset``, ``coarse_labels``, ``features``, ``probs``): the trial supplies exactly those, so it
-    needs no knowledge of individual kinds.
+    needs no knowledge of individual kinds. ``uses_rate`` False: the labels are given (a file), the
+    rate must be 0 and the realised rate is what the file holds.
     """
 
     name: str
     flip: FlipFn
     description: str
     inputs: tuple[str, ...] = ()
+    uses_rate: bool = True
 
 
 def _flip_none(rng: np.random.Generator, y: np.ndarray, k: int, r: float, _: NoiseInputs) -> tuple:
@@ -301,9 +324,16 @@ NOISE_REGISTRY: Registry[NoiseKind] = Registry(
         NoiseKind("pairflip", _flip_pairflip, "i -> i+1 mod K w.p. r"),
         NoiseKind("instance", _flip_instance, "instance-dependent (Xia et al. 2020)", ("features",)),
         NoiseKind("adversarial", _flip_adversarial, "label-flip poisoning by reference margin", ("probs",)),
+        NoiseKind("human", flip_given, "CIFAR-10N/100N human labels", ("given_labels",), uses_rate=False),
+        NoiseKind("file", flip_given, "noisy labels from a user's file", ("given_labels",), uses_rate=False),
     ],
 )
 NOISE_KINDS = tuple(NOISE_REGISTRY.names())
+
+
+def synthetic_kinds() -> tuple[str, ...]:
+    """Kinds that draw their noise at a rate (every kind but the given-label ones)."""
+    return tuple(name for name, entry in NOISE_REGISTRY.items() if entry.uses_rate)
 
 
 def noise_inputs(kind: str) -> tuple[str, ...]:
@@ -324,6 +354,7 @@ def corrupt(
     probs: torch.Tensor | np.ndarray | None = None,
     mode: str = "confident",
     instance_std: float = 0.1,
+    given_labels: ArrayLike | None = None,
 ) -> NoisyLabels:
     """Corrupt clean labels with one kind of label noise.
 
@@ -345,6 +376,7 @@ def corrupt(
         mode: adversarial only: "confident" flips the highest margins p_y - max_{k!=y} p_k, "boundary"
             the lowest; both flip to argmax_{k!=y} p. Ties in margin or class go to the lower index.
         instance_std: std of the truncated normal of q_i (0.1 in Xia et al.).
+        given_labels: human / file only: the (N,) noisy labels (read by ``study.noise`` loaders).
 
     Returns:
         NoisyLabels with new CPU tensors.
@@ -353,7 +385,7 @@ def corrupt(
         ValueError: unknown kind/mode, rate outside [0, 1], labels outside [0, K), instance without
             features, adversarial without probs or with the wrong shape, cifar100 without coarse labels.
     """
-    validate_noise(kind, rate, mode=mode)
+    _validate_kind(kind, rate, mode)  # the label source (file, label set) was resolved by the caller
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, but got {seed!r}.")
     if (
@@ -365,7 +397,7 @@ def corrupt(
     y = _check_labels(labels, num_classes)
     k, r = num_classes, float(rate)
     rng = np.random.default_rng(seed)
-    inputs = NoiseInputs(dataset, coarse_labels, features, probs, mode, float(instance_std))
+    inputs = NoiseInputs(dataset, coarse_labels, features, probs, mode, float(instance_std), given_labels)
     noisy, note = NOISE_REGISTRY[kind].flip(rng, y, k, r, inputs)
     flipped = noisy != y
     return NoisyLabels(

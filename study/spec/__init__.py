@@ -25,6 +25,7 @@ from study.spec._models import (
     DistillSpec,
     EvaluateSpec,
     FinalSpec,
+    MlflowSpec,
     ModelSpec,
     NoiseSetting,
     NoiseSpec,
@@ -33,7 +34,9 @@ from study.spec._models import (
     SearchSpec,
     SpecError,
     StudySpec,
+    TrackingSpec,
     TrainSpec,
+    WandbSpec,
     spec_hash,
 )
 from study.spec._values import Choices, Grid, Ramp, Range
@@ -57,7 +60,10 @@ __all__ = [
     "SearchSpec",
     "SpecError",
     "StudySpec",
+    "TrackingSpec",
     "TrainSpec",
+    "WandbSpec",
+    "MlflowSpec",
     "spec_hash",
     "check_local_resources",
     "error_message",

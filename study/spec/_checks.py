@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from study import data, models
+from study import noise as noise_lib
 from study.robustness import corruptions
 from study.spec._models import SpecError, StudySpec, TrainSpec
 from study.spec._values import TAG_MARK, FieldError, Range
@@ -200,6 +201,13 @@ def check_cross_fields(spec: StudySpec, source: str) -> None:
             f"{source}: train.device: 'cuda' needs resources.gpus_per_trial > 0 (Ray hides the GPUs "
             "from trials that reserve none); set it (e.g. 0.25 packs 4 trials per GPU) or use device auto"
         )
+    for i, ns in enumerate(spec.noise):
+        if ns.kind == "human" and noise_lib.CIFARN[ns.dataset_labels].dataset != spec.dataset.name:
+            expected = noise_lib.CIFARN[ns.dataset_labels].dataset
+            raise SpecError(
+                f"{source}: noise.{i}.dataset_labels: {ns.dataset_labels} relabels dataset {expected!r}, "
+                f"but dataset.name is {spec.dataset.name!r}"
+            )
     if spec.evaluate.attacks and not spec.evaluate.eps:
         raise SpecError(f"{source}: evaluate.eps: attacks are listed but no eps values are given")
     if "transfer" in spec.evaluate.attacks and "ce" not in spec.regularizers:

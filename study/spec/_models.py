@@ -64,44 +64,75 @@ class ModelSpec(Strict):
 
 
 class NoiseSetting(Strict):
-    """One noise setting of a cell (and of a trial): a kind at one rate."""
+    """One noise setting of a cell (and of a trial): a kind at one rate, or given labels.
+
+    ``human``: ``dataset_labels`` (cifar10n | cifar100n) and ``label_set`` (aggre, random1..3, worst |
+    noisy_label); ``file``: ``path`` to one label per training sample. Those take no rate.
+    """
 
     kind: str = "none"
     rate: float = 0.0
     mode: str | None = None
+    dataset_labels: str | None = None
+    label_set: str | None = None
+    path: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> NoiseSetting:
-        noise_lib.validate_noise(self.kind, self.rate, mode=self.mode)
+        noise_lib.validate_noise(self.kind, self.rate, **self.source)
         return self
 
     @property
+    def source(self) -> dict[str, Any]:
+        """Keyword arguments of ``validate_noise`` besides kind and rate."""
+        return {"mode": self.mode, "dataset_labels": self.dataset_labels, "label_set": self.label_set,
+                "path": self.path}  # fmt: skip
+
+    @property
     def label(self) -> str:
-        """``none``, ``symmetric:0.4`` or ``adversarial-confident:0.2`` (the cell id's last part)."""
+        """``none``, ``symmetric:0.4``, ``adversarial-confident:0.2``, ``human-worst`` or ``file-<stem>``
+        (the cell id's last part)."""
         if self.kind == "none":
             return "none"
+        if not noise_lib.NOISE_REGISTRY[self.kind].uses_rate:
+            return noise_lib.given_label(self.kind, self.label_set, self.path)
         kind = f"{self.kind}-{self.mode}" if self.mode else self.kind
         return f"{kind}:{self.rate:g}"
 
 
 class NoiseSpec(Strict):
+    """A ``noise:`` entry: a kind with a list of rates, or (kind human) a list of label sets."""
+
     kind: str = "none"
     rate: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
     mode: str | None = None
+    dataset_labels: str | None = None
+    label_set: list[str] | None = None
+    path: str | None = None
 
     def settings(self) -> list[NoiseSetting]:
         rates = [0.0] if self.kind == "none" else self.rate
-        return [NoiseSetting(kind=self.kind, rate=float(r), mode=self.mode) for r in rates]
+        common = {"kind": self.kind, "mode": self.mode, "dataset_labels": self.dataset_labels,
+                  "path": self.path}  # fmt: skip
+        return [
+            NoiseSetting(rate=float(r), label_set=ls, **common)
+            for ls in (self.label_set or [None])
+            for r in rates
+        ]
 
-    @field_validator("rate", mode="before")
+    @field_validator("rate", "label_set", mode="before")
     @classmethod
     def _as_list(cls, v: Any) -> Any:
-        return v if isinstance(v, list) else [v]
+        return v if v is None or isinstance(v, list) else [v]
 
     @model_validator(mode="after")
     def _check(self) -> NoiseSpec:
-        for r in self.rate:
-            noise_lib.validate_noise(self.kind, r, mode=self.mode)
+        for label_set in self.label_set or [None]:
+            for r in self.rate:
+                noise_lib.validate_noise(
+                    self.kind, r, mode=self.mode, dataset_labels=self.dataset_labels, label_set=label_set,
+                    path=self.path,
+                )  # fmt: skip
         return self
 
 
@@ -275,6 +306,29 @@ class ResourcesSpec(Strict):
         return v
 
 
+class MlflowSpec(Strict):
+    tracking_uri: str | None = None  # None: MLflow's default ($MLFLOW_TRACKING_URI, else ./mlruns)
+    experiment_name: str | None = None  # None: the study's name
+
+
+class WandbSpec(Strict):
+    project: str
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    group: str | None = None  # None: the study's name
+    entity: str | None = None
+
+
+class TrackingSpec(Strict):
+    """Ray Tune's own logger callbacks (optional extras); one run per trial named ``cell/phase/#n``.
+
+    Tracking changes no result: it is left out of the spec hash, so it can be switched on for --resume.
+    """
+
+    tensorboard: bool = False
+    mlflow: MlflowSpec | None = None
+    wandb: WandbSpec | None = None
+
+
 class StudySpec(Strict):
     name: str
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
@@ -289,6 +343,7 @@ class StudySpec(Strict):
     distill: DistillSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_failures: int = Field(1, ge=0)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @field_validator("name")
     @classmethod
@@ -339,8 +394,21 @@ class StudySpec(Strict):
         return self
 
 
+# Fields added after results directories already existed, left out of the hash while unset so that
+# those studies still resume (their hash was computed without them).
+_NEW_NOISE_FIELDS = ("dataset_labels", "label_set", "path")
+
+
 def spec_hash(spec: StudySpec) -> str:
-    """Hash of the resolved spec (defaults filled in), stable across key order and formatting."""
+    """Hash of the resolved spec (defaults filled in), stable across key order and formatting.
+
+    ``tracking`` is not part of it (it changes where runs are logged, not what they compute).
+    """
     # keep_checkpoints changes what is kept on disk, not a result: a study may be resumed with either.
-    blob = json.dumps(spec.model_dump(mode="json", exclude={"search": {"keep_checkpoints"}}), sort_keys=True)
+    dump = spec.model_dump(mode="json", exclude={"tracking": True, "search": {"keep_checkpoints"}})
+    for noise in dump["noise"]:
+        for key in _NEW_NOISE_FIELDS:
+            if noise.get(key) is None:
+                noise.pop(key, None)
+    blob = json.dumps(dump, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -27,10 +27,14 @@ class Cell:
     noise_rate: float
     noise_mode: str | None
     space: dict[str, Any] = field(default_factory=dict)  # hyperparameter name -> spec value
+    # Where given noisy labels come from (kinds human / file): dataset_labels, label_set, path.
+    noise_source: dict[str, str] = field(default_factory=dict)
 
     @property
     def noise(self) -> NoiseSetting:
-        return NoiseSetting(kind=self.noise_kind, rate=self.noise_rate, mode=self.noise_mode)
+        return NoiseSetting(
+            kind=self.noise_kind, rate=self.noise_rate, mode=self.noise_mode, **self.noise_source
+        )
 
     @property
     def noise_setting(self) -> str:
@@ -108,6 +112,11 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
                             noise_rate=setting.rate,
                             noise_mode=setting.mode,
                             space=space,
+                            noise_source={
+                                k: v
+                                for k in ("dataset_labels", "label_set", "path")
+                                if (v := getattr(setting, k)) is not None
+                            },  # fmt: skip
                         )
                     )
     return cells

@@ -8,6 +8,7 @@ adapter (study/sweep/tune.py) calls into both from Tune's searcher, scheduler an
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -220,9 +221,11 @@ class StudyContext(DriverOnly):
             optuna_number=trial.number,
             optuna_id=trial._trial_id,
         )
+        # The trials.parquet trial_id on the Optuna trial: the dashboard's trials join the tables.
+        trial.set_user_attr("trial_id", rec.trial_id)
         self.by_tune_id[tune_id] = rec
         self.progress()
-        return {"trial": config}
+        return {"trial": config, "name": run_name(rec)}
 
     def epoch_result(self, tune_id: str, result: dict) -> bool:
         rec = self.by_tune_id.get(tune_id)
@@ -312,7 +315,7 @@ class StudyContext(DriverOnly):
             params=dict(params),
         )
         self.progress()
-        return {"trial": config}
+        return {"trial": config, "name": run_name(self.by_tune_id[tune_id])}
 
     def post_failed(self, key: str, kind: str, message: str) -> None:
         rec = self.records.load("final", key)
@@ -367,3 +370,24 @@ def _test_accuracy(rec: dict[str, Any] | None) -> float | None:
         if (row["split"], row["condition"], row["metric"]) == ("test", "clean", "accuracy"):
             return float(row["value"])
     return None
+
+
+def run_name(rec: TrialRecord) -> str:
+    """A trial's readable name, ``cell/phase/#n`` (what TensorBoard, MLflow and W&B show)."""
+    return f"{rec.cell_id}/{rec.phase}/#{rec.index}"
+
+
+class TrialNames:
+    """Tune's trial_name_creator / trial_dirname_creator: the trial's config carries its readable name
+    (Tune copies these callables, so they cannot look anything up in the driver's context); the
+    directory name is the same without ``/`` plus Tune's id (a resumed trial gets a new directory)."""
+
+    @staticmethod
+    def name(trial: Any) -> str:
+        return str(trial.config.get("name") or trial.trial_id)
+
+    @staticmethod
+    def dirname(trial: Any) -> str:
+        return (
+            re.sub(r"[^A-Za-z0-9_.#-]+", "_", TrialNames.name(trial)).replace("#", "") + f"_{trial.trial_id}"
+        )

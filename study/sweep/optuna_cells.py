@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,7 @@ class CellStudies:
     def __post_init__(self) -> None:
         storage = JournalStorage(JournalFileBackend(str(self.journal)))
         for cell in self.cells:
-            self.studies[cell.cell_id] = optuna.create_study(
+            study = optuna.create_study(
                 storage=storage,
                 study_name=cell.cell_id,
                 direction=self.spec.search.direction,
@@ -135,6 +136,11 @@ class CellStudies:
                 pruner=make_pruner(self.spec),
                 load_if_exists=True,
             )
+            # optuna-dashboard labels the objective with these names (set again on resume: a no-op).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([self.spec.search.metric])
+            self.studies[cell.cell_id] = study
 
     def budget(self, cell: Cell) -> int:
         return search_budget(self.spec, cell)

@@ -205,3 +205,22 @@ def write_tables(spec: StudySpec, out: Path) -> None:
         for row in (rec.get("payload") or {}).get("projection") or []
     ]
     write_results(out, trials=trials, epochs=epochs, evals=evals, projections=projections or None)
+
+
+def trial_payload(result: Any, *, node: str, started_at: float) -> dict[str, Any]:
+    """What a trial reports when it ends (a TrialResult as JSON-able values): the record's payload."""
+    return {
+        "status": result.status,
+        "epochs_run": result.epochs_run,
+        "best_value": result.best_value,
+        "best_epoch": result.best_epoch,
+        "realized_noise_rate": result.realized_noise_rate,
+        "noise_note": result.noise_note,
+        "wall_s": result.wall_s,
+        "device": result.device,
+        "node": node,
+        "started_at": started_at,
+        "eval_rows": result.eval_rows,
+        "projection": result.projection,
+        "epoch_rows": result.epoch_rows,
+    }

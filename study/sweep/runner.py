@@ -36,14 +36,26 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _git_sha() -> str | None:
+def _git(args: list[str], cwd: Path) -> str | None:
     try:
-        res = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-        return res.stdout.strip() or None
+        res = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=cwd)
     except (OSError, subprocess.SubprocessError):
         return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def git_state(cwd: Path | None = None) -> dict[str, Any]:
+    """The commit the study was run from: ``git_sha`` / ``git_dirty`` of the user's working directory
+    (their specs, label files, own regularizers) when it is a git repository, else None; and
+    ``package_git_sha``, the regstudy checkout's commit (None for an installed wheel)."""
+    cwd = Path.cwd() if cwd is None else cwd
+    sha = _git(["rev-parse", "HEAD"], cwd) or None
+    dirty = _git(["status", "--porcelain", "--untracked-files=no"], cwd) if sha else None
+    return {
+        "git_sha": sha,
+        "git_dirty": None if dirty is None else bool(dirty),
+        "package_git_sha": _git(["rev-parse", "HEAD"], Path(__file__).parent) or None,
+    }
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -92,7 +104,7 @@ def prepare_out_dir(spec: StudySpec, spec_text: str, out: Path, resume: bool) ->
         "planned": planned_counts(spec, cells),
         "cells": len(cells),
         "versions": _versions(),
-        "git_sha": _git_sha(),
+        **git_state(),
         "schema_version": None,
     }
     set_status(out, manifest, "running")
@@ -287,7 +299,54 @@ def _preflight(
         if resume and not (out_dir / "manifest.json").exists():
             storage_lib.download(fs, remote[1], out_dir)
     check_out_dir(spec, out_dir, resume)  # refuse a foreign or existing study before starting Ray
+    check_given_labels(spec)
+    check_extras(spec)
     return remote
+
+
+# The module each tracker of the spec's `tracking` block needs, and the regstudy extra installing it.
+TRACKER_EXTRAS = {"tensorboard": ("tensorboardX", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
+                  "wandb": ("wandb", "wandb")}  # fmt: skip
+
+
+def check_extras(spec: StudySpec) -> None:
+    """RunError naming the extra to install when the spec needs an optional package that is missing:
+    a tracker of ``tracking``, or scikit-learn for the ``digits`` dataset."""
+    import importlib.util
+
+    if spec.dataset.name == "digits" and importlib.util.find_spec("sklearn") is None:
+        raise RunError(
+            'dataset.name: digits needs scikit-learn; install it with pip install "regstudy[digits]"'
+        )
+    t = spec.tracking
+    asked = {"tensorboard": t.tensorboard, "mlflow": t.mlflow is not None, "wandb": t.wandb is not None}
+    for tracker, on in asked.items():
+        module, extra = TRACKER_EXTRAS[tracker]
+        if on and importlib.util.find_spec(module) is None:
+            raise RunError(
+                f'tracking.{tracker}: needs {module}; install it with pip install "regstudy[{extra}]"'
+            )
+
+
+def check_given_labels(spec: StudySpec) -> None:
+    """Read every given-label setting (human, file) once against the dataset: a missing or malformed
+    label file is a RunError naming the file and the expected shape, before any trial runs."""
+    from study import data as data_lib
+    from study import noise as noise_lib
+    from study.trial.run import given_labels
+
+    settings = [
+        s for ns in spec.noise for s in ns.settings() if not noise_lib.NOISE_REGISTRY[s.kind].uses_rate
+    ]
+    if not settings:
+        return
+    d = spec.dataset
+    try:
+        bundle = data_lib.load_dataset(d.name, root=d.root, download=d.download, **d.options)
+        for setting in settings:
+            given_labels(setting, d, bundle)
+    except (noise_lib.LabelFileError, FileNotFoundError) as exc:
+        raise RunError(str(exc).splitlines()[0]) from None
 
 
 def _finish(

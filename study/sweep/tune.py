@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -44,8 +43,10 @@ from ray.tune.search import Searcher  # noqa: E402
 
 from study.spec import StudySpec  # noqa: E402
 from study.sweep.cells import Cell  # noqa: E402
-from study.sweep.context import FINISHED, StudyContext, TrialSource, post_jobs  # noqa: E402
+from study.sweep.context import FINISHED, StudyContext, TrialNames, TrialSource, post_jobs  # noqa: E402
+from study.sweep.net import check_tcp, trial_error_text  # noqa: E402
 from study.sweep.optuna_cells import CellStudies  # noqa: E402
+from study.sweep.records import trial_payload  # noqa: E402
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -65,25 +66,18 @@ def _trainable(config: dict[str, Any]) -> None:
         return False
 
     result = run_trial(cfg, report)
-    payload = {
-        "status": result.status,
-        "epochs_run": result.epochs_run,
-        "best_value": result.best_value,
-        "best_epoch": result.best_epoch,
-        "realized_noise_rate": result.realized_noise_rate,
-        "noise_note": result.noise_note,
-        "wall_s": result.wall_s,
-        "device": result.device,
-        "node": node,
-        "started_at": started_at,
-        "eval_rows": result.eval_rows,
-        "projection": result.projection,
-        "epoch_rows": result.epoch_rows,
+    payload = trial_payload(result, node=node, started_at=started_at)
+    # The clean test metrics of a final trial as plain numbers too, for the trackers (spec `tracking`).
+    test = {
+        f"test_{r['metric']}": r["value"]
+        for r in result.eval_rows
+        if r["split"] == "test" and r["condition"] == "clean" and not r["metric"].startswith("bin_")
     }
     tune.report(
         {
             "final": json.dumps(payload),
             "objective": result.best_value if result.best_value is not None else float("nan"),
+            **test,
         }
     )
 
@@ -157,27 +151,8 @@ class Collector(Callback):
         self.ctx.after_trial()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.ctx.finish(trial.trial_id, error=_error_text(trial))
+        self.ctx.finish(trial.trial_id, error=trial_error_text(trial))
         self.ctx.after_trial()
-
-
-def _error_text(trial: Any) -> str:
-    """The exception line of a failed trial's traceback (e.g. "RuntimeError: boom")."""
-    texts = []
-    with contextlib.suppress(Exception):  # best effort: the error file may be missing or unreadable
-        # The local copy first: the one in the storage path is uploaded asynchronously.
-        if trial.error_file and Path(trial.error_file).exists():
-            texts.append(Path(trial.error_file).read_text())
-    with contextlib.suppress(Exception):
-        err = trial.get_error()
-        if err is not None:
-            texts.append(str(err))
-    for text in texts:
-        lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-        exc_lines = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*", ln)]
-        if exc_lines or lines:
-            return (exc_lines or lines)[-1]
-    return "trial failed (see Ray logs)"
 
 
 @dataclass
@@ -258,8 +233,6 @@ def check_address(address: str, timeout_s: float = 5.0) -> str | None:
         address: the --address value.
         timeout_s: how long to wait for the TCP handshake (an unroutable host takes this long).
     """
-    import socket
-
     if address == "local":
         return None
     if address == "auto":
@@ -272,18 +245,7 @@ def check_address(address: str, timeout_s: float = 5.0) -> str | None:
             return f"--address auto found no Ray cluster to join ({lines[0]})"
         except Exception:  # noqa: BLE001 - Ray's private helper moved: let ray.init resolve "auto"
             return None
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return (
-            "--address must be host:port, ray://host:port, 'auto' or 'local' (e.g. 10.0.0.5:6379), "
-            f"but got {address!r}"
-        )
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return None
-    except OSError as exc:
-        return f"cannot reach a Ray cluster at {address} ({exc})"
+    return check_tcp(address, timeout_s)
 
 
 def cluster_slots(spec: StudySpec, handle: RayHandle | None = None) -> int:
@@ -322,6 +284,36 @@ def cluster_slots(spec: StudySpec, handle: RayHandle | None = None) -> int:
     return slots
 
 
+def tracking_callbacks(spec: StudySpec) -> list[Callback]:
+    """Ray Tune's own logger callbacks for the spec's ``tracking`` block (each imported only if asked)."""
+    t = spec.tracking
+    callbacks: list[Callback] = []
+    if t.tensorboard:
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    if t.mlflow is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(
+            MLflowLoggerCallback(
+                tracking_uri=t.mlflow.tracking_uri,
+                experiment_name=t.mlflow.experiment_name or spec.name,
+                tags={"study": spec.name},
+            )
+        )
+    if t.wandb is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        extra = {"entity": t.wandb.entity} if t.wandb.entity else {}
+        callbacks.append(
+            WandbLoggerCallback(
+                project=t.wandb.project, group=t.wandb.group or spec.name, mode=t.wandb.mode, **extra
+            )
+        )
+    return callbacks
+
+
 def _resources(spec: StudySpec) -> dict[str, float]:
     return {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
 
@@ -351,12 +343,14 @@ def run_trials(
             max_concurrent_trials=max_concurrent,
             # Re-using worker processes saves a Python + torch import and a dataset load per trial.
             reuse_actors=True,
+            trial_name_creator=TrialNames.name,
+            trial_dirname_creator=TrialNames.dirname,
         ),
         run_config=tune.RunConfig(
             name=f"trials-{int(time.time())}",
             storage_path=ctx.tune_storage[0] if ctx.tune_storage else str(out / "ray"),
             storage_filesystem=ctx.tune_storage[1] if ctx.tune_storage else None,
-            callbacks=[Collector(ctx)],
+            callbacks=[Collector(ctx), *tracking_callbacks(spec)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0,
         ),
@@ -411,6 +405,7 @@ __all__ = [
     "init_ray",
     "run_trials",
     "run_post_phase",
+    "tracking_callbacks",
     "cluster_slots",
     "check_address",
     "shutdown",

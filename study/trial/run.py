@@ -16,6 +16,7 @@ from typing import Any
 
 from study import data as data_lib
 from study import noise as noise_lib
+from study.spec import DatasetSpec, NoiseSetting
 from study.trial.config import TrialConfig
 from study.trial.evaluate import evaluate_model
 from study.trial.fit import PreparedData, Report, fit, save_checkpoint
@@ -69,7 +70,23 @@ _NOISE_INPUTS: dict[str, Callable[[TrialConfig, data_lib.DatasetBundle], Any]] =
     "probs": lambda cfg, b: reference_probabilities(
         b, cfg.model.name, cfg.model.options, seed=cfg.noise_seed
     ),
+    "given_labels": lambda cfg, b: given_labels(cfg.noise, cfg.dataset, b),
 }
+
+
+def given_labels(ns: NoiseSetting, dataset: DatasetSpec, bundle: data_lib.DatasetBundle) -> Any:
+    """The noisy training labels of a ``human`` (CIFAR-N, under the dataset root) or ``file`` setting.
+
+    Raises ``noise.LabelFileError`` (one line naming the file and the expected shape); ``study run``
+    calls this before Ray starts, so a bad file is a bad input (exit 2), not N failed trials.
+    """
+    if ns.kind == "human":
+        root = dataset.root if dataset.root is not None else data_lib.cache_root()
+        return noise_lib.load_human_labels(
+            ns.dataset_labels, ns.label_set, bundle.y_train, bundle.num_classes, root=root,
+            download=dataset.download,
+        )  # fmt: skip
+    return noise_lib.load_label_file(ns.path, len(bundle.y_train), bundle.num_classes)
 
 
 def prepare_data(cfg: TrialConfig, bundle: data_lib.DatasetBundle | None = None) -> PreparedData:

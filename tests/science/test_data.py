@@ -416,3 +416,11 @@ def test_device_batches_stay_on_cuda():
         x, y, 16, shuffle=True, generator=torch.Generator().manual_seed(0), augment="crop_flip"
     )
     assert all(xb.is_cuda for xb, _ in cpu_gen)
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # what an install without the extra sees
+    with pytest.raises(ImportError, match=r'pip install "regstudy\[digits\]"'):
+        data.load_dataset("digits")

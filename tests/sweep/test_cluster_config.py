@@ -120,9 +120,14 @@ def test_setup_installs_regstudy_from_the_synced_copy(merged: dict[str, Any]) ->
 def test_ray_version_of_image_matches_the_pin() -> None:
     import re
 
-    pin = re.search(r'"ray\[tune\]==([0-9.]+)"', (CLUSTER_YAML.parent / "pyproject.toml").read_text())
+    from packaging.specifiers import SpecifierSet
+
+    root = CLUSTER_YAML.parent
+    pin = re.search(r"^ray==([0-9.]+)$", (root / "constraints-ci.txt").read_text(), re.M)
     assert pin is not None
     assert _load()["docker"]["image"].startswith(f"rayproject/ray:{pin.group(1)}-")
+    allowed = re.search(r'"ray\[tune\]([^"]+)"', (root / "pyproject.toml").read_text())
+    assert allowed is not None and pin.group(1) in SpecifierSet(allowed.group(1))
 
 
 def test_every_node_mounts_shared_storage() -> None:

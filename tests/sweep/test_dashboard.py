@@ -1,0 +1,125 @@
+"""Optuna dashboard: the journal's studies carry the objective's metric name and each Optuna trial the
+trials.parquet trial_id (read back with Optuna's own JournalStorage API), and `study dashboard` serves
+optuna-dashboard on 127.0.0.1 over that journal."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from typer.testing import CliRunner
+
+from study.cli import app
+from study.spec import parse_spec
+from study.sweep.cells import expand_cells
+from study.sweep.context import FINISHED, StudyContext, TrialSource
+from study.sweep.optuna_cells import CellStudies
+from study.sweep.records import trial_id_for, trial_key
+
+SPEC = """\
+name: dash
+dataset: {name: mnist1d}
+models: [cnn1d]
+regularizers:
+  ce: {}
+  label_smoothing: {alpha: {low: 0.0, high: 0.3}}
+train: {epochs: 2, lr: 0.01}
+search: {trials_per_cell: 2, metric: val_nll, pruner: {kind: none}}
+final: {seeds: 1}
+"""
+
+
+def _run_search(out: Path) -> None:
+    """The driver's Optuna conversation for a whole search (as in test_searcher), no Ray needed."""
+    spec = parse_spec(SPEC)
+    cells = expand_cells(spec)
+    studies = CellStudies(spec, cells, out / "optuna.journal")
+    ctx = StudyContext(spec, out, studies, lambda: None)
+    source = TrialSource(spec, cells, studies, ctx)
+    n = 0
+    while source.suggest(f"t{n}") not in (None, FINISHED):
+        rec = ctx.by_tune_id[f"t{n}"]
+        if rec.phase == "search":
+            value = 1.0 - 0.1 * n
+            ctx.epoch_result(f"t{n}", {"epoch": 1, "objective": value, "val_nll": value})
+            rec.payload = {"status": "completed", "best_value": value, "epoch_rows": []}
+            source.ended(f"t{n}", {"objective": value})
+        ctx.finish(f"t{n}", error=None)
+        n += 1
+
+
+def test_journal_studies_carry_metric_names_and_trial_ids(tmp_path):
+    _run_search(tmp_path)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    summaries = optuna.get_all_study_summaries(storage)
+    assert sorted(s.study_name for s in summaries) == [
+        "mnist1d/cnn1d/ce/none",
+        "mnist1d/cnn1d/label_smoothing/none",
+    ]
+    for s in summaries:
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        assert study.metric_names == ["val_nll"]
+        trials = study.get_trials()
+        assert len(trials) == 2
+        for t in trials:
+            # The same id as trials.parquet's row of this trial.
+            expected = trial_id_for("dash", trial_key("search", s.study_name, t.number))
+            assert t.user_attrs["trial_id"] == expected
+
+
+def test_dashboard_help_and_bad_inputs(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["dashboard", "--help"])
+    assert res.exit_code == 0 and "--port" in res.output and "127.0.0.1" in res.output
+    res = runner.invoke(app, ["dashboard", str(tmp_path)])
+    assert res.exit_code == 2 and "no optuna.journal" in res.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_the_journal_on_loopback(tmp_path):
+    pytest.importorskip("optuna_dashboard")
+    _run_search(tmp_path)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from study.cli import app; app()",
+            "dashboard",
+            str(tmp_path),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        body = None
+        for _ in range(300):  # up to ~30 s for the server to come up
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
+                    body = json.loads(resp.read())
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"dashboard exited: {proc.stderr.read().decode()[-500:]}")
+                time.sleep(0.1)
+        assert body is not None, "dashboard did not answer"
+        names = sorted(s["study_name"] for s in body["study_summaries"])
+        assert names == ["mnist1d/cnn1d/ce/none", "mnist1d/cnn1d/label_smoothing/none"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
