@@ -253,12 +253,13 @@ def _outlier_seeds(final: pd.DataFrame, evals: pd.DataFrame) -> list[str]:
     out = []
     for cell, grp in v.groupby("cell_id"):
         x = grp["value"].to_numpy()
-        if len(x) < 4:  # the MAD of fewer than 3 other seeds says nothing
+        if len(x) < 5:  # the MAD of 3 other seeds is itself too noisy: it flagged 1 in 4 seeds
             continue
         for i, seed in enumerate(grp["seed"]):
             rest = np.delete(x, i)
             mad = 1.4826 * np.median(np.abs(rest - np.median(rest)))
-            if mad > 0 and abs(x[i] - np.median(rest)) > 3 * mad:
+            # > 3 MAD, and at least a point of accuracy: identical seeds make the MAD ~0.
+            if abs(x[i] - np.median(rest)) > max(3 * mad, 0.01):
                 out.append(f"{cell} seed {seed}")
     return out
 
