@@ -274,14 +274,19 @@ def load_spec_dict(out_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def findings_lines(found: list[Finding], warns: list[str], reference: str) -> list[tuple[str, str]]:
-    """(kind, text) lines of the findings section: "title", "group", "line", "warning", "note"."""
+def findings_lines(
+    found: list[Finding], warns: list[str], reference: str, realized: dict[str, float] | None = None
+) -> list[tuple[str, str]]:
+    """(kind, text) lines of the findings section: "title", "group", "line", "warning", "note".
+    `realized` maps a noise setting to its realised flip rate (shown next to the requested one)."""
     lines = [("title", f"Findings: best regularizer per question, vs {vocab.short_name(reference)}")]
     group = None
     for f in found:
         if (f.dataset, f.model, f.noise_setting) != group:
             group = (f.dataset, f.model, f.noise_setting)
-            lines.append(("group", f"{f.dataset} / {f.model}, noise {f.noise_setting}"))
+            rate = (realized or {}).get(f.noise_setting)
+            shown = f" (realised {100 * rate:.1f}% flipped)" if rate and f.noise_setting != "none" else ""
+            lines.append(("group", f"{f.dataset} / {f.model}, noise {f.noise_setting}{shown}"))
         lines.append(("line", f"  {f.label:<12} {f.sentence()}"))
     if not found:
         lines.append(("note", "  no completed final trials yet: nothing to compare"))
@@ -292,3 +297,9 @@ def findings_lines(found: list[Finding], warns: list[str], reference: str) -> li
     )  # fmt: skip
     lines += [("warning", f"Warning: {w}") for w in warns]
     return lines
+
+
+def realized_rates(trials: pd.DataFrame) -> dict[str, float]:
+    """Mean realised noise rate of the final trials per noise setting."""
+    final = trials[(trials["phase"] == "final") & trials["realized_noise_rate"].notna()]
+    return final.groupby("noise_setting")["realized_noise_rate"].mean().to_dict() if len(final) else {}

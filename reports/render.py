@@ -22,7 +22,7 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from reports.build import Study
-from reports.findings import findings, findings_lines, load_spec_dict, warnings
+from reports.findings import findings, findings_lines, load_spec_dict, realized_rates, warnings
 from reports.stats import CORRECTION, REFERENCE, best_trials, corruption_mask, corruption_summary, summarize
 from study import vocabulary as vocab
 from study.vocabulary import HIGHER, NEITHER
@@ -331,7 +331,8 @@ _STYLES = {"title": "bold", "group": "bold cyan", "line": "", "warning": "yellow
 def answer_lines(study: Study, reference: str = REFERENCE) -> list[tuple[str, str]]:
     """The findings section (reports/findings.py) of a study."""
     found = findings(study.trials, study.evals, reference=reference)
-    return findings_lines(found, warnings(study.trials, study.evals, load_spec_dict(study.path)), reference)
+    warns = warnings(study.trials, study.evals, load_spec_dict(study.path))
+    return findings_lines(found, warns, reference, realized_rates(study.trials))
 
 
 def render_rich(

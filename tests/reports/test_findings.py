@@ -102,3 +102,14 @@ def test_warnings_for_few_seeds_and_outlier_seeds():
     assert any("outlier" in w and "d/m/maxsup/none seed 3" in w for w in out)
     two = trials[trials["seed"] <= 2]
     assert any("fewer than 3 seeds (n=2)" in w for w in warnings(two, evals, None))
+
+
+def test_findings_lines_show_the_realised_noise_rate():
+    from reports.findings import findings_lines, realized_rates
+
+    trials, evals = planted({"symmetric:0.4": {"ce": 0.0, "maxsup": 0.01}})
+    trials["realized_noise_rate"] = np.where(trials["seed"] % 2 == 0, 0.39, 0.41)
+    rates = realized_rates(trials)
+    assert rates == {"symmetric:0.4": pytest.approx(0.40)}
+    lines = findings_lines(findings(trials, evals), [], "ce", rates)
+    assert ("group", "d / m, noise symmetric:0.4 (realised 40.0% flipped)") in lines
