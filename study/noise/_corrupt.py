@@ -25,34 +25,15 @@ from scipy import stats
 from study import vocabulary
 from study.noise._given import flip_given, validate_source
 from study.noise._maps import (
-    CIFAR10_MAP,
-    MNIST_MAP,
     ArrayLike,
     _check_labels,
     _coarse_per_class,
     _to_numpy_float,
     asymmetric_map,
-    superclass_next_map,
 )
 from study.registry import Registry
 
-__all__ = [
-    "ADVERSARIAL_MODES",
-    "CIFAR10_MAP",
-    "MNIST_MAP",
-    "NOISE_KINDS",
-    "NOISE_REGISTRY",
-    "NoiseInputs",
-    "NoiseKind",
-    "NoisyLabels",
-    "asymmetric_map",
-    "corrupt",
-    "instance_probabilities",
-    "noise_inputs",
-    "superclass_next_map",
-    "synthetic_kinds",
-    "validate_noise",
-]
+# The public names are re-exported (and listed in __all__) by study/noise/__init__.py.
 
 ADVERSARIAL_MODES = tuple(vocabulary.ADVERSARIAL_MODES)
 

@@ -241,16 +241,22 @@ def test_live_view_counts_per_cell_best_and_eta(tmp_path, monkeypatch):
     assert "3/8 trials ended" in text and "ETA 50s" in text
 
 
-def test_a_spec_with_nothing_to_search_skips_the_search_phase(tmp_path):
+def _fixed_params_source(tmp_path: Path, seeds: str, **kw) -> tuple[TrialSource, StudyContext]:
+    """A TrialSource over ce and label smoothing at fixed hyperparameters (nothing to search)."""
     spec = parse_spec(
         "name: fixed\nmodels: [mlp]\nregularizers: {ce: {}, label_smoothing: {alpha: 0.1}}\n"
-        "train: {epochs: 2, lr: 0.01}\nfinal: {seeds: 2}\n"
+        f"train: {{epochs: 2, lr: 0.01}}\nfinal: {{seeds: {seeds}}}\n"
     )
     cells = expand_cells(spec)
     studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
     ctx = StudyContext(spec, tmp_path, studies, lambda: None)
+    return TrialSource(spec, cells, studies, ctx, **kw), ctx
+
+
+def test_a_spec_with_nothing_to_search_skips_the_search_phase(tmp_path):
     told: list[str] = []
-    source = TrialSource(spec, cells, studies, ctx, on_search_done=lambda: told.append("search_done"))
+    source, ctx = _fixed_params_source(tmp_path, "2", on_search_done=lambda: told.append("search_done"))
+    studies, cells = source.studies, source.cells
     assert source.remaining() == 4  # final trials only
     configs = [source.suggest(f"t{i}") for i in range(4)]
     assert told == ["search_done"] and all(ctx.by_tune_id[f"t{i}"].phase == "final" for i in range(4))
@@ -268,14 +274,7 @@ def test_adaptive_seeds_stop_when_decided_and_go_to_max_on_a_null(tmp_path, effe
     """Large planted effect: decided after the first round (min seeds). Null: seeds until max."""
     import numpy as np
 
-    spec = parse_spec(
-        "name: adaptive\nmodels: [mlp]\nregularizers: {ce: {}, label_smoothing: {alpha: 0.1}}\n"
-        "train: {epochs: 2, lr: 0.01}\nfinal: {seeds: {min: 3, max: 6, until: decided}}\n"
-    )
-    cells = expand_cells(spec)
-    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
-    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
-    source = TrialSource(spec, cells, studies, ctx)
+    source, ctx = _fixed_params_source(tmp_path, "{min: 3, max: 6, until: decided}")
     rng = np.random.default_rng(0)
     seed_effect = {s: 0.8 + rng.normal(0, 0.05) for s in range(1, 7)}  # shared by both cells: paired
     n, running = 0, []
