@@ -42,7 +42,8 @@ def test_distillation_and_transfer_rows(tmp_path, monkeypatch):
     assert phases == ["running", "search_done", "post", "completed"]
     lines = console.export_text().splitlines()
     assert lines[0].startswith(
-        "study distill: 3 cells, 3 search + 3 final trials, max val_accuracy; starting Ray"
+        # Nothing to search (fixed lr and strengths): the search phase is skipped.
+        "study distill: 3 cells, 0 search + 3 final trials, max val_accuracy; starting Ray"
     )
     assert any(
         re.fullmatch(r"\S+ \+\S+ final ce none #1: completed val_accuracy=0\.\d{4} \(\d+s\)", ln)
