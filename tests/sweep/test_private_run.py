@@ -20,6 +20,7 @@ import pytest
 
 from reports.build import check_parquet
 from reports.query import list_studies
+from study import vocabulary
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +122,9 @@ def test_a_second_driver_on_the_same_dir_is_refused(killed_run):
     assert res.returncode == 2, res.stderr
     assert f"pid {killed_run['driver_pid']} on host" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-    assert killed_run["ls_running"] == {"private": "running"}
+    # A live run (its lock held) shows its own phase, never "interrupted"; which phase depends on how
+    # far it got before the listing (search_done under load).
+    assert killed_run["ls_running"]["private"] in vocabulary.RUNNING_STATUSES
 
 
 def test_no_ray_process_outlives_a_sigkilled_driver(killed_run):
