@@ -61,9 +61,10 @@ class Finding:
             return f"{best} {self.best_mean * scale:.3g}: {self.verdict}"
         op = ">" if self.diff > 0 else "<" if self.diff < 0 else "="
         d, lo, hi = (v * scale for v in (self.diff, self.ci_low, self.ci_high))
-        ci = f" [{lo:+.1f}, {hi:+.1f}]" if math.isfinite(lo) else ""
+        digits = 1 if scale == 100.0 else 3  # points with one decimal; other metrics (R²) with three
+        ci = f" [{lo:+.{digits}f}, {hi:+.{digits}f}]" if math.isfinite(lo) else ""
         p = f" p={_p(self.p)}/{_p(self.p_adj)}" if math.isfinite(self.p) else ""
-        return f"{best} {op} {vocab.short_name(self.other)} {d:+.1f}{ci} n={self.n}{p} {self.verdict}"
+        return f"{best} {op} {vocab.short_name(self.other)} {d:+.{digits}f}{ci} n={self.n}{p} {self.verdict}"
 
 
 def _p(p: float) -> str:
@@ -255,12 +256,15 @@ def _outlier_seeds(final: pd.DataFrame, evals: pd.DataFrame) -> list[str]:
         x = grp["value"].to_numpy()
         if len(x) < 5:  # the MAD of 3 other seeds is itself too noisy: it flagged 1 in 4 seeds
             continue
+        flagged = []
         for i, seed in enumerate(grp["seed"]):
             rest = np.delete(x, i)
             mad = 1.4826 * np.median(np.abs(rest - np.median(rest)))
             # > 3 MAD, and at least a point of accuracy: identical seeds make the MAD ~0.
             if abs(x[i] - np.median(rest)) > max(3 * mad, 0.01):
-                out.append(f"{cell} seed {seed}")
+                flagged.append(f"{cell} seed {seed}")
+        if len(flagged) == 1:  # two or more "outliers" in one cell are its spread, not an outlier
+            out += flagged
     return out
 
 
