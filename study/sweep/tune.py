@@ -42,7 +42,6 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from study.spec import StudySpec  # noqa: E402
-from study.sweep.cells import Cell  # noqa: E402
 from study.sweep.context import FINISHED, StudyContext, TrialNames, TrialSource, post_jobs  # noqa: E402
 from study.sweep.net import check_tcp, trial_error_text  # noqa: E402
 from study.sweep.optuna_cells import CellStudies  # noqa: E402
@@ -86,16 +85,9 @@ class CellSearcher(Searcher):
     """Tune's view of the TrialSource: suggestions and trial ends are forwarded; nothing to checkpoint
     (the Optuna journal and the records are the searcher's durable state)."""
 
-    def __init__(
-        self,
-        spec: StudySpec,
-        cells: list[Cell],
-        studies: CellStudies,
-        ctx: StudyContext,
-        on_search_done: Callable[[], None] = lambda: None,
-    ) -> None:
-        super().__init__(metric="objective", mode="max" if spec.search.direction == "maximize" else "min")
-        self.source = TrialSource(spec, cells, studies, ctx, on_search_done)
+    def __init__(self, source: TrialSource, direction: str) -> None:
+        super().__init__(metric="objective", mode="max" if direction == "maximize" else "min")
+        self.source = source
 
     def remaining(self) -> int:
         return self.source.remaining()
@@ -327,12 +319,12 @@ def run_trials(
 ) -> None:
     """Both phases in one Tuner (see the module docstring); `on_search_done` runs once, in the driver,
     when every cell's search has ended (also at once when a resumed study's search had ended before)."""
-    cells = list(ctx.cells.values())
-    searcher = CellSearcher(spec, cells, ctx.studies, ctx, on_search_done)
-    remaining = searcher.remaining()
+    source = TrialSource(spec, list(ctx.cells.values()), ctx.studies, ctx, on_search_done)
+    remaining = source.remaining()
     if remaining == 0:
-        searcher.queue_finals()  # nothing to run: still tells on_search_done
+        source.queue_finals()  # nothing to run: still tells on_search_done
         return
+    searcher = CellSearcher(source, spec.search.direction)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, _resources(spec)),
         tune_config=tune.TuneConfig(

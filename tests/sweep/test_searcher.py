@@ -304,3 +304,18 @@ def test_adaptive_seeds_stop_when_decided_and_go_to_max_on_a_null(tmp_path, effe
     ls = next(c for c in record if "label_smoothing" in c)
     assert record[ls]["stopped"].startswith("decided" if effect else "max seeds")
     assert record[ls]["seeds"] == expected
+
+
+def test_run_trials_with_nothing_left_still_tells_search_done(tmp_path):
+    """A resumed study whose trials all ended (killed in the post phase): no Tuner, search_done told."""
+    from study.sweep import tune
+
+    source, ctx = _fixed_params_source(tmp_path, "2")
+    for i in range(4):
+        assert source.suggest(f"t{i}")
+        ctx.by_tune_id[f"t{i}"].payload = {"status": "completed", "best_value": 0.5, "epoch_rows": []}
+        ctx.finish(f"t{i}", error=None)
+    resumed = StudyContext(ctx.spec, tmp_path, ctx.studies, lambda: None)
+    told: list[str] = []
+    tune.run_trials(ctx.spec, tmp_path, resumed, 1, on_search_done=lambda: told.append("search_done"))
+    assert told == ["search_done"] and not (tmp_path / "ray").exists()
