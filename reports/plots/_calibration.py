@@ -167,7 +167,9 @@ def reliability(ps: pd.DataFrame, regs: list[str], settings: list[str], title: s
             if i == len(settings) - 1:
                 axc.set_xlabel("confidence (hatched: exactly 1.0)", fontsize=8)
     if first is not None:
-        first.legend(fontsize=6, loc="lower right")
+        # Below the panels: inside one, the legend hid that panel's high-confidence bars.
+        handles, labels = first.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=7)
     fig.suptitle(
         f"{title}: reliability on the test set, {n_bins} bins + confidence 1.0, seeds pooled", fontsize=10
     )
