@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from reports.compare import GROUP, compare, per_seed
+from reports.compare import GROUP, NOSEV, compare, per_seed
 from study import vocabulary as vocab
 
 ATTACK_PREFERENCE = ("pgd_dlr", "pgd_ce", "fgsm", "transfer")  # strongest first, at the largest eps
@@ -168,7 +168,7 @@ def _comparison(
         (comp["dataset"] == group[0]) & (comp["model"] == group[1]) & (comp["noise_setting"] == group[2])
         & (comp["split"] == split) & (comp["condition"] == cond) & (comp["metric"] == metric)
         & (comp["regularizer"] == a)
-        & ((comp["severity"] == sev) | (comp["severity"].isna() & (pd.isna(sev) or sev < -1e299)))
+        & (comp["severity"].isna() if sev == NOSEV else comp["severity"] == sev)
     ]  # fmt: skip
     if m.empty:
         return nan

@@ -46,7 +46,6 @@ SUMMARY_COLUMNS = [
     "reference", "n_pairs", "diff", "diff_ci_low", "diff_ci_high", "effect_size_dz",
     "p_value", "p_adjusted", "significant", "best_params", "best_strength", "correction", "test",
 ]  # fmt: skip
-_NOSEV = NOSEV
 
 
 def _json_default(v: Any) -> Any:
@@ -144,7 +143,7 @@ def summarize(
         columns={"strength": "best_strength"}
     )
     agg = agg.merge(best, on="cell_id", how="left")
-    agg["severity"] = agg["severity"].replace(_NOSEV, np.nan)
+    agg["severity"] = agg["severity"].replace(NOSEV, np.nan)
     agg["study"] = study
     agg["correction"] = correction_text(None if all_pairs else reference)
     agg["test"] = np.where(agg["p_value"].notna(), TEST_NAME, None)
