@@ -268,6 +268,11 @@ def _rand(gen: torch.Generator | None, device: torch.device, fn: Callable[..., T
     return fn(*args, generator=gen, device=gen_device).to(device)
 
 
+def epoch_order(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """One epoch's shuffled sample order (what ``DeviceBatches`` draws at the start of each pass)."""
+    return _rand(generator, device, torch.randperm, n)
+
+
 def random_crop(x: Tensor, pad: int, generator: torch.Generator | None = None) -> Tensor:
     """Per-sample random crop after ``pad`` zeros on each side of the last 1 or 2 dims; shape preserved.
 
@@ -347,7 +352,7 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n, device = self.x.shape[0], self.x.device
-        order = _rand(self.generator, device, torch.randperm, n) if self.shuffle else None
+        order = epoch_order(n, self.generator, device) if self.shuffle else None
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[sl] if order is not None else sl

@@ -84,7 +84,7 @@ def build_model(cfg: TrialConfig, bundle: data_lib.DatasetBundle) -> models.Clas
     )
 
 
-def _optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     # On CUDA the fused kernels update every parameter in one launch: small models there are bound by
     # kernel launches (bench/bench_gpu.md), not by arithmetic. The CPU keeps the default (foreach) path.
     params = list(model.parameters())
@@ -158,7 +158,7 @@ class _Loop:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         self.reg = regularizers.create(cfg.regularizer.name, **cfg.regularizer.params).to(device)
-        self.opt = _optimizer(cfg, self.model)
+        self.opt = make_optimizer(cfg, self.model)
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(cfg.seed)
         image_aug = cfg.train.augment and b.kind == "image" and b.input_shape[-1] >= 24

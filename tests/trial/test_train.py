@@ -336,13 +336,13 @@ def test_dataset_is_loaded_once_per_process_and_never_modified(bundle, cache_dir
 
 
 def test_optimizer_is_fused_on_cuda_only():
-    from study.trial.fit import _optimizer
+    from study.trial.fit import make_optimizer
 
     for name in ("sgd", "adamw"):
-        cpu = _optimizer(make_cfg(optimizer=name), torch.nn.Linear(3, 2))
+        cpu = make_optimizer(make_cfg(optimizer=name), torch.nn.Linear(3, 2))
         assert not cpu.defaults.get("fused")  # CPU: the default foreach path, results unchanged
         if torch.cuda.is_available():
-            gpu = _optimizer(make_cfg(optimizer=name), torch.nn.Linear(3, 2).cuda())
+            gpu = make_optimizer(make_cfg(optimizer=name), torch.nn.Linear(3, 2).cuda())
             assert gpu.defaults["fused"] is True
 
 
