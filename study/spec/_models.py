@@ -22,6 +22,7 @@ from study import regularizers
 from study.optuna_kinds import PRUNERS, SAMPLERS
 from study.spec._values import (
     FieldError,
+    PackSize,
     ParamValue,
     Ramp,
     Strict,
@@ -296,6 +297,9 @@ class ResourcesSpec(Strict):
     # would keep it pending forever (what the local machine has is checked before a local run starts).
     cpus_per_trial: float = Field(1.0, gt=0, le=1024)
     gpus_per_trial: float = Field(0.0, ge=0, le=16)
+    # Trials of one cell trained together in one process as one batched model (study/trial/pack.py):
+    # 1 = one trial per process; "auto" = the measured best for the model and device (trial.pack_size).
+    trials_per_process: PackSize = 1
 
     @field_validator("gpus_per_trial")
     @classmethod
@@ -402,10 +406,11 @@ _NEW_NOISE_FIELDS = ("dataset_labels", "label_set", "path")
 def spec_hash(spec: StudySpec) -> str:
     """Hash of the resolved spec (defaults filled in), stable across key order and formatting.
 
-    ``tracking`` is not part of it (it changes where runs are logged, not what they compute).
+    Left out: ``tracking`` (where runs are logged), ``search.keep_checkpoints`` (what stays on disk) and
+    ``resources.trials_per_process`` (how trials share processes): none changes a result.
     """
-    # keep_checkpoints changes what is kept on disk, not a result: a study may be resumed with either.
-    dump = spec.model_dump(mode="json", exclude={"tracking": True, "search": {"keep_checkpoints"}})
+    leave_out = {"tracking": True, "search": {"keep_checkpoints"}, "resources": {"trials_per_process"}}
+    dump = spec.model_dump(mode="json", exclude=leave_out)
     for noise in dump["noise"]:
         for key in _NEW_NOISE_FIELDS:
             if noise.get(key) is None:

@@ -11,7 +11,16 @@ import math
 import numbers
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 
 class FieldError(ValueError):
@@ -134,3 +143,13 @@ def check_number(value: Any, *, low: float, low_inclusive: bool) -> Any:
         if not ok or float(v) < low or (float(v) == low and not low_inclusive):
             raise ValueError(f"must be a finite number {bound}, but got {v!r}")
     return value
+
+
+def _pack_size(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64):
+        return value
+    raise ValueError(f"must be an integer from 1 to 64 or 'auto', but got {value!r}")
+
+
+# resources.trials_per_process: how many trials one process trains as one batched model.
+PackSize = Annotated[int | Literal["auto"], BeforeValidator(_pack_size)]

@@ -1,8 +1,8 @@
-"""Driver-side state of a study run, without Ray: which trial to run next, and what happened to each.
+"""Driver-side state of a study run, without Ray: what happened to each trial.
 
-``TrialSource`` decides the next trial (a cell's search, then its final seeds); ``StudyContext`` keeps
-the records, talks to the cells' Optuna studies (report, prune, tell) and feeds the live view. The Ray
-adapter (study/sweep/tune.py) calls into both from Tune's searcher, scheduler and callbacks.
+``StudyContext`` keeps the records, talks to the cells' Optuna studies (report, prune, tell) and feeds
+the live view; ``TrialSource`` (study/sweep/source.py) decides the next trial. The Ray adapter
+(study/sweep/tune.py) calls into both from Tune's searcher, scheduler and callbacks.
 """
 
 from __future__ import annotations
@@ -22,11 +22,7 @@ from study.sweep.cells import Cell, expand_cells
 from study.sweep.optuna_cells import CellStudies
 from study.sweep.records import Records, TrialRecord, safe_name, trial_id_for, trial_key
 from study.sweep.seeds import SeedPlan
-from study.vocabulary import EPOCH_COLUMNS, FINAL_DONE_STATUSES, TERM_PREFIX
-
-# The sentinel TrialSource.suggest returns when no trial is left (Tune's Searcher.FINISHED).
-FINISHED = "FINISHED"
-_DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+from study.vocabulary import EPOCH_COLUMNS, TERM_PREFIX
 
 
 class DriverOnly:
@@ -38,140 +34,6 @@ class DriverOnly:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-
-
-class TrialSource:
-    """Search trials from each cell's Optuna study (fewest asked first) until every cell has its budget;
-    then, cell by cell as each one's search ends, that cell's final trials.
-
-    Ray-free: the Tune searcher (study/sweep/tune.py) only forwards to it, so tests drive it the way
-    Tune does (one ``suggest`` per free slot, results told back) without starting Ray.
-    """
-
-    def __init__(
-        self,
-        spec: StudySpec,
-        cells: list[Cell],
-        studies: CellStudies,
-        ctx: StudyContext,
-        on_search_done: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.spec, self.cells, self.studies, self.ctx = spec, cells, studies, ctx
-        self.on_search_done = on_search_done
-        self.orphans: list[tuple[Cell, Any]] = []
-        recorded = ctx.records.load_all("search")
-        for cell in cells:
-            for frozen in studies.trials(cell.cell_id, (TrialState.RUNNING, TrialState.WAITING)):
-                rec = recorded.get(trial_key("search", cell.cell_id, frozen.number))
-                if rec is not None and rec["status"] != "running":
-                    # The driver died between writing the record and telling Optuna: tell it now
-                    # instead of running the trial again.
-                    studies.tell_recorded(cell.cell_id, frozen, rec)
-                else:
-                    self.orphans.append((cell, frozen))
-        self.final_done = {
-            k for k, r in ctx.records.load_all("final").items() if r["status"] in FINAL_DONE_STATUSES
-        }
-        self.search_ended: set[str] = set()  # cells whose search trials have all ended
-        self.final_queue: list[tuple[Cell, dict[str, Any], int]] = []
-        self.final_params: dict[str, dict[str, Any]] = {}  # cell id -> the config its finals retrain
-        self.queued: set[str] = set()  # final trial keys queued (or handed out) by this driver
-        self.seeds = SeedPlan(spec, cells)
-        ctx.seed_plan = self.seeds
-
-    def remaining(self) -> int:
-        """Trials still to run: the search budget not yet ended plus final trials not yet done."""
-        search = sum(
-            max(self.studies.budget(c) - len(self.studies.trials(c.cell_id, _DONE)), 0) for c in self.cells
-        )
-        final = sum(
-            trial_key("final", c.cell_id, seed) not in self.final_done
-            for c in self.cells
-            for seed in range(1, self.spec.final.max_seeds + 1)
-        )
-        return search + final  # an upper bound with adaptive seeds: suggest says FINISHED early
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self.orphans:
-            cell, frozen = self.orphans.pop(0)
-            return self.ctx.new_search_trial(trial_id, cell, self.studies.reattach(cell.cell_id, frozen))
-        # One journal read per cell and suggestion (each read syncs with the journal file).
-        asked = {c.cell_id: len(self.studies.trials(c.cell_id)) for c in self.cells}
-        open_cells = [c for c in self.cells if asked[c.cell_id] < self.studies.budget(c)]
-        if open_cells:
-            cell = min(open_cells, key=lambda c: asked[c.cell_id])
-            return self.ctx.new_search_trial(trial_id, cell, self.studies.ask(cell))
-        self.queue_finals()
-        if not self.final_queue and len(self.search_ended) == len(self.cells):
-            self._next_round()
-        if self.final_queue:
-            cell, params, seed = self.final_queue.pop(0)
-            return self.ctx.new_final_trial(trial_id, cell, params, seed)
-        # Fixed seeds: nothing more will be asked. Adaptive: running finals may still ask for a round.
-        if len(self.search_ended) == len(self.cells) and (
-            self.seeds.adaptive is None or not self._pending_finals()
-        ):
-            return FINISHED
-        return None  # search or final trials that decide what comes next still run: ask again later
-
-    def queue_finals(self) -> None:
-        """Queue the final trials of every cell whose search has just ended (all its trials told); tell
-        on_search_done when the last cell's search ends (each cell enters search_ended once)."""
-        ended_before = len(self.search_ended)
-        for cell in self.cells:
-            if cell.cell_id in self.search_ended:
-                continue
-            if len(self.studies.trials(cell.cell_id, _DONE)) < self.studies.budget(cell):
-                continue
-            self.search_ended.add(cell.cell_id)
-            params, _ = self.studies.best_params(cell)
-            if not params and cell.searched:
-                # Every search trial was pruned or failed: there is no configuration to retrain.
-                states = [t.state for t in self.studies.trials(cell.cell_id)]
-                self.ctx.notes.append(
-                    f"{cell.cell_id}: no search trial completed ({states.count(TrialState.PRUNED)} pruned, "
-                    f"{states.count(TrialState.FAIL)} failed or diverged), so it has no final trials"
-                )
-                continue
-            self.final_params[cell.cell_id] = params
-            self._queue_seeds(cell)
-        if len(self.search_ended) == len(self.cells) > ended_before:
-            self.on_search_done()
-
-    def _queue_seeds(self, cell: Cell) -> None:
-        for seed in self.seeds.wanted(cell):
-            key = trial_key("final", cell.cell_id, seed)
-            if key not in self.final_done and key not in self.queued:
-                self.queued.add(key)
-                self.final_queue.append((cell, self.final_params[cell.cell_id], seed))
-
-    def _ended_finals(self) -> set[str]:
-        live = {r.key for r in self.ctx.by_tune_id.values() if r.phase == "final" and r.ended_at is not None}
-        return self.final_done | live
-
-    def _pending_finals(self) -> bool:
-        return bool(self.queued - self._ended_finals())
-
-    def _next_round(self) -> None:
-        """Adaptive seeds: once every wanted seed of a group has ended, ask the plan for more."""
-        if self.seeds.adaptive is None:
-            return
-        ended = self._ended_finals()
-        records = self.ctx.records.load_all("final")
-        accuracy: dict[str, dict[int, float]] = {}
-        for cell in self.cells:
-            keys = [trial_key("final", cell.cell_id, s) for s in self.seeds.wanted(cell)]
-            if cell.cell_id not in self.final_params or not all(k in ended for k in keys):
-                continue
-            accuracy[cell.cell_id] = {
-                s: v for s, k in zip(self.seeds.wanted(cell), keys, strict=True)
-                if (v := _test_accuracy(records.get(k))) is not None
-            }  # fmt: skip
-        for cell_id in self.seeds.advance(accuracy):
-            self._queue_seeds(self.ctx.cells[cell_id])
-
-    def ended(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.ctx.search_trial_ended(trial_id, result, error)
 
 
 class StudyContext(DriverOnly):
@@ -360,16 +222,6 @@ def post_jobs(spec: StudySpec, ctx: StudyContext) -> list[tuple[str, str, tuple[
         if spec.distill and "distill" not in conditions:
             jobs.append((key, "distill", (rec["config"], spec.distill.model_dump())))
     return jobs
-
-
-def _test_accuracy(rec: dict[str, Any] | None) -> float | None:
-    """Clean test accuracy of a final trial's record (None when it did not complete)."""
-    if rec is None or rec.get("status") != "completed":
-        return None
-    for row in (rec.get("payload") or {}).get("eval_rows") or []:
-        if (row["split"], row["condition"], row["metric"]) == ("test", "clean", "accuracy"):
-            return float(row["value"])
-    return None
 
 
 def run_name(rec: TrialRecord) -> str:

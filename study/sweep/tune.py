@@ -42,10 +42,11 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from study.spec import StudySpec  # noqa: E402
-from study.sweep.context import FINISHED, StudyContext, TrialNames, TrialSource, post_jobs  # noqa: E402
+from study.sweep.context import StudyContext, TrialNames, post_jobs  # noqa: E402
 from study.sweep.net import check_tcp, trial_error_text  # noqa: E402
 from study.sweep.optuna_cells import CellStudies  # noqa: E402
 from study.sweep.records import trial_payload  # noqa: E402
+from study.sweep.source import FINISHED, TrialSource  # noqa: E402
 
 
 def _trainable(config: dict[str, Any]) -> None:

@@ -19,7 +19,8 @@ from study import noise as noise_lib
 from study.spec import DatasetSpec, NoiseSetting
 from study.trial.config import TrialConfig
 from study.trial.evaluate import evaluate_model
-from study.trial.fit import PreparedData, Report, fit, save_checkpoint
+from study.trial.fit import Fitted, PreparedData, Report, fit, save_checkpoint
+from study.trial.pack import PackReport, fit_pack
 from study.trial.reference import reference_probabilities
 
 
@@ -140,6 +141,13 @@ def run_trial(
     fitted = fit(cfg, prep, report, checkpoint=ckpt_dir / "checkpoint.pt" if ckpt_dir else None)
     if model_sink is not None:
         model_sink["model"] = fitted.model
+    result = finish_trial(cfg, prep, fitted)
+    result.wall_s = time.perf_counter() - t_start
+    return result
+
+
+def finish_trial(cfg: TrialConfig, prep: PreparedData, fitted: Fitted) -> TrialResult:
+    """A fitted trial's result: the full evaluation of a completed final trial, and its kept model."""
     result = TrialResult(
         status=fitted.status,
         epochs_run=len(fitted.epoch_rows),
@@ -154,9 +162,41 @@ def run_trial(
         extras: dict[str, Any] = {}
         result.eval_rows = evaluate_model(fitted.model, prep, cfg, fitted.device, extras=extras)
         result.projection = extras.get("projection", [])
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if fitted.status == "completed" and cfg.save_model and ckpt_dir is not None:
         save_checkpoint(
             ckpt_dir / "model.pt", {"model": fitted.model.state_dict(), "config": cfg.model_dump(mode="json")}
         )
-    result.wall_s = time.perf_counter() - t_start
     return result
+
+
+def run_pack(
+    members: list[tuple[str, TrialConfig]],
+    report: PackReport | None = None,
+    *,
+    on_result: Callable[[str, TrialResult], None] = lambda key, result: None,
+) -> dict[str, TrialResult]:
+    """Train trials (key, config) as one pack (study/trial/pack.py), then finish each like ``run_trial``.
+
+    `report(key, epoch_row)` returning True prunes that member alone. Members sharing a noise setting
+    and seed share one PreparedData (one split in memory). `on_result(key, result)` is called as each
+    member's result is ready. A member's ``wall_s`` is its share of the pack's epochs plus its evaluation.
+    """
+    prepared: dict[str, PreparedData] = {}
+    entries = []
+    for key, cfg in members:
+        # What prepare_data reads: the data, the noise, its seed (and the model, for OOF references).
+        data_key = cfg.model_dump_json(include={"dataset", "noise", "noise_seed", "model"})
+        if data_key not in prepared:
+            prepared[data_key] = prepare_data(cfg)
+        ckpt = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
+        entries.append((key, cfg, prepared[data_key], ckpt))
+    fitted = fit_pack(entries, report)
+    results: dict[str, TrialResult] = {}
+    for key, cfg, prep, _ in entries:
+        t_eval = time.perf_counter()
+        result = finish_trial(cfg, prep, fitted[key])
+        result.wall_s = sum(r.get("wall_s", 0.0) for r in result.epoch_rows) + time.perf_counter() - t_eval
+        results[key] = result
+        on_result(key, result)
+    return results

@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 from study.cli import app
 from study.spec import parse_spec
 from study.sweep.cells import expand_cells
-from study.sweep.context import FINISHED, StudyContext, TrialSource
+from study.sweep.context import StudyContext
 from study.sweep.optuna_cells import CellStudies
 from study.sweep.records import trial_id_for, trial_key
+from study.sweep.source import FINISHED, TrialSource
 
 SPEC = """\
 name: dash

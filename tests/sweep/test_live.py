@@ -11,10 +11,11 @@ from rich.console import Console
 
 from study.spec import parse_spec
 from study.sweep.cells import expand_cells
-from study.sweep.context import StudyContext, TrialSource
+from study.sweep.context import StudyContext
 from study.sweep.live import LiveView, short_names, startup_line
 from study.sweep.optuna_cells import CellStudies
 from study.sweep.runner import prepare_out_dir, set_status
+from study.sweep.source import TrialSource
 from study.vocabulary import MANIFEST_STATUSES
 
 # val_nll: lower is better, so the best of a cell is its minimum.

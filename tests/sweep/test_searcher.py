@@ -11,9 +11,10 @@ from optuna.trial import TrialState
 from study.optuna_kinds import PRUNERS, SAMPLERS
 from study.spec import parse_spec
 from study.sweep.cells import expand_cells
-from study.sweep.context import FINISHED, StudyContext, TrialSource
+from study.sweep.context import StudyContext
 from study.sweep.optuna_cells import CellStudies
 from study.sweep.records import Records
+from study.sweep.source import FINISHED, TrialSource
 
 # Grid sampler: ce has nothing to search (budget 1 trial), label smoothing a grid of 3 values.
 SPEC = """\
