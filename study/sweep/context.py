@@ -55,6 +55,10 @@ class StudyContext(DriverOnly):
         self.notes: list[str] = []
         # How many final seeds each cell got and why it stopped (set by TrialSource; manifest).
         self.seed_plan: SeedPlan | None = None
+        # Tune trial id -> its members' ids (member_id) when trials are packed; members told to Optuna.
+        self.packs: dict[str, list[str]] = {}
+        self.told: set[str] = set()
+        self.prune_board: Any = None  # the Ray actor packs read pruned members from (study/sweep/tune.py)
 
     def progress(self) -> None:
         self.on_progress()
@@ -112,6 +116,16 @@ class StudyContext(DriverOnly):
         rec.epoch_rows = [r for r in rec.epoch_rows if r["epoch"] != row["epoch"]] + [row]
 
     def search_trial_ended(self, tune_id: str, result: dict | None, error: bool) -> None:
+        """Tune's trial ended: record it and tell Optuna (each member of a pack not told before)."""
+        if tune_id in self.packs:
+            for mid in self.packs[tune_id]:
+                if mid not in self.told:
+                    self._search_trial_ended(mid, None, error)
+            return
+        self._search_trial_ended(tune_id, result, error)
+
+    def _search_trial_ended(self, tune_id: str, result: dict | None, error: bool) -> None:
+        self.told.add(tune_id)
         rec = self.by_tune_id.get(tune_id)
         if rec is None or self.studies is None or rec.phase != "search" or rec.status == "pruned":
             return
@@ -127,7 +141,33 @@ class StudyContext(DriverOnly):
             # Diverged trials are not COMPLETE: their value would mislead the sampler.
             self.studies.tell(rec.optuna_id, TrialState.FAIL, status=payload["status"])
 
+    def member_result(self, member: str, result: dict) -> None:
+        """A pack member's final result (its payload): it has ended, whatever the rest of its pack does."""
+        rec = self.by_tune_id.get(member)
+        if rec is None or member in self.told or rec.ended_at is not None:
+            return  # e.g. a pruned member, or a retried pack reporting a member again
+        if rec.phase == "search":
+            self._search_trial_ended(member, result, error=False)
+        else:
+            rec.payload = json.loads(result["final"])
+            self.finish(member, error=None)
+        self.after_trial()
+
+    def pack(self, tune_id: str, members: list[dict[str, Any]]) -> dict[str, Any]:
+        """The Tune config of a pack: its members' configs (from new_*_trial with member_id ids)."""
+        ids = [member_id(tune_id, j) for j in range(len(members))]
+        self.packs[tune_id] = ids
+        recs = [self.by_tune_id[i] for i in ids]
+        name = f"{recs[0].cell_id}/{recs[0].phase}/#" + "+".join(str(r.index) for r in recs)
+        configs = [{"id": i, "trial": m["trial"]} for i, m in zip(ids, members, strict=True)]
+        return {"pack": configs, "name": name}
+
     def finish(self, tune_id: str, error: str | None) -> None:
+        """Record that a trial (every member of a pack) ended; `error` marks it failed."""
+        for member in self.packs.get(tune_id, [tune_id]):
+            self._finish(member, error)
+
+    def _finish(self, tune_id: str, error: str | None) -> None:
         rec = self.by_tune_id.get(tune_id)
         if rec is None:
             return
@@ -222,6 +262,11 @@ def post_jobs(spec: StudySpec, ctx: StudyContext) -> list[tuple[str, str, tuple[
         if spec.distill and "distill" not in conditions:
             jobs.append((key, "distill", (rec["config"], spec.distill.model_dump())))
     return jobs
+
+
+def member_id(tune_id: str, index: int) -> str:
+    """The id of a pack's member `index`: where its record lives in ``by_tune_id``."""
+    return f"{tune_id}~{index}"
 
 
 def run_name(rec: TrialRecord) -> str:

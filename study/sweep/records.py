@@ -224,3 +224,16 @@ def trial_payload(result: Any, *, node: str, started_at: float) -> dict[str, Any
         "projection": result.projection,
         "epoch_rows": result.epoch_rows,
     }
+
+
+def final_result(result: Any, *, node: str, started_at: float) -> dict[str, Any]:
+    """A trial's last Tune result: its payload as JSON, the objective, and the clean test metrics of a
+    final trial as plain numbers too (what the trackers of the spec's ``tracking`` block log)."""
+    test = {
+        f"test_{r['metric']}": r["value"]
+        for r in result.eval_rows
+        if r["split"] == "test" and r["condition"] == "clean" and not r["metric"].startswith("bin_")
+    }
+    value = result.best_value if result.best_value is not None else float("nan")
+    payload = trial_payload(result, node=node, started_at=started_at)
+    return {"final": json.dumps(payload), "objective": value, **test}

@@ -13,10 +13,11 @@ from optuna.trial import TrialState
 
 from study.spec import StudySpec
 from study.sweep.cells import Cell
-from study.sweep.context import StudyContext
+from study.sweep.context import StudyContext, member_id
 from study.sweep.optuna_cells import CellStudies
 from study.sweep.records import trial_key
 from study.sweep.seeds import SeedPlan
+from study.trial.pack import auto_pack_size
 from study.vocabulary import FINAL_DONE_STATUSES
 
 # The sentinel TrialSource.suggest returns when no trial is left (Tune's Searcher.FINISHED).
@@ -76,21 +77,51 @@ class TrialSource:
         return search + final  # an upper bound with adaptive seeds: suggest says FINISHED early
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self.orphans:
-            cell, frozen = self.orphans.pop(0)
+        """The next trial's Tune config; with ``resources.trials_per_process`` > 1 a pack of up to that
+        many trials of one cell (re-attached orphans, then new search trials, or its final seeds)."""
+        packed = self.spec.resources.trials_per_process != 1
+        first = self._next(member_id(trial_id, 0) if packed else trial_id)
+        if first is None or first == FINISHED or not packed:
+            return first
+        cell = self.ctx.cells[self.ctx.by_tune_id[member_id(trial_id, 0)].cell_id]
+        members = [first]
+        while len(members) < self.pack_size(cell):
+            more = self._next(member_id(trial_id, len(members)), only=cell.cell_id)
+            if more is None or more == FINISHED:
+                break
+            members.append(more)
+        return self.ctx.pack(trial_id, members)
+
+    def pack_size(self, cell: Cell) -> int:
+        size = self.spec.resources.trials_per_process
+        if size == "auto":
+            return auto_pack_size(cell.model, "cuda" if self.spec.resources.gpus_per_trial > 0 else "cpu")
+        return int(size)
+
+    def _next(self, trial_id: str, only: str | None = None) -> Any:
+        """The next trial (of cell `only` when given: then None rather than FINISHED when it has none)."""
+        orphans = [o for o in self.orphans if only is None or o[0].cell_id == only]
+        if orphans:
+            self.orphans.remove(orphans[0])
+            cell, frozen = orphans[0]
             return self.ctx.new_search_trial(trial_id, cell, self.studies.reattach(cell.cell_id, frozen))
         # One journal read per cell and suggestion (each read syncs with the journal file).
-        asked = {c.cell_id: len(self.studies.trials(c.cell_id)) for c in self.cells}
-        open_cells = [c for c in self.cells if asked[c.cell_id] < self.studies.budget(c)]
+        cells = [c for c in self.cells if only is None or c.cell_id == only]
+        asked = {c.cell_id: len(self.studies.trials(c.cell_id)) for c in cells}
+        open_cells = [c for c in cells if asked[c.cell_id] < self.studies.budget(c)]
         if open_cells:
             cell = min(open_cells, key=lambda c: asked[c.cell_id])
             return self.ctx.new_search_trial(trial_id, cell, self.studies.ask(cell))
         self.queue_finals()
         if not self.final_queue and len(self.search_ended) == len(self.cells):
             self._next_round()
-        if self.final_queue:
-            cell, params, seed = self.final_queue.pop(0)
+        queued = [q for q in self.final_queue if only is None or q[0].cell_id == only]
+        if queued:
+            self.final_queue.remove(queued[0])
+            cell, params, seed = queued[0]
             return self.ctx.new_final_trial(trial_id, cell, params, seed)
+        if only is not None:
+            return None
         # Fixed seeds: nothing more will be asked. Adaptive: running finals may still ask for a round.
         if len(self.search_ended) == len(self.cells) and (
             self.seeds.adaptive is None or not self._pending_finals()

@@ -1,17 +1,15 @@
 """Ray Tune execution of a study. THE ONLY MODULE THAT IMPORTS ray.
 
-One Tuner runs both phases. Its Searcher asks each cell's Optuna study for the next configuration
-(spreading trials across cells so all progress together) and, once a cell's search has ended, hands out
-that cell's final trials: its best configuration retrained over seeds with full evaluation. Final trials
-thus fill the slots that the search's last trials leave idle, and the worker processes (each with torch
-imported and the dataset loaded) serve both phases. The TrialScheduler reports every epoch's validation
-value to the cell's study and asks its pruner; pruned trials are told to Optuna as PRUNED (Ray's own
-OptunaSearch would store them as COMPLETE with a partial-budget value).
+One Tuner runs both phases. Its Searcher hands out each cell's search trials (study/sweep/source.py),
+then, once the cell's search has ended, its final trials, which fill the slots the search's last trials
+leave idle in the same warm workers. The TrialScheduler reports every epoch to the cell's Optuna study
+and asks its pruner; pruned trials are told to Optuna as PRUNED (Ray's own OptunaSearch would store them
+as COMPLETE with a partial-budget value). With ``trials_per_process`` > 1 a Tune trial is a pack: its
+members report with their id, and the scheduler prunes members one by one through a PruneBoard actor.
 
-Resume: the Optuna journal and the per-trial records under `records/` are the source of truth. A
-resumed run re-issues trials the killed driver left RUNNING (same Optuna trial, same checkpoint dir, so
-they continue from their last epoch) and asks only the remaining budget: nothing completed is re-run and
-nothing is duplicated.
+Resume: the Optuna journal and the records under `records/` are the source of truth. A resumed run
+re-issues trials the killed driver left RUNNING (same Optuna trial and checkpoint dir: they continue
+from their last epoch) and asks only the remaining budget: nothing completed re-runs or duplicates.
 """
 
 from __future__ import annotations
@@ -45,56 +43,70 @@ from study.spec import StudySpec  # noqa: E402
 from study.sweep.context import StudyContext, TrialNames, post_jobs  # noqa: E402
 from study.sweep.net import check_tcp, trial_error_text  # noqa: E402
 from study.sweep.optuna_cells import CellStudies  # noqa: E402
-from study.sweep.records import trial_payload  # noqa: E402
+from study.sweep.records import final_result  # noqa: E402
 from study.sweep.source import FINISHED, TrialSource  # noqa: E402
 
 
 def _trainable(config: dict[str, Any]) -> None:
-    """The Ray Tune function trainable: one dict in, a typed TrialConfig on the first line."""
+    """The Ray Tune function trainable: one trial (``trial``) or a pack of trials of one cell (``pack``,
+    study/trial/pack.py), as typed TrialConfigs on the first lines. A pack reports each member's epochs
+    and final result with its ``member`` id, and reads the members the driver pruned from the board."""
     from study.trial.config import TrialConfig
     from study.trial.fit import resolve_device
-    from study.trial.run import run_trial
+    from study.trial.run import run_pack, run_trial
 
-    cfg = TrialConfig.model_validate(config["trial"])
-    started_at = time.time()
-
-    node = ray.util.get_node_ip_address()
+    pack = [(m["id"], TrialConfig.model_validate(m["trial"])) for m in config.get("pack", [])]
+    cfg = pack[0][1] if pack else TrialConfig.model_validate(config["trial"])
+    started_at, node = time.time(), ray.util.get_node_ip_address()
     device = str(resolve_device(cfg.train.device))
+    board = ray.get_actor(config["board"]) if pack else None
 
-    def report(row: dict[str, Any]) -> bool:
-        tune.report({**row, "objective": row[cfg.metric], "node": node, "device": device})
-        return False
+    tag = lambda member: {"member": member} if member else {}  # noqa: E731
 
-    result = run_trial(cfg, report)
-    payload = trial_payload(result, node=node, started_at=started_at)
-    # The clean test metrics of a final trial as plain numbers too, for the trackers (spec `tracking`).
-    test = {
-        f"test_{r['metric']}": r["value"]
-        for r in result.eval_rows
-        if r["split"] == "test" and r["condition"] == "clean" and not r["metric"].startswith("bin_")
-    }
-    tune.report(
-        {
-            "final": json.dumps(payload),
-            "objective": result.best_value if result.best_value is not None else float("nan"),
-            **test,
-        }
-    )
+    def report(row: dict[str, Any], member: str | None = None) -> bool:
+        tune.report({**row, "objective": row[cfg.metric], "node": node, "device": device, **tag(member)})
+        # Tune's reporting is synchronous: the scheduler has decided on this epoch when report returns.
+        return board is not None and bool(ray.get(board.pruned.remote(member)))
+
+    def finished(result: Any, member: str | None = None) -> None:
+        tune.report({**final_result(result, node=node, started_at=started_at), **tag(member)})
+
+    if not pack:
+        finished(run_trial(cfg, report))
+    elif len(pack) == 1:  # the last trials of a cell: alone, without the batched model's overhead
+        finished(run_trial(cfg, lambda row: report(row, pack[0][0])), pack[0][0])
+    else:
+        run_pack(pack, lambda member, row: report(row, member), on_result=lambda m, r: finished(r, m))
+
+
+@ray.remote(num_cpus=0)
+class PruneBoard:
+    """The pack members the driver's scheduler pruned (mark=True); a pack asks after each report."""
+
+    def __init__(self) -> None:
+        self.members: set[str] = set()
+
+    def pruned(self, member: str, mark: bool = False) -> bool:
+        if mark:
+            self.members.add(member)
+        return member in self.members
 
 
 class CellSearcher(Searcher):
     """Tune's view of the TrialSource: suggestions and trial ends are forwarded; nothing to checkpoint
     (the Optuna journal and the records are the searcher's durable state)."""
 
-    def __init__(self, source: TrialSource, direction: str) -> None:
+    def __init__(self, source: TrialSource, direction: str, board: str | None = None) -> None:
         super().__init__(metric="objective", mode="max" if direction == "maximize" else "min")
-        self.source = source
+        self.source, self.board = source, board
 
     def remaining(self) -> int:
         return self.source.remaining()
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         config = self.source.suggest(trial_id)
+        if isinstance(config, dict) and "pack" in config:
+            config["board"] = self.board
         return Searcher.FINISHED if config == FINISHED else config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -118,9 +130,12 @@ class OptunaPruningScheduler(FIFOScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if "final" in result or "epoch" not in result:
             return TrialScheduler.CONTINUE
-        return (
-            TrialScheduler.STOP if self.ctx.epoch_result(trial.trial_id, result) else TrialScheduler.CONTINUE
-        )
+        member = result.get("member")
+        prune = self.ctx.epoch_result(member or trial.trial_id, result)
+        if member is not None and prune:  # the pack drops it after this epoch and goes on with the rest
+            ray.get(self.ctx.prune_board.pruned.remote(member, mark=True))
+            return TrialScheduler.CONTINUE
+        return TrialScheduler.STOP if prune else TrialScheduler.CONTINUE
 
 
 class Collector(Callback):
@@ -130,10 +145,13 @@ class Collector(Callback):
         self.ctx = ctx
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        rec = self.ctx.by_tune_id.get(trial.trial_id)
+        member = result.get("member")
+        rec = self.ctx.by_tune_id.get(member or trial.trial_id)
         if rec is None:
             return
-        if "final" in result:
+        if "final" in result and member is not None:
+            self.ctx.member_result(member, result)  # a member ends when its result arrives
+        elif "final" in result:
             rec.payload = json.loads(result["final"])
         elif "epoch" in result:
             StudyContext.add_epoch_row(rec, result)
@@ -163,13 +181,11 @@ _current_handle: RayHandle | None = None
 def _loopback_only() -> Iterator[None]:
     """Ray's local-only mode while a private local Ray starts: every component listens on 127.0.0.1.
 
-    On Linux, ray.init turns a loopback `_node_ip_address` into the machine's address
-    (services.resolve_ip_for_localhost -> get_node_ip_address), and gcs_server, raylet and the workers
-    then listen on all interfaces. With ray_constants.ENABLE_RAY_CLUSTER off (Ray's own switch,
-    $RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read once at import; off by default on macOS and Windows)
-    the node address stays 127.0.0.1, which the gcs, raylet and worker gRPC servers take as "listen on
-    loopback only". Only the constant of this process is switched, and only during ray.init: joining
-    a cluster later (--address) still resolves the machine's routable address.
+    On Linux, ray.init turns a loopback `_node_ip_address` into the machine's address and gcs_server,
+    raylet and workers listen on all interfaces. With ray_constants.ENABLE_RAY_CLUSTER off (Ray's own
+    switch, $RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, off on macOS/Windows) the address stays 127.0.0.1, which
+    their gRPC servers take as "loopback only". Only this process's constant is switched, only during
+    ray.init: joining a cluster later (--address) still resolves the machine's routable address.
     """
     from ray._private import ray_constants
 
@@ -242,16 +258,13 @@ def check_address(address: str, timeout_s: float = 5.0) -> str | None:
 
 
 def cluster_slots(spec: StudySpec, handle: RayHandle | None = None) -> int:
-    """How many trials to run at once when --max-concurrent is not given.
+    """How many trials to run at once when --max-concurrent is not given: as many as fit in the resources
+    the cluster has now (CPUs // cpus_per_trial, and GPUs / gpus_per_trial when trials take GPUs), >= 1.
 
-    Rule: as many trials as fit in the resources the cluster has right now (CPUs // cpus_per_trial and,
-    when trials take GPUs, GPUs / gpus_per_trial), at least 1. On a local Ray that is exact. On a remote
-    cluster (`handle`, default the one init_ray returned last, did not start Ray here) it is only a lower
-    bound: an autoscaling cluster that starts with no GPU workers reports 0 GPUs, which gives 1, and Tune
-    then keeps only one trial pending, so the autoscaler never adds a second node. The cluster's maximum
-    cannot be read reliably, so we do not guess it: we print a one-line hint to stderr to pass
-    --max-concurrent (trials beyond the current resources wait PENDING, which is what makes the
-    autoscaler add nodes).
+    Exact on a local Ray. On a remote cluster (`handle`, default init_ray's last) only a lower bound: an
+    autoscaling cluster starting without GPU workers reports 0 GPUs, Tune then keeps one trial pending and
+    the autoscaler never adds a node. Its maximum cannot be read reliably, so a one-line hint on stderr
+    says to pass --max-concurrent (trials beyond current resources wait PENDING: that makes it scale).
     """
     import sys
 
@@ -307,10 +320,6 @@ def tracking_callbacks(spec: StudySpec) -> list[Callback]:
     return callbacks
 
 
-def _resources(spec: StudySpec) -> dict[str, float]:
-    return {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
-
-
 def run_trials(
     spec: StudySpec,
     out: Path,
@@ -325,9 +334,15 @@ def run_trials(
     if remaining == 0:
         source.queue_finals()  # nothing to run: still tells on_search_done
         return
-    searcher = CellSearcher(source, spec.search.direction)
+    board = None
+    if spec.resources.trials_per_process != 1:
+        board = f"regstudy-prune-board-{os.getpid()}-{time.time_ns()}"
+        ctx.prune_board = PruneBoard.options(name=board).remote()
+    searcher = CellSearcher(source, spec.search.direction, board)
     tuner = tune.Tuner(
-        tune.with_resources(_trainable, _resources(spec)),
+        tune.with_resources(
+            _trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+        ),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=OptunaPruningScheduler(ctx),

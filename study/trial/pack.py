@@ -332,3 +332,17 @@ def fit_pack(
         free = capacity - len(pack.members)
         joining = refill(free) if (refill is not None and free > 0 and ended) else []
     return done
+
+
+# resources.trials_per_process: auto, per device and model (bench/bench_fusion.md). On a CPU core the
+# batched-matmul path (mlp, cnn1d) gains most from 8 to 16 members; other models run alone there (the
+# vmapped convolutions of PyTorch's CPU kernels cost as much per member as separate calls). On CUDA
+# every model packs (not measured here: no GPU was lent when this was written).
+AUTO_PACK_SIZE = {("cpu", "mlp"): 8, ("cpu", "cnn1d"): 8}
+
+
+def auto_pack_size(model: str, device: str) -> int:
+    """Members per pack for ``trials_per_process: auto`` on `device` ("cpu" or "cuda")."""
+    if device == "cuda":
+        return 4
+    return AUTO_PACK_SIZE.get((device, model), 1)
