@@ -158,7 +158,10 @@ class StudyContext(DriverOnly):
         ids = [member_id(tune_id, j) for j in range(len(members))]
         self.packs[tune_id] = ids
         recs = [self.by_tune_id[i] for i in ids]
-        name = f"{recs[0].cell_id}/{recs[0].phase}/#" + "+".join(str(r.index) for r in recs)
+        if len({r.cell_id for r in recs}) == 1:
+            name = f"{recs[0].cell_id}/{recs[0].phase}/#" + "+".join(str(r.index) for r in recs)
+        else:  # a pack over cells: named after its first member
+            name = f"{run_name(recs[0])}+{len(recs) - 1}"
         configs = [{"id": i, "trial": m["trial"]} for i, m in zip(ids, members, strict=True)]
         return {"pack": configs, "name": name}
 

@@ -78,15 +78,19 @@ class TrialSource:
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         """The next trial's Tune config; with ``resources.trials_per_process`` > 1 a pack of up to that
-        many trials of one cell (re-attached orphans, then new search trials, or its final seeds)."""
+        many trials of cells with the first one's model (one pack_key: a spec's cells share the data and
+        training settings): re-attached orphans, new search trials of the cells asked least (spreading a
+        pack over cells gives each cell's sampler the feedback of its earlier trials), or final seeds,
+        a cell's own first."""
         packed = self.spec.resources.trials_per_process != 1
         first = self._next(member_id(trial_id, 0) if packed else trial_id)
         if first is None or first == FINISHED or not packed:
             return first
-        cell = self.ctx.cells[self.ctx.by_tune_id[member_id(trial_id, 0)].cell_id]
+        rec = self.ctx.by_tune_id[member_id(trial_id, 0)]
+        cell = self.ctx.cells[rec.cell_id]
         members = [first]
         while len(members) < self.pack_size(cell):
-            more = self._next(member_id(trial_id, len(members)), only=cell.cell_id)
+            more = self._next(member_id(trial_id, len(members)), like=cell, phase=rec.phase)
             if more is None or more == FINISHED:
                 break
             members.append(more)
@@ -98,29 +102,39 @@ class TrialSource:
             return auto_pack_size(cell.model, "cuda" if self.spec.resources.gpus_per_trial > 0 else "cpu")
         return int(size)
 
-    def _next(self, trial_id: str, only: str | None = None) -> Any:
-        """The next trial (of cell `only` when given: then None rather than FINISHED when it has none)."""
-        orphans = [o for o in self.orphans if only is None or o[0].cell_id == only]
+    def _next(self, trial_id: str, like: Cell | None = None, phase: str | None = None) -> Any:
+        """The next trial; given `like` and `phase`, only one of that phase (final trials may train other
+        epochs) of a cell with `like`'s model, and None rather than FINISHED when there is none."""
+
+        def fits(cell: Cell) -> bool:
+            return like is None or (cell.model, cell.model_options) == (like.model, like.model_options)
+
+        def own_first(entry: tuple[Any, ...]) -> bool:  # sort key: `like`'s own cell before the others
+            return like is not None and entry[0].cell_id != like.cell_id
+
+        orphans = sorted((o for o in self.orphans if fits(o[0]) and phase != "final"), key=own_first)
         if orphans:
             self.orphans.remove(orphans[0])
             cell, frozen = orphans[0]
             return self.ctx.new_search_trial(trial_id, cell, self.studies.reattach(cell.cell_id, frozen))
         # One journal read per cell and suggestion (each read syncs with the journal file).
-        cells = [c for c in self.cells if only is None or c.cell_id == only]
+        cells = [c for c in self.cells if fits(c)]
         asked = {c.cell_id: len(self.studies.trials(c.cell_id)) for c in cells}
-        open_cells = [c for c in cells if asked[c.cell_id] < self.studies.budget(c)]
+        open_cells = [c for c in cells if asked[c.cell_id] < self.studies.budget(c) and phase != "final"]
         if open_cells:
             cell = min(open_cells, key=lambda c: asked[c.cell_id])
             return self.ctx.new_search_trial(trial_id, cell, self.studies.ask(cell))
+        if phase == "search":
+            return None
         self.queue_finals()
         if not self.final_queue and len(self.search_ended) == len(self.cells):
             self._next_round()
-        queued = [q for q in self.final_queue if only is None or q[0].cell_id == only]
+        queued = sorted((q for q in self.final_queue if fits(q[0])), key=own_first)
         if queued:
             self.final_queue.remove(queued[0])
             cell, params, seed = queued[0]
             return self.ctx.new_final_trial(trial_id, cell, params, seed)
-        if only is not None:
+        if like is not None:
             return None
         # Fixed seeds: nothing more will be asked. Adaptive: running finals may still ask for a round.
         if len(self.search_ended) == len(self.cells) and (

@@ -13,6 +13,7 @@ may hand in new members for the free slots, which start at their own epoch 0 nex
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -184,6 +185,7 @@ class _Pack:
             m.reg.train()
             m.total_steps = -(-self.x.shape[1] // m.cfg.train.batch_size) * m.cfg.train.epochs
         k_members = len(members)
+        bf16 = dev.type == "cuda" and members[0].cfg.train.precision in ("auto", "bf16")  # as fit does
         loss_sum, correct = torch.zeros(k_members, device=dev), torch.zeros(k_members, device=dev)
         terms: list[dict[str, Tensor]] = [{} for _ in members]
         seen, n_terms, steps = 0, 0, -(-self.x.shape[1] // members[0].cfg.train.batch_size)
@@ -194,7 +196,8 @@ class _Pack:
                 if m.tracks_progress:
                     m.reg.set_progress(step / max(m.total_steps - 1, 1))
                 lrs.append(m.cfg.lr * lr_factor(m.cfg.train, step, m.total_steps))
-            logits = net(xb)
+            with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                logits = net(xb)
             losses = torch.stack([m.reg(logits[k].float(), yb[k]) for k, m in enumerate(members)])
             if i == 0 and any(m.epoch == 0 for m in members):  # the untrained models' losses
                 first = losses.detach().tolist()

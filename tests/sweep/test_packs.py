@@ -110,11 +110,11 @@ def test_members_of_one_pack_are_pruned_one_by_one(studies):
     for summary in optuna.get_all_study_summaries(storage):
         frozen = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
         assert sorted(t.state.name for t in frozen) == ["COMPLETE", "PRUNED"]
-    # They were packs: one Tune trial per cell and phase, named after its members.
+    # They were packs: search [ce #0, ls #0, ce #1] then [ls #1] alone; each cell's 3 final seeds.
     tune_dirs = sorted(p.name.rsplit("_", 1)[0] for p in (out / "ray").glob("trials-*/*") if p.is_dir())
     assert tune_dirs == [
-        f"mnist1d_cnn1d_{reg}_none_{phase}" for reg in ("ce", "label_smoothing")
-        for phase in ("final_1_2_3", "search_0_1")
+        "mnist1d_cnn1d_ce_none_final_1_2_3", "mnist1d_cnn1d_ce_none_search_0_2",
+        "mnist1d_cnn1d_label_smoothing_none_final_1_2_3", "mnist1d_cnn1d_label_smoothing_none_search_1",
     ]  # fmt: skip
 
 
@@ -175,3 +175,55 @@ def test_sigkill_during_a_packed_epoch_then_resume_loses_duplicates_and_reruns_n
     for summary in optuna.get_all_study_summaries(storage):
         frozen = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
         assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in frozen) and len(frozen) == 2
+
+
+# Ray-free: how TrialSource composes packs (what Tune would be handed, one suggest per free slot).
+PACK_SPEC = """\
+name: composition
+dataset: {name: mnist1d}
+models: [mlp, cnn1d]
+regularizers:
+  ce: {}
+  label_smoothing: {alpha: {low: 0.0, high: 0.3}}
+noise: [{kind: none}, {kind: symmetric, rate: [0.4]}]
+train: {epochs: 2, lr: 0.01}
+search: {trials_per_cell: 3, sampler: random, pruner: {kind: none}}
+final: {seeds: 2, epochs: 3}
+resources: {trials_per_process: 4}
+"""
+
+
+def test_packs_share_a_model_and_a_phase_and_cover_every_trial_once(tmp_path):
+    from study.spec import parse_spec
+    from study.sweep.cells import expand_cells
+    from study.sweep.context import StudyContext
+    from study.sweep.optuna_cells import CellStudies
+    from study.sweep.source import FINISHED, TrialSource
+    from study.trial.config import TrialConfig
+    from study.trial.pack import pack_key
+
+    spec = parse_spec(PACK_SPEC)
+    cells = expand_cells(spec)
+    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
+    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
+    source = TrialSource(spec, cells, studies, ctx)
+    packs, n = [], 0
+    while (config := source.suggest(f"t{n}")) != FINISHED:
+        n += 1
+        assert config is not None, "with every trial ended at once, something is always ready"
+        members = config["pack"]
+        assert 1 <= len(members) <= 4
+        cfgs = [TrialConfig.model_validate(m["trial"]) for m in members]
+        assert len({pack_key(c) for c in cfgs}) == 1  # trainable together (final: 3 epochs, search: 2)
+        recs = [ctx.by_tune_id[m["id"]] for m in members]
+        assert len({r.phase for r in recs}) == 1
+        packs.append(recs)
+        for m in members:  # every member completes
+            ctx.by_tune_id[m["id"]].payload = {"status": "completed", "best_value": 0.5, "epoch_rows": []}
+        source.ended(f"t{n - 1}", None)
+        ctx.finish(f"t{n - 1}", error=None)
+    keys = [r.key for pack in packs for r in pack]
+    assert len(keys) == len(set(keys)) == 8 * 3 + 8 * 2  # 8 cells: 3 search trials and 2 seeds each
+    search = [pack for pack in packs if pack[0].phase == "search"]
+    # A search pack spreads over its model's cells (each cell's sampler sees its earlier trials).
+    assert len({r.cell_id for r in search[0]}) == 4
