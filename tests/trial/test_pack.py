@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import torch
 
-from study import data, models, regularizers
+from study import data, models
 from study.data._readers import RawSplits
 from study.trial.config import TrialConfig
 from study.trial.evaluate import evaluate_model
-from study.trial.fit import PreparedData, fit, make_optimizer
+from study.trial.fit import PreparedData, fit
 from study.trial.pack import fit_pack, pack_key
 from study.trial.packed_net import PackedNet, fast_path_supported
 from study.trial.packed_optim import PackedOptimizer
@@ -46,9 +46,7 @@ def prep(bundle: data.DatasetBundle) -> PreparedData:
     return prepare_data(make_cfg(), bundle)
 
 
-def make_cfg(
-    reg: str = "ce", seed: int = 0, lr: float = 0.03, wd: float = 0.0, **kw: Any
-) -> TrialConfig:
+def make_cfg(reg: str = "ce", seed: int = 0, lr: float = 0.03, wd: float = 0.0, **kw: Any) -> TrialConfig:
     train = {"epochs": 3, "batch_size": 64, "optimizer": "sgd", "device": "cpu", "precision": "fp32"}
     train.update(kw.pop("train", {}))
     return TrialConfig(
@@ -153,7 +151,8 @@ def _tiny_images(root: Path, download: bool, n: int = 96) -> RawSplits:
 def test_vmap_path_with_batchnorm_and_augmentation_equals_alone():
     data.DATASETS.register(data.DatasetEntry("tiny_images", _tiny_images, "image", 3, "test images", ("n",)))
     try:
-        cnn, train = {"name": "cnn", "options": {"width": 4}}, {"epochs": 2, "batch_size": 16, "augment": True}
+        cnn = {"name": "cnn", "options": {"width": 4}}
+        train = {"epochs": 2, "batch_size": 16, "augment": True}
         cfgs = [
             make_cfg(reg, seed=s, lr=lr, dataset={"name": "tiny_images"}, model=cnn, train=train)
             for reg, s, lr in (("ce", 0, 0.05), ("online_label_smoothing", 1, 0.02), ("focal", 2, 0.03))
@@ -172,11 +171,11 @@ def test_vmap_path_with_batchnorm_and_augmentation_equals_alone():
 
 
 def test_final_seeds_with_their_own_noise_and_split_each_equal_alone(bundle):
+    noise = {"kind": "symmetric", "rate": 0.3}
     cfgs = [
-        make_cfg("label_smoothing", seed=s, noise_seed=s, noise={"kind": "symmetric", "rate": 0.3}, evaluate={},
-                 train={"epochs": 2})
+        make_cfg("label_smoothing", seed=s, noise_seed=s, noise=noise, evaluate={}, train={"epochs": 2})
         for s in range(3)
-    ]  # fmt: skip
+    ]
     preps = [prepare_data(cfg, bundle) for cfg in cfgs]
     assert not torch.equal(preps[0].y_train, preps[1].y_train)  # own noise, own split
     packed = fit_pack([(str(s), cfg, p, None) for s, (cfg, p) in enumerate(zip(cfgs, preps, strict=True))])
@@ -192,8 +191,8 @@ def test_final_seeds_with_their_own_noise_and_split_each_equal_alone(bundle):
 
 
 def test_a_pruned_member_leaves_and_the_others_go_on_equal_to_alone(prep):
-    cfgs = {k: make_cfg(reg, seed=s, lr=lr) for k, reg, s, lr in
-            (("a", "ce", 0, 0.03), ("b", "maxsup", 1, 0.02), ("c", "focal", 2, 0.025))}  # fmt: skip
+    settings = (("a", "ce", 0, 0.03), ("b", "maxsup", 1, 0.02), ("c", "focal", 2, 0.025))
+    cfgs = {k: make_cfg(reg, seed=s, lr=lr) for k, reg, s, lr in settings}
     calls: list[tuple[str, int]] = []
 
     def report(key: str, row: dict) -> bool:
@@ -233,7 +232,11 @@ def test_refilled_members_start_at_their_own_epoch_zero_and_equal_alone(prep):
 def test_members_that_cannot_share_a_pack_raise(prep):
     base = make_cfg()
     assert pack_key(base) == pack_key(make_cfg("focal", seed=3, lr=0.1, wd=1e-3))  # searched values differ
-    for other in (make_cfg(train={"batch_size": 32}), make_cfg(model={"name": "cnn1d"}), make_cfg(train={"epochs": 2})):
+    for other in (
+        make_cfg(train={"batch_size": 32}),
+        make_cfg(model={"name": "cnn1d"}),
+        make_cfg(train={"epochs": 2}),
+    ):
         assert pack_key(other) != pack_key(base)
         with pytest.raises(ValueError, match="share"):
             fit_pack([("a", base, prep, None), ("b", other, prep, None)])
@@ -246,3 +249,157 @@ def test_members_that_cannot_share_a_pack_raise(prep):
             lambda key, row: key == "x",
             refill=lambda free: [("b", other, prep, None)],
         )
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_pack_resumes_per_member_without_repeating_or_losing_an_epoch(prep, tmp_path):
+    # AdamW: its step count (bias correction) must survive; OLS and DisturbLabel: their own state.
+    adamw = {"optimizer": "adamw"}
+    settings = (
+        ("a", "ce", 0, 3e-3),
+        ("b", "online_label_smoothing", 1, 2e-3),
+        ("c", "disturb_label", 2, 4e-3),
+    )
+    cfgs = {k: make_cfg(reg, seed=s, lr=lr, wd=1e-3, train=adamw) for k, reg, s, lr in settings}
+    paths = {k: tmp_path / k / "checkpoint.pt" for k in cfgs}
+    whole = fit_pack([(k, cfg, prep, None) for k, cfg in cfgs.items()])
+
+    def interrupt(key: str, row: dict) -> None:
+        if (key, row["epoch"]) == ("b", 2):  # "a" has saved epoch 2, "b" and "c" only epoch 1
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        fit_pack([(k, cfg, prep, paths[k]) for k, cfg in cfgs.items()], interrupt)
+    saved = {k: torch.load(p, weights_only=True)["epoch"] for k, p in paths.items()}
+    assert saved == {"a": 2, "b": 1, "c": 1}
+    shutil.copy(paths["c"], tmp_path / "c_epoch1.pt")
+    seen: list[tuple[str, int]] = []
+    resumed = fit_pack(
+        [(k, cfg, prep, paths[k]) for k, cfg in cfgs.items()], lambda k, r: seen.append((k, r["epoch"]))
+    )
+    assert sorted(seen) == [("a", 3), ("b", 2), ("b", 3), ("c", 2), ("c", 3)]  # members at their own epochs
+    for k in cfgs:
+        assert resumed[k].status == "completed"
+        assert_rows_match(resumed[k].epoch_rows, whole[k].epoch_rows, tol=1e-6)
+        assert_weights_match(resumed[k].model, whole[k].model, tol=1e-6)
+        torch.testing.assert_close(resumed[k].regularizer.state_dict(), whole[k].regularizer.state_dict())
+    # A completed member's checkpoint resumes as completed, without training.
+    again = fit_pack([("a", cfgs["a"], prep, paths["a"])], lambda k, r: pytest.fail("trained again"))
+    assert again["a"].status == "completed" and len(again["a"].epoch_rows) == 3
+
+    # The formats are one: a member's pack checkpoint resumes alone, an alone checkpoint in a pack.
+    alone_c = fit(cfgs["c"], prep, checkpoint=tmp_path / "c_epoch1.pt")
+    assert_rows_match(alone_c.epoch_rows, whole["c"].epoch_rows, tol=1e-6)
+    assert_weights_match(alone_c.model, whole["c"].model, tol=1e-6)
+    alone_path = tmp_path / "alone_b.pt"
+    with pytest.raises(_Interrupt):
+        fit(cfgs["b"], prep, lambda row: interrupt("b", row), checkpoint=alone_path)
+    from_alone = fit_pack([("b", cfgs["b"], prep, alone_path), ("a", cfgs["a"], prep, None)])
+    assert_rows_match(from_alone["b"].epoch_rows, whole["b"].epoch_rows, tol=1e-6)
+    assert_weights_match(from_alone["b"].model, whole["b"].model, tol=1e-6)
+    torch.testing.assert_close(from_alone["b"].regularizer.state_dict(), whole["b"].regularizer.state_dict())
+
+
+def test_a_pruned_members_checkpoint_stays_pruned(prep, tmp_path):
+    path = tmp_path / "b.pt"
+    cfg = make_cfg("focal", seed=1)
+    fit_pack([("a", make_cfg(), prep, None), ("b", cfg, prep, path)], lambda k, r: k == "b")
+    again = fit_pack([("b", cfg, prep, path)], lambda k, r: pytest.fail("trained again"))
+    assert again["b"].status == "pruned" and len(again["b"].epoch_rows) == 1
+    assert fit(cfg, prep, checkpoint=path).status == "pruned"  # alone reads it the same way
+
+
+def test_a_diverging_member_ends_diverged_and_leaves_its_neighbours_untouched(prep):
+    adamw = {"optimizer": "adamw", "epochs": 2}
+    cfgs = {"ok": make_cfg(lr=3e-3, train=adamw), "boom": make_cfg(seed=1, lr=1e3, train=adamw)}
+    packed = fit_pack([(k, cfg, prep, None) for k, cfg in cfgs.items()])
+    alone = {k: fit(cfg, prep) for k, cfg in cfgs.items()}
+    assert packed["boom"].status == alone["boom"].status == "diverged"
+    assert len(packed["boom"].epoch_rows) == len(alone["boom"].epoch_rows) == 1
+    assert packed["ok"].status == "completed"
+    assert_rows_match(packed["ok"].epoch_rows, alone["ok"].epoch_rows)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+
+def _torch_optimizer(kind: str, params: list[torch.Tensor], wd: float) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=1.0, momentum=0.9, weight_decay=wd, nesterov=True)
+    return torch.optim.AdamW(params, lr=1.0, weight_decay=wd)
+
+
+def _step(packed: PackedOptimizer, opts: list[torch.optim.Optimizer], lrs: list[float]) -> None:
+    g = torch.Generator().manual_seed(len(lrs) * 1000 + int(sum(packed.steps)))
+    for i, p in enumerate(packed.params):
+        p.grad = torch.randn(p.shape, generator=g)
+        for k, opt in enumerate(opts):
+            opt.param_groups[0]["params"][i].grad = p.grad[k].clone()
+    for k, opt in enumerate(opts):
+        opt.param_groups[0]["lr"] = lrs[k]
+        opt.step()
+    packed.step(lrs)
+
+
+def _assert_same(packed: PackedOptimizer, opts: list[torch.optim.Optimizer]) -> None:
+    # SGD is bit-exact; AdamW's step size multiplies instead of torch's addcdiv(value=): about 1 ulp.
+    tol = 0.0 if packed.kind == "sgd" else 1e-6
+    for k, opt in enumerate(opts):
+        for i, p in enumerate(opt.param_groups[0]["params"]):
+            torch.testing.assert_close(packed.params[i][k], p, rtol=tol, atol=tol / 10)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_packed_optimizer_is_torchs_update_per_member_and_its_state_round_trips(kind):
+    torch.manual_seed(0)
+    shapes, decay = [(3, 6, 5), (3, 6)], [0.0, 1e-3, 5e-2]
+    stacked = [torch.randn(s) for s in shapes]
+    packed = PackedOptimizer(kind, [t.clone() for t in stacked], decay, momentum=0.9)
+    alone = [[t[k].clone() for t in stacked] for k in range(3)]
+    opts = [_torch_optimizer(kind, ps, decay[k]) for k, ps in enumerate(alone)]
+    schedule = [[0.1, 0.03, 0.01], [0.05, 0.02, 0.2], [0.01, 0.01, 0.05], [0.07, 0.001, 0.1]]
+    for lrs in schedule:
+        _step(packed, opts, lrs)
+        _assert_same(packed, opts)
+    # member_state_dict is torch's format: a fresh torch optimizer loads it and goes on identically...
+    for k in range(3):
+        state = packed.member_state_dict(k, opts[k].state_dict()["param_groups"], lr=schedule[-1][k])
+        ref = opts[k].state_dict()
+        assert state["param_groups"] == ref["param_groups"] and state["state"].keys() == ref["state"].keys()
+        for i, entry in ref["state"].items():
+            torch.testing.assert_close(state["state"][i], entry, rtol=1e-6, atol=1e-7)
+        fresh = _torch_optimizer(kind, opts[k].param_groups[0]["params"], decay[k])
+        fresh.load_state_dict(state)
+        opts[k] = fresh
+    # ...and a fresh packed optimizer loads torch's state dicts and goes on identically.
+    again = PackedOptimizer(kind, packed.params, decay, momentum=0.9)
+    for k, opt in enumerate(opts):
+        again.load_member_state_dict(k, opt.state_dict())
+    assert again.steps == [len(schedule) if kind == "adamw" else 0] * 3  # only AdamW counts (bias correction)
+    for lrs in schedule[:2]:
+        _step(again, opts, lrs)
+        _assert_same(again, opts)
+
+
+def test_keep_selects_members_of_the_net_and_the_optimizer():
+    torch.manual_seed(0)
+    nets = [models.create_model("mlp", (1, 40), 5) for _ in range(3)]
+    net = PackedNet(nets)
+    opt = PackedOptimizer("adamw", net.parameters(), [0.0, 1e-3, 1e-2], momentum=0.9)
+    net(torch.randn(3, 4, 1, 40)).sum().backward()
+    opt.step([1e-3, 2e-3, 3e-3])
+    before = [opt.member_state_dict(k, [{"lr": 0.0}], 0.0)["state"] for k in range(3)]
+    weights = [net.member_state(k) for k in range(3)]
+    net.keep([2, 0])
+    opt.keep([2, 0], net.parameters())
+    assert net.size == 2 and opt.weight_decay == [1e-2, 0.0] and opt.steps == [1, 1]
+    for new, old in enumerate([2, 0]):
+        torch.testing.assert_close(net.member_state(new), weights[old], rtol=0, atol=0)
+        torch.testing.assert_close(opt.member_state_dict(new, [{"lr": 0.0}], 0.0)["state"], before[old])
+    for k in (2, 0):
+        nets[k].load_state_dict(weights[k])  # after the optimizer step
+    x = torch.randn(2, 4, 1, 40)
+    torch.testing.assert_close(net(x), torch.stack([nets[2](x[0]), nets[0](x[1])]), rtol=1e-5, atol=1e-6)
