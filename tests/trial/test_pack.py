@@ -229,6 +229,25 @@ def test_refilled_members_start_at_their_own_epoch_zero_and_equal_alone(prep):
         torch.testing.assert_close(packed[k].regularizer.state_dict(), alone.regularizer.state_dict())
 
 
+def test_a_refilled_member_that_already_ended_frees_its_slot_for_the_next(prep, tmp_path):
+    # A resumed study hands in trials whose checkpoints say they are done: the pack must ask again.
+    cfgs = {k: make_cfg(seed=s, train={"epochs": 1}) for s, k in enumerate("abc")}
+    fit(cfgs["b"], prep, checkpoint=tmp_path / "b.pt")
+    for first, queue in (
+        (
+            [("a", cfgs["a"], prep, None)],
+            [[("b", cfgs["b"], prep, tmp_path / "b.pt")], [("c", cfgs["c"], prep, None)]],
+        ),
+        (
+            [("b", cfgs["b"], prep, tmp_path / "b.pt")],
+            [[("c", cfgs["c"], prep, None)]],
+        ),  # ended from the start
+    ):
+        packed = fit_pack(first, refill=lambda free, q=queue: q.pop(0) if q else [])
+        assert not queue and packed["c"].status == "completed" and len(packed["c"].epoch_rows) == 1
+        assert packed["b"].status == "completed" and len(packed["b"].epoch_rows) == 1
+
+
 def test_members_that_cannot_share_a_pack_raise(prep):
     base = make_cfg()
     assert pack_key(base) == pack_key(make_cfg("focal", seed=3, lr=0.1, wd=1e-3))  # searched values differ
