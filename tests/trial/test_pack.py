@@ -170,6 +170,22 @@ def test_vmap_path_with_batchnorm_and_augmentation_equals_alone():
         data.DATASETS.remove("tiny_images")
 
 
+def test_scheduled_strengths_and_a_warmup_multistep_lr_follow_each_members_own_progress(prep):
+    train = {"schedule": "multistep", "warmup_epochs": 1, "milestones": [0.5], "gamma": 0.3}
+    cosine = {"schedule": "cosine", "start": 0.1, "end": 0.2}
+    cfgs = [
+        make_cfg("label_smoothing", seed=0, params={"alpha": {"start": 0.0, "end": 0.3}}, train=train),
+        make_cfg("maxsup", seed=1, lr=0.02, params={"alpha": cosine}, train=train),
+        make_cfg("disturb_label", seed=2, lr=0.04, params={"rate": {"start": 0.2, "end": 0.0}}, train=train),
+    ]  # fmt: skip
+    packed = fit_pack([(str(i), cfg, prep, None) for i, cfg in enumerate(cfgs)])
+    for i, cfg in enumerate(cfgs):
+        alone = fit(cfg, prep)
+        assert_rows_match(packed[str(i)].epoch_rows, alone.epoch_rows)
+        assert_weights_match(packed[str(i)].model, alone.model)
+        assert alone.epoch_rows[0]["lr"] != alone.epoch_rows[-1]["lr"]
+
+
 def test_final_seeds_with_their_own_noise_and_split_each_equal_alone(bundle):
     noise = {"kind": "symmetric", "rate": 0.3}
     cfgs = [
