@@ -300,7 +300,9 @@ def fit_pack(
 
     `report(key, epoch_row)` returning True prunes that member alone; the others go on. A member whose
     checkpoint exists resumes from it (one that ended pruned or diverged stays so). `refill(free)` is
-    asked for new members whenever members have left. Returns each member's Fitted, by key.
+    asked for new members whenever members have left, including members that join already ended (their
+    checkpoint says so: a resumed study), so an empty pack still asks before it stops. Returns each
+    member's Fitted, by key.
 
     Raises:
         ValueError: If the members cannot share a pack (``pack_key`` differs) or keys repeat.
@@ -316,22 +318,22 @@ def fit_pack(
         if len(set(keys) | set(done)) != len(keys) + len(done):
             raise ValueError(f"member keys of a pack must be unique, but got {keys}")
         fresh = [_new_member(key, cfg, prep, ckpt, device) for key, cfg, prep, ckpt in joining]
-        for m in fresh:
-            if m.status != "running":
-                done[m.key] = _fitted(m, device)
+        # Members whose checkpoint says they have ended leave at once: their slots are free too.
+        ended = [m for m in fresh if m.status != "running"]
+        done.update({m.key: _fitted(m, device) for m in ended})
         active = pack.members + [m for m in fresh if m.status == "running"]
         if len({pack_key(m.cfg) for m in active}) > 1:
             raise ValueError("members of a pack must share data, model, batch size, epochs and optimizer")
         if [m.key for m in active] != [m.key for m in pack.members] or pack.net is None:
             pack.restack(active)
-        if not pack.members:
-            break
-        rows, wall = pack.train_epoch()
-        _end_epoch(pack, rows, wall, report)
-        ended = [m for m in pack.members if m.status != "running"]
-        if ended:
-            pack.restack([m for m in pack.members if m.status == "running"])  # syncs their weights too
-            done.update({m.key: _fitted(m, device) for m in ended})
+        if pack.members:
+            rows, wall = pack.train_epoch()
+            _end_epoch(pack, rows, wall, report)
+            trained_out = [m for m in pack.members if m.status != "running"]
+            if trained_out:
+                pack.restack([m for m in pack.members if m.status == "running"])  # syncs their weights too
+                done.update({m.key: _fitted(m, device) for m in trained_out})
+            ended += trained_out
         free = capacity - len(pack.members)
         joining = refill(free) if (refill is not None and free > 0 and ended) else []
     return done
