@@ -58,7 +58,7 @@ class StudyContext(DriverOnly):
         # Tune trial id -> its members' ids (member_id) when trials are packed; members told to Optuna.
         self.packs: dict[str, list[str]] = {}
         self.told: set[str] = set()
-        self.prune_board: Any = None  # the Ray actor packs read pruned members from (study/sweep/tune.py)
+        self.pack_board: Any = None  # the Ray actor packs read pruned and new members from (sweep/tune.py)
 
     def progress(self) -> None:
         self.on_progress()

@@ -96,6 +96,23 @@ class TrialSource:
             members.append(more)
         return self.ctx.pack(trial_id, members)
 
+    def refill(self, pack_id: str, free: int) -> list[dict[str, Any]]:
+        """Up to `free` new search trials for a search pack whose members have ended (cells of its
+        model, as a pack is filled); none for a final pack or once the search budget is asked."""
+        ids = self.ctx.packs.get(pack_id, [])
+        first = self.ctx.by_tune_id[ids[0]] if ids else None
+        if first is None or first.phase != "search":
+            return []
+        new: list[dict[str, Any]] = []
+        like = self.ctx.cells[first.cell_id]
+        while len(new) < free:
+            more = self._next(member_id(pack_id, len(ids)), like=like, phase="search")
+            if more is None:
+                break
+            new.append({"id": member_id(pack_id, len(ids)), "trial": more["trial"]})
+            ids.append(new[-1]["id"])
+        return new
+
     def pack_size(self, cell: Cell) -> int:
         size = self.spec.resources.trials_per_process
         if size == "auto":

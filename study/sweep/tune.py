@@ -5,7 +5,8 @@ then, once the cell's search has ended, its final trials, which fill the slots t
 leave idle in the same warm workers. The TrialScheduler reports every epoch to the cell's Optuna study
 and asks its pruner; pruned trials are told to Optuna as PRUNED (Ray's own OptunaSearch would store them
 as COMPLETE with a partial-budget value). With ``trials_per_process`` > 1 a Tune trial is a pack: its
-members report with their id, and the scheduler prunes members one by one through a PruneBoard actor.
+members report with their id; the scheduler prunes members one by one, and refills the pack, through
+a PackBoard actor.
 
 Resume: the Optuna journal and the records under `records/` are the source of truth. A resumed run
 re-issues trials the killed driver left RUNNING (same Optuna trial and checkpoint dir: they continue
@@ -61,12 +62,17 @@ def _trainable(config: dict[str, Any]) -> None:
     device = str(resolve_device(cfg.train.device))
     board = ray.get_actor(config["board"]) if pack else None
 
+    def refill(free: int) -> list[tuple[str, TrialConfig]]:  # new members for the slots of ended ones
+        tune.report({"refill": free, "objective": float("nan")})
+        new = ray.get(board.get.remote(f"refill/{config['pack_id']}")) or []
+        return [(m["id"], TrialConfig.model_validate(m["trial"])) for m in new]
+
     tag = lambda member: {"member": member} if member else {}  # noqa: E731
 
     def report(row: dict[str, Any], member: str | None = None) -> bool:
         tune.report({**row, "objective": row[cfg.metric], "node": node, "device": device, **tag(member)})
         # Tune's reporting is synchronous: the scheduler has decided on this epoch when report returns.
-        return board is not None and bool(ray.get(board.pruned.remote(member)))
+        return board is not None and bool(ray.get(board.get.remote(f"pruned/{member}")))
 
     def finished(result: Any, member: str | None = None) -> None:
         tune.report({**final_result(result, node=node, started_at=started_at), **tag(member)})
@@ -76,20 +82,21 @@ def _trainable(config: dict[str, Any]) -> None:
     elif len(pack) == 1:  # the last trials of a cell: alone, without the batched model's overhead
         finished(run_trial(cfg, lambda row: report(row, pack[0][0])), pack[0][0])
     else:
-        run_pack(pack, lambda member, row: report(row, member), on_result=lambda m, r: finished(r, m))
+        run_pack(pack, lambda m, row: report(row, m), on_result=lambda m, r: finished(r, m), refill=refill)
 
 
 @ray.remote(num_cpus=0)
-class PruneBoard:
-    """The pack members the driver's scheduler pruned (mark=True); a pack asks after each report."""
+class PackBoard:
+    """Driver -> pack messages, read once: ``pruned/<member>`` and ``refill/<pack>`` (new members)."""
 
     def __init__(self) -> None:
-        self.members: set[str] = set()
+        self.values: dict[str, Any] = {}
 
-    def pruned(self, member: str, mark: bool = False) -> bool:
-        if mark:
-            self.members.add(member)
-        return member in self.members
+    def put(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+    def get(self, key: str) -> Any:
+        return self.values.pop(key, None)
 
 
 class CellSearcher(Searcher):
@@ -106,7 +113,7 @@ class CellSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         config = self.source.suggest(trial_id)
         if isinstance(config, dict) and "pack" in config:
-            config["board"] = self.board
+            config.update(board=self.board, pack_id=trial_id)
         return Searcher.FINISHED if config == FINISHED else config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -122,20 +129,23 @@ class CellSearcher(Searcher):
 class OptunaPruningScheduler(FIFOScheduler):
     """Reports every epoch to the cell's Optuna study and stops the trial when its pruner says so."""
 
-    def __init__(self, ctx: StudyContext) -> None:
+    def __init__(self, ctx: StudyContext, source: TrialSource) -> None:
         super().__init__()
-        self.ctx = ctx
+        self.ctx, self.source = ctx, source
         self._supports_buffered_results = False
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if "refill" in result:  # a pack has free slots: hand it new search trials of its model's cells
+            new = self.source.refill(trial.trial_id, int(result["refill"]))
+            ray.get(self.ctx.pack_board.put.remote(f"refill/{trial.trial_id}", new))
+            return TrialScheduler.CONTINUE
         if "final" in result or "epoch" not in result:
             return TrialScheduler.CONTINUE
         member = result.get("member")
         prune = self.ctx.epoch_result(member or trial.trial_id, result)
         if member is not None and prune:  # the pack drops it after this epoch and goes on with the rest
-            ray.get(self.ctx.prune_board.pruned.remote(member, mark=True))
-            return TrialScheduler.CONTINUE
-        return TrialScheduler.STOP if prune else TrialScheduler.CONTINUE
+            ray.get(self.ctx.pack_board.put.remote(f"pruned/{member}", True))
+        return TrialScheduler.STOP if prune and member is None else TrialScheduler.CONTINUE
 
 
 class Collector(Callback):
@@ -181,11 +191,9 @@ _current_handle: RayHandle | None = None
 def _loopback_only() -> Iterator[None]:
     """Ray's local-only mode while a private local Ray starts: every component listens on 127.0.0.1.
 
-    On Linux, ray.init turns a loopback `_node_ip_address` into the machine's address and gcs_server,
-    raylet and workers listen on all interfaces. With ray_constants.ENABLE_RAY_CLUSTER off (Ray's own
-    switch, $RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, off on macOS/Windows) the address stays 127.0.0.1, which
-    their gRPC servers take as "loopback only". Only this process's constant is switched, only during
-    ray.init: joining a cluster later (--address) still resolves the machine's routable address.
+    On Linux ray.init turns a loopback `_node_ip_address` into the machine's address (all interfaces);
+    with ray_constants.ENABLE_RAY_CLUSTER off (Ray's switch, off on macOS/Windows) it stays 127.0.0.1,
+    "loopback only" to the gRPC servers. Switched in this process during ray.init only (--address joins).
     """
     from ray._private import ray_constants
 
@@ -230,18 +238,11 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> str | None:
-    """None if a Ray cluster's GCS port at `address` accepts a TCP connection, else a one-line reason.
-
-    Runs before the results dir is touched, so a wrong address fails in seconds instead of in ray.init.
-    Accepts host:port (IPv6 as [addr]:port), ray://host:port and "auto" ($RAY_ADDRESS, else the cluster
-    last started here with `ray start`; resolved now so that "no cluster" also fails early). "local" is
-    always fine. Only opens and closes one TCP connection: a port that answers but is not Ray is caught
-    later by ray.init.
-
-    Args:
-        address: the --address value.
-        timeout_s: how long to wait for the TCP handshake (an unroutable host takes this long).
-    """
+    """None if a Ray cluster's GCS port at `address` (the --address value) accepts a TCP connection
+    within `timeout_s`, else a one-line reason; before the results dir is touched, so a wrong address
+    fails in seconds, not in ray.init. Accepts host:port ([v6]:port), ray://host:port and "auto"
+    ($RAY_ADDRESS, else the last `ray start` here; resolved now). "local" is always fine. A port that
+    answers but is not Ray is caught later by ray.init."""
     if address == "local":
         return None
     if address == "auto":
@@ -336,8 +337,8 @@ def run_trials(
         return
     board = None
     if spec.resources.trials_per_process != 1:
-        board = f"regstudy-prune-board-{os.getpid()}-{time.time_ns()}"
-        ctx.prune_board = PruneBoard.options(name=board).remote()
+        board = f"regstudy-pack-board-{os.getpid()}-{time.time_ns()}"
+        ctx.pack_board = PackBoard.options(name=board).remote()
     searcher = CellSearcher(source, spec.search.direction, board)
     tuner = tune.Tuner(
         tune.with_resources(
@@ -345,7 +346,7 @@ def run_trials(
         ),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=OptunaPruningScheduler(ctx),
+            scheduler=OptunaPruningScheduler(ctx, source),
             # An upper bound: the searcher says FINISHED early when a cell has no final trials.
             num_samples=remaining,
             max_concurrent_trials=max_concurrent,
@@ -374,9 +375,8 @@ def run_post_phase(
     on_start: Callable[[int], None] = lambda jobs: None,
     on_progress: Callable[..., None] = lambda *a, **k: None,
 ) -> None:
-    """Transfer attacks and distillation (study/sweep/context.post_jobs) as Ray tasks over the finished
-    final-phase models; each result lands in its record as soon as it arrives. `on_start(jobs)` runs
-    when there is something to do, `on_progress(done, total, kind, key, error)` after each job."""
+    """Transfer attacks and distillation (context.post_jobs) as Ray tasks over the final models, each
+    result in its record on arrival; `on_start(jobs)`, then `on_progress(done, total, kind, key, error)`."""
     from study.trial import post
 
     jobs = post_jobs(spec, ctx)

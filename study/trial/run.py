@@ -175,25 +175,31 @@ def run_pack(
     report: PackReport | None = None,
     *,
     on_result: Callable[[str, TrialResult], None] = lambda key, result: None,
+    refill: Callable[[int], list[tuple[str, TrialConfig]]] | None = None,
 ) -> dict[str, TrialResult]:
     """Train trials (key, config) as one pack (study/trial/pack.py), then finish each like ``run_trial``.
 
     `report(key, epoch_row)` returning True prunes that member alone. Members sharing a noise setting
     and seed share one PreparedData (one split in memory). `on_result(key, result)` is called as each
-    member's result is ready. A member's ``wall_s`` is its share of the pack's epochs plus its evaluation.
+    member's result is ready; `refill(free)` may hand in new members when some have ended. A member's
+    ``wall_s`` is its share of the pack's epochs plus its evaluation.
     """
     prepared: dict[str, PreparedData] = {}
-    entries = []
-    for key, cfg in members:
+    entries: dict[str, tuple[str, TrialConfig, PreparedData, Path | None]] = {}
+
+    def entry(key: str, cfg: TrialConfig) -> tuple[str, TrialConfig, PreparedData, Path | None]:
         # What prepare_data reads: the data, the noise, its seed (and the model, for OOF references).
         data_key = cfg.model_dump_json(include={"dataset", "noise", "noise_seed", "model"})
         if data_key not in prepared:
             prepared[data_key] = prepare_data(cfg)
         ckpt = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
-        entries.append((key, cfg, prepared[data_key], ckpt))
-    fitted = fit_pack(entries, report)
+        entries[key] = (key, cfg, prepared[data_key], ckpt)
+        return entries[key]
+
+    more = (lambda free: [entry(k, c) for k, c in refill(free)]) if refill is not None else None
+    fitted = fit_pack([entry(k, c) for k, c in members], report, refill=more)
     results: dict[str, TrialResult] = {}
-    for key, cfg, prep, _ in entries:
+    for key, cfg, prep, _ in entries.values():
         t_eval = time.perf_counter()
         result = finish_trial(cfg, prep, fitted[key])
         result.wall_s = sum(r.get("wall_s", 0.0) for r in result.epoch_rows) + time.perf_counter() - t_eval
