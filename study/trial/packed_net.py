@@ -159,12 +159,6 @@ class PackedNet:
         state.update({n: self.buffers[n][k].clone() for n in self.buffer_names})
         return state
 
-    def keep(self, members: Sequence[int]) -> None:
-        """Keep only these members (in this order): the pack after some of them ended."""
-        index = torch.as_tensor(list(members), dtype=torch.long, device=self.params[self.names[0]].device)
-        self.params = {n: t.detach().index_select(0, index).requires_grad_() for n, t in self.params.items()}
-        self.buffers = {n: t.index_select(0, index) for n, t in self.buffers.items()}
-
     def parameters(self) -> list[Tensor]:
         return [self.params[n] for n in self.names]
 

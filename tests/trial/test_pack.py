@@ -417,24 +417,3 @@ def test_packed_optimizer_is_torchs_update_per_member_and_its_state_round_trips(
     for lrs in schedule[:2]:
         _step(again, opts, lrs)
         _assert_same(again, opts)
-
-
-def test_keep_selects_members_of_the_net_and_the_optimizer():
-    torch.manual_seed(0)
-    nets = [models.create_model("mlp", (1, 40), 5) for _ in range(3)]
-    net = PackedNet(nets)
-    opt = PackedOptimizer("adamw", net.parameters(), [0.0, 1e-3, 1e-2], momentum=0.9)
-    net(torch.randn(3, 4, 1, 40)).sum().backward()
-    opt.step([1e-3, 2e-3, 3e-3])
-    before = [opt.member_state_dict(k, [{"lr": 0.0}], 0.0)["state"] for k in range(3)]
-    weights = [net.member_state(k) for k in range(3)]
-    net.keep([2, 0])
-    opt.keep([2, 0], net.parameters())
-    assert net.size == 2 and opt.weight_decay == [1e-2, 0.0] and opt.steps == [1, 1]
-    for new, old in enumerate([2, 0]):
-        torch.testing.assert_close(net.member_state(new), weights[old], rtol=0, atol=0)
-        torch.testing.assert_close(opt.member_state_dict(new, [{"lr": 0.0}], 0.0)["state"], before[old])
-    for k in (2, 0):
-        nets[k].load_state_dict(weights[k])  # after the optimizer step
-    x = torch.randn(2, 4, 1, 40)
-    torch.testing.assert_close(net(x), torch.stack([nets[2](x[0]), nets[0](x[1])]), rtol=1e-5, atol=1e-6)
