@@ -12,7 +12,8 @@ same trials to the end). Arms, each on a pool of `--procs` worker processes with
 Workers are started and have imported torch and loaded the dataset before the clock starts; noise that
 needs out-of-fold reference probabilities (adversarial) is prepared once in the parent (disk cache).
 Trials/hour = trials / wall of the whole arm. "Same results": per trial, |best validation value of the
-arm - alone| (max and mean), which float rounding amplified over epochs keeps at seed-noise level.
+arm - alone| (max and mean); the "seed noise" row is the same for the same trials alone with other
+training seeds (+1000): the scale a difference has to stay under to be noise.
 
 Usage: python bench/bench_fusion.py [--spec search_spaces/quickstart.yaml] [--trials 32] [--epochs 4]
        [--ks 4 8 16] [--procs 2] [--seed 0]
@@ -50,7 +51,9 @@ def _draw(dist: Any, rng: random.Random) -> Any:
     return rng.uniform(dist.low, dist.high)
 
 
-def trial_mix(spec_path: Path, n: int, epochs: int, seed: int) -> list[tuple[str, TrialConfig]]:
+def trial_mix(
+    spec_path: Path, n: int, epochs: int, seed: int, seed_offset: int = 0
+) -> list[tuple[str, TrialConfig]]:
     """`n` search trials of the spec's cells with drawn hyperparameters, `epochs` epochs each."""
     spec = load_spec(spec_path)
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": epochs})})
@@ -61,7 +64,7 @@ def trial_mix(spec_path: Path, n: int, epochs: int, seed: int) -> list[tuple[str
     for i in range(n):
         cell = cells[i % len(cells)]
         params = {name: _draw(d, rng) for name, d in distributions(cell).items()}
-        cfg = cell.trial_config(spec, params, seed=spec.search.seed + i, phase="search")
+        cfg = cell.trial_config(spec, params, seed=spec.search.seed + i + seed_offset, phase="search")
         mix.append((f"{cell.cell_id}#{i}", cfg))
     return mix
 
@@ -142,13 +145,21 @@ def main() -> None:
     print("| arm | wall s | trials/hour | speed-up | max abs diff best value | mean abs diff |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| alone | {wall_alone:.1f} | {len(mix) / wall_alone * 3600:.0f} | 1.00 | - | - |")
+
+    def diffs(values: dict[str, Any]) -> list[float]:
+        return [abs(values[key] - alone[key]) for key, _ in mix if None not in (values[key], alone[key])]
+
     for k in args.ks:
         wall, values = run_arm(mix, k, args.procs)
-        diffs = [abs(values[key] - alone[key]) for key, _ in mix if None not in (values[key], alone[key])]
+        d = diffs(values)
         print(
             f"| K={k} | {wall:.1f} | {len(mix) / wall * 3600:.0f} | {wall_alone / wall:.2f} | "
-            f"{max(diffs):.4f} | {statistics.mean(diffs):.5f} |"
+            f"{max(d):.4f} | {statistics.mean(d):.5f} |"
         )
+    reseeded = trial_mix(args.spec, args.trials, args.epochs, args.seed, seed_offset=1000)
+    _, values = run_arm(reseeded, None, args.procs)  # same keys, cells and draws: other training seeds
+    d = diffs(values)
+    print(f"| seed noise (alone, seeds +1000) | - | - | - | {max(d):.4f} | {statistics.mean(d):.5f} |")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 
