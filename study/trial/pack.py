@@ -342,14 +342,16 @@ def fit_pack(
     report: PackReport | None = None,
     *,
     refill: Refill | None = None,
+    on_end: Callable[[str, Fitted], None] = lambda key, fitted: None,
 ) -> dict[str, Fitted]:
     """Train every member (key, config, prepared data, checkpoint path) in one batched model.
 
     `report(key, epoch_row)` returning True prunes that member alone; the others go on. A member whose
     checkpoint exists resumes from it (one that ended pruned or diverged stays so). `refill(free)` is
     asked for new members whenever members have left, including members that join already ended (their
-    checkpoint says so: a resumed study), so an empty pack still asks before it stops. Returns each
-    member's Fitted, by key.
+    checkpoint says so: a resumed study), so an empty pack still asks before it stops. `on_end(key,
+    fitted)` is called as each member ends (its result need not wait for the rest of the pack: a study
+    tells Optuna, so later trials are pruned against it). Returns each member's Fitted, by key.
 
     Raises:
         ValueError: If the members cannot share a pack (``pack_key`` differs) or keys repeat.
@@ -367,7 +369,6 @@ def fit_pack(
         fresh = [_new_member(key, cfg, prep, ckpt, device) for key, cfg, prep, ckpt in joining]
         # Members whose checkpoint says they have ended leave at once: their slots are free too.
         ended = [m for m in fresh if m.status != "running"]
-        done.update({m.key: _fitted(m, device) for m in ended})
         active = pack.members + [m for m in fresh if m.status == "running"]
         if len({pack_key(m.cfg) for m in active}) > 1:
             raise ValueError("members of a pack must share data, model, batch size, epochs and optimizer")
@@ -379,8 +380,10 @@ def fit_pack(
             trained_out = [m for m in pack.members if m.status != "running"]
             if trained_out:
                 pack.restack([m for m in pack.members if m.status == "running"])  # syncs their weights too
-                done.update({m.key: _fitted(m, device) for m in trained_out})
             ended += trained_out
+        for m in ended:
+            done[m.key] = _fitted(m, device)
+            on_end(m.key, done[m.key])
         free = capacity - len(pack.members)
         joining = refill(free) if (refill is not None and free > 0 and ended) else []
     return done

@@ -196,13 +196,16 @@ def run_pack(
         entries[key] = (key, cfg, prepared[data_key], ckpt)
         return entries[key]
 
-    more = (lambda free: [entry(k, c) for k, c in refill(free)]) if refill is not None else None
-    fitted = fit_pack([entry(k, c) for k, c in members], report, refill=more)
     results: dict[str, TrialResult] = {}
-    for key, cfg, prep, _ in entries.values():
+
+    def ended(key: str, fitted: Fitted) -> None:  # as each member ends, not when the pack does
+        _, cfg, prep, _ = entries[key]
         t_eval = time.perf_counter()
-        result = finish_trial(cfg, prep, fitted[key])
+        result = finish_trial(cfg, prep, fitted)
         result.wall_s = sum(r.get("wall_s", 0.0) for r in result.epoch_rows) + time.perf_counter() - t_eval
         results[key] = result
         on_result(key, result)
+
+    more = (lambda free: [entry(k, c) for k, c in refill(free)]) if refill is not None else None
+    fit_pack([entry(k, c) for k, c in members], report, refill=more, on_end=ended)
     return results

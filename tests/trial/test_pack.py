@@ -215,9 +215,16 @@ def test_a_pruned_member_leaves_and_the_others_go_on_equal_to_alone(prep):
         calls.append((key, row["epoch"]))
         return key == "b"
 
-    packed = fit_pack([(k, cfg, prep, None) for k, cfg in cfgs.items()], report)
+    def on_end(key: str, fitted) -> None:
+        calls.append((f"{key} ended {fitted.status}", len(fitted.epoch_rows)))
+
+    packed = fit_pack([(k, cfg, prep, None) for k, cfg in cfgs.items()], report, on_end=on_end)
     assert packed["b"].status == "pruned" and len(packed["b"].epoch_rows) == 1
-    assert calls == [("a", 1), ("b", 1), ("c", 1), ("a", 2), ("c", 2), ("a", 3), ("c", 3)]
+    # A member's end is told at once (a study tells Optuna), not when the whole pack ends.
+    assert calls == [
+        ("a", 1), ("b", 1), ("c", 1), ("b ended pruned", 1), ("a", 2), ("c", 2), ("a", 3), ("c", 3),
+        ("a ended completed", 3), ("c ended completed", 3),
+    ]  # fmt: skip
     for k, cfg in cfgs.items():
         alone = fit(cfg, prep)
         assert_rows_match(packed[k].epoch_rows, alone.epoch_rows[: len(packed[k].epoch_rows)])
