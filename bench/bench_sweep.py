@@ -9,12 +9,15 @@ Results are printed as markdown lines; bench/bench_sweep.md records them with th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -28,6 +31,44 @@ def _run(spec_path: Path, out: Path) -> float:
     t0 = time.perf_counter()
     run_study(spec_path, out=out, quiet=True)
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _phase_clock() -> Iterator[dict[str, tuple[float, float]]]:
+    """Wall-clock (time.time) start and end of init_ray, run_trials and shutdown while the block runs
+    (the functions of study.sweep.tune wrapped in this process only), plus this process's CPU seconds
+    ("driver_cpu": the driver's share of the 2 cores; Ray's workers are not its children, so theirs is not
+    countable here).
+    Wrapping needs study.sweep.tune (ray, ray.tune) imported first: "import_tune" is how long that took,
+    which run_study would otherwise have spent inside the timed wall."""
+    import resource
+
+    t0 = time.perf_counter()
+    from study.sweep import tune as tune_lib  # imported by run_study itself otherwise: timed apart
+
+    clock: dict[str, Any] = {"import_tune": time.perf_counter() - t0}
+    saved = {name: getattr(tune_lib, name) for name in ("init_ray", "run_trials", "shutdown")}
+
+    def timed(name: str, fn: Any) -> Any:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock[name] = (t0, time.time())
+
+        return inner
+
+    for name, fn in saved.items():
+        setattr(tune_lib, name, timed(name, fn))
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        yield clock
+    finally:
+        for name, fn in saved.items():
+            setattr(tune_lib, name, fn)
+        me2 = resource.getrusage(resource.RUSAGE_SELF)
+        clock["driver_cpu"] = me2.ru_utime + me2.ru_stime - me.ru_utime - me.ru_stime
 
 
 # The pruned arms compared with `none` (each a spec `search.pruner` block).
@@ -144,9 +185,11 @@ def overhead(epochs: int | None = None) -> None:
         spec_path = Path(tmp) / "smoke.yaml"
         spec_path.write_text(yaml.safe_dump(spec))
         out = Path(tmp) / "smoke"
-        t_start = time.time()
-        wall = _run(spec_path, out)
-        t_end = time.time()
+        with _phase_clock() as clock:
+            t_start = time.time()
+            wall = _run(spec_path, out)
+            t_end = time.time()
+        wall += clock["import_tune"]  # as in earlier sessions: run_study imports the Ray module itself
         records = list(Records(out / "records").load_all("search").values())
         records += list(Records(out / "records").load_all("final").values())
         manifest = json.loads((out / "manifest.json").read_text())
@@ -185,7 +228,7 @@ def overhead(epochs: int | None = None) -> None:
     last = max(r["ended_at"] for r in records)
     busy = sum(r["ended_at"] - r["started_at"] for r in records)
     span = last - first
-    fixed = (first - t_start) + (t_end - last)
+    fixed = (first - t_start) + (t_end - last) + clock["import_tune"]
     print(
         f"epochs per trial {spec['train']['epochs']}; {len(records)} trials (planned {manifest['planned']}); "
         f"concurrency {concurrency}\n"
@@ -193,9 +236,20 @@ def overhead(epochs: int | None = None) -> None:
         f"ratio {wall / (bare / concurrency):.2f}\n"
         f"(2) whole programs: study {study_prog:.1f} s; bare {bare_prog:.1f} s; "
         f"ratio {study_prog / (bare_prog / concurrency):.2f}\n"
-        f"(3) fixed {fixed:.1f} s (to first trial {first - t_start:.1f} s, after last {t_end - last:.1f} s); "
+        f"(3) fixed {fixed:.1f} s (to first trial {first - t_start + clock['import_tune']:.1f} s, "
+        f"after last {t_end - last:.1f} s); "
         f"trial span {span:.1f} s, slots busy {busy / (span * concurrency):.1%}; "
-        f"span / (bare / concurrency) = {span / (bare / concurrency):.2f}"
+        f"span / (bare / concurrency) = {span / (bare / concurrency):.2f}\n"
+        f"(3') to first trial: import of study.sweep.tune {clock['import_tune']:.2f} s, "
+        f"before init_ray {clock['init_ray'][0] - t_start:.2f} s, init_ray "
+        f"{clock['init_ray'][1] - clock['init_ray'][0]:.2f} s, then until run_trials "
+        f"{clock['run_trials'][0] - clock['init_ray'][1]:.2f} s, run_trials start to first trial start "
+        f"{first - clock['run_trials'][0]:.2f} s; after last: last trial end to run_trials return "
+        f"{clock['run_trials'][1] - last:.2f} s, then to shutdown "
+        f"{clock['shutdown'][0] - clock['run_trials'][1]:.2f} s, "
+        f"shutdown {clock['shutdown'][1] - clock['shutdown'][0]:.2f} s, then to return "
+        f"{t_end - clock['shutdown'][1]:.2f} s; driver CPU during run_study {clock['driver_cpu']:.1f} s; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 
 from study import vocabulary
 from study.noise._given import flip_given, validate_source
@@ -118,6 +117,8 @@ def _mapped(rng: np.random.Generator, y: np.ndarray, k: int, r: float, mapping: 
 def _truncnorm_mean(r: float, std: float) -> float:
     if std == 0.0 or r in (0.0, 1.0):
         return r
+    from scipy import stats  # here, not at import: scipy.stats costs every trial process ~1 s
+
     return float(stats.truncnorm.mean(-r / std, (1.0 - r) / std, loc=r, scale=std))
 
 
@@ -148,6 +149,8 @@ def _instance_probs_rng(
         # TruncNormal(0, s) on [0, 1] has mean ~0.8 s > 0: rate 0 must mean no noise, so q = r exactly.
         q = np.full(n, r)
     else:
+        from scipy import stats
+
         q = stats.truncnorm.rvs(-r / std, (1.0 - r) / std, loc=r, scale=std, size=n, random_state=rng)
     log_p = np.empty((n, k))
     for c in range(k):

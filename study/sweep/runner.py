@@ -362,9 +362,10 @@ def _finish(
     ended the run."""
     from reports.build import SCHEMA_VERSION
 
-    # The tables are rebuilt on resume: never mask the real error with a failure here.
-    with contextlib.suppress(Exception):
-        write_tables(spec, out_dir)
+    if status != "completed":  # a completed run wrote them after its last phase, before Ray's shutdown
+        # The tables are rebuilt on resume: never mask the real error with a failure here.
+        with contextlib.suppress(Exception):
+            write_tables(spec, out_dir)
     manifest["ended_at"] = time.time()
     manifest["status"] = status
     manifest.setdefault("phases", []).append([status, manifest["ended_at"]])

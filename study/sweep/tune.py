@@ -188,21 +188,26 @@ _current_handle: RayHandle | None = None
 
 
 @contextlib.contextmanager
-def _loopback_only() -> Iterator[None]:
-    """Ray's local-only mode while a private local Ray starts: every component listens on 127.0.0.1.
-
-    On Linux ray.init turns a loopback `_node_ip_address` into the machine's address (all interfaces);
-    with ray_constants.ENABLE_RAY_CLUSTER off (Ray's switch, off on macOS/Windows) it stays 127.0.0.1,
-    "loopback only" to the gRPC servers. Switched in this process during ray.init only (--address joins).
-    """
+def _private_local_start() -> Iterator[None]:
+    """While a private local Ray starts (this process's ray.init only; --address never comes here): loopback
+    only (on Linux ray.init turns a loopback `_node_ip_address` into the machine's address; with Ray's switch
+    ray_constants.ENABLE_RAY_CLUSTER off, as on macOS/Windows, it stays 127.0.0.1, "loopback only" to the
+    gRPC servers), and lean: no dashboard API server (ray.init polls ~1 s for it even with include_dashboard
+    off), no autoscaler monitor (ray.shutdown waits 1 s for it): a study needs neither (bench_sweep.md)."""
     from ray._private import ray_constants
+    from ray._private.node import Node
 
     old = ray_constants.ENABLE_RAY_CLUSTER
+    skipped = {n: Node.__dict__[n] for n in ("start_api_server", "start_monitor") if n in Node.__dict__}
     ray_constants.ENABLE_RAY_CLUSTER = False
+    for name in skipped:
+        setattr(Node, name, lambda self, **kwargs: None)
     try:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = old
+        for name, method in skipped.items():
+            setattr(Node, name, method)
 
 
 def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> RayHandle:
@@ -218,10 +223,12 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
     if address in (None, "local"):
         # Unix socket paths must stay short: a private dir directly under /tmp.
         temp_dir = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
-        with _loopback_only():
+        with _private_local_start():
             ray.init(
                 address="local",
                 _temp_dir=temp_dir,
+                # Idle workers prestarted for the driver never run Tune's actors (they get a runtime_env).
+                _system_config={"prestart_worker_first_driver": False},
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
                 include_dashboard=False,
@@ -407,14 +414,5 @@ def shutdown(handle: RayHandle) -> None:
         shutil.rmtree(handle.temp_dir, ignore_errors=True)
 
 
-__all__ = [
-    "CellStudies",
-    "StudyContext",
-    "init_ray",
-    "run_trials",
-    "run_post_phase",
-    "tracking_callbacks",
-    "cluster_slots",
-    "check_address",
-    "shutdown",
-]
+__all__ = ["CellStudies", "StudyContext", "init_ray", "run_trials", "run_post_phase",
+           "tracking_callbacks", "cluster_slots", "check_address", "shutdown"]  # fmt: skip
