@@ -79,6 +79,7 @@ def _warm(cfg_json: dict[str, Any]) -> int:
     from study.trial.run import load_bundle
 
     load_bundle(TrialConfig.model_validate(cfg_json))
+    time.sleep(0.5)  # keep this worker busy so that the pool starts (and warms) all of them
     return os.getpid()
 
 

@@ -180,6 +180,9 @@ def overhead(epochs: int | None = None) -> None:
     spec = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
     if epochs:
         spec["train"]["epochs"] = epochs
+    if len(sys.argv) > 3:  # trial fusion: `overhead EPOCHS auto|K` packs the study's trials
+        packed = sys.argv[3]
+        spec["resources"]["trials_per_process"] = packed if packed == "auto" else int(packed)
     concurrency = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "smoke.yaml"

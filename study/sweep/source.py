@@ -116,7 +116,8 @@ class TrialSource:
     def pack_size(self, cell: Cell) -> int:
         size = self.spec.resources.trials_per_process
         if size == "auto":
-            return auto_pack_size(cell.model, "cuda" if self.spec.resources.gpus_per_trial > 0 else "cpu")
+            device = "cuda" if self.spec.resources.gpus_per_trial > 0 else "cpu"
+            return auto_pack_size(cell.model, device, self.spec.train.batch_size)
         return int(size)
 
     def _next(self, trial_id: str, like: Cell | None = None, phase: str | None = None) -> Any:

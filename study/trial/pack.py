@@ -389,15 +389,18 @@ def fit_pack(
     return done
 
 
-# resources.trials_per_process: auto, per device and model (bench/bench_fusion.md). On a CPU core the
-# batched-matmul path (mlp, cnn1d) gains most from 8 to 16 members; other models run alone there (the
-# vmapped convolutions of PyTorch's CPU kernels cost as much per member as separate calls). On CUDA
-# every model packs (not measured here: no GPU was lent when this was written).
-AUTO_PACK_SIZE = {("cpu", "mlp"): 8, ("cpu", "cnn1d"): 8}
+# resources.trials_per_process: auto, from bench/bench_fusion.md (2-core CPU, one thread per process):
+# the batched-matmul path (mlp, cnn1d) gains most where a step is launch-bound, at small batches:
+# quickstart mix (batch 32) 1.9x / 2.6x / 3.2x at K = 4 / 8 / 16; mnist1d_noise mix (batch 128)
+# 1.5x / 1.6x / 1.4x. Other models run alone on a CPU (PyTorch's vmapped convolutions cost as much
+# per member as separate calls). On CUDA every model packs by 4: not measured here (no GPU was lent).
+FAST_PATH_MODELS = ("mlp", "cnn1d")
 
 
-def auto_pack_size(model: str, device: str) -> int:
+def auto_pack_size(model: str, device: str, batch_size: int) -> int:
     """Members per pack for ``trials_per_process: auto`` on `device` ("cpu" or "cuda")."""
     if device == "cuda":
         return 4
-    return AUTO_PACK_SIZE.get((device, model), 1)
+    if model not in FAST_PATH_MODELS:
+        return 1
+    return 16 if batch_size <= 64 else 8

@@ -228,3 +228,28 @@ def test_packs_share_a_model_and_a_phase_and_cover_every_trial_once(tmp_path):
     search = [pack for pack in packs if pack[0].phase == "search"]
     # A search pack spreads over its model's cells (each cell's sampler sees its earlier trials).
     assert len({r.cell_id for r in search[0]}) == 4
+
+
+@pytest.mark.parametrize(
+    ("model", "batch", "gpus", "size"),
+    [("cnn1d", 32, 0, 16), ("mlp", 64, 0, 16), ("cnn1d", 128, 0, 8), ("mlp", 128, 0.5, 4)],
+)
+def test_auto_pack_size_follows_the_measured_table(tmp_path, model, batch, gpus, size):
+    from study.spec import parse_spec
+    from study.sweep.cells import expand_cells
+    from study.sweep.context import StudyContext
+    from study.sweep.optuna_cells import CellStudies
+    from study.sweep.source import TrialSource
+
+    text = PACK_SPEC.replace("models: [mlp, cnn1d]", f"models: [{model}]")
+    text = text.replace("lr: 0.01}", f"lr: 0.01, batch_size: {batch}}}")
+    text = text.replace("trials_per_process: 4}", f"trials_per_process: auto, gpus_per_trial: {gpus}}}")
+    spec = parse_spec(text)
+    cells = expand_cells(spec)
+    ctx = StudyContext(spec, tmp_path, None, lambda: None)
+    source = TrialSource(spec, cells, CellStudies(spec, cells, tmp_path / "j"), ctx)
+    assert {source.pack_size(c) for c in cells} == {size}
+    # Models without the batched-matmul path train alone on a CPU (they gain nothing there).
+    from study.trial.pack import auto_pack_size
+
+    assert auto_pack_size("resnet20", "cpu", 32) == 1 and auto_pack_size("resnet20", "cuda", 128) == 4
