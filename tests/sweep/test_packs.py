@@ -4,11 +4,7 @@ one, per-member results exactly as one-trial-per-process, and resume after SIGKI
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -22,7 +18,6 @@ from study.sweep.runner import run_study
 
 pytestmark = pytest.mark.slow
 
-STUDY_BIN = str(Path(sys.executable).with_name("study"))
 
 # Two cells; the grid puts a learning rate that cannot learn (1e-6) and one that does (3e-2) into
 # each cell's single search pack, so the threshold pruner stops exactly one member of each pack.
@@ -50,18 +45,6 @@ max_failures: 0
 def _write(path: Path, name: str, k: int | str, epochs: int = 4) -> Path:
     path.write_text(SPEC.format(name=name, k=k, epochs=epochs))
     return path
-
-
-@pytest.fixture(scope="module")
-def env_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("REGSTUDY_CACHE")
-    os.environ["REGSTUDY_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("REGSTUDY_CACHE", None)
-    else:
-        os.environ["REGSTUDY_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
@@ -119,28 +102,18 @@ def test_members_of_one_pack_are_pruned_one_by_one(studies):
     ]  # fmt: skip
 
 
-def _run_and_sigkill(spec_path: Path, out: Path, ready) -> list[str]:
-    cmd = [STUDY_BIN, "run", str(spec_path), "--out", str(out), "--quiet", "--no-report"]
-    cmd += ["--max-concurrent", "1"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not ready():
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return cmd
-
-
 def _mid_final_pack(out: Path) -> bool:
     """A final pack has checkpointed an epoch but not finished: the moment to kill it."""
     ckpts = list((out / "checkpoints").glob("final*/checkpoint.pt"))
     return bool(ckpts) and not list((out / "records" / "final").glob("*.json"))
 
 
-def test_sigkill_during_a_packed_epoch_then_resume_loses_duplicates_and_reruns_nothing(tmp_path, env_cache):
+def test_sigkill_during_a_packed_epoch_then_resume_loses_duplicates_and_reruns_nothing(
+    tmp_path, env_cache, run_and_sigkill
+):
     spec_path = _write(tmp_path / "kill.yaml", "packs-kill", 3, epochs=8)
     out = tmp_path / "out"
-    cmd = _run_and_sigkill(spec_path, out, lambda: _mid_final_pack(out))
+    cmd = run_and_sigkill(spec_path, out, lambda: _mid_final_pack(out), "--max-concurrent", "1")
     records_before = {p.name: json.loads(p.read_text()) for p in (out / "records").glob("*/*.json")}
     rows_before = {
         p.parent.name: torch.load(p, weights_only=True)["epoch_rows"]

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from itertools import combinations
 from pathlib import Path
 
@@ -62,19 +59,6 @@ def _journal_trials(out: Path) -> dict[str, list[optuna.trial.FrozenTrial]]:
         s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False)
         for s in optuna.get_all_study_summaries(storage)
     }
-
-
-@pytest.fixture(scope="module")
-def env_cache(tmp_path_factory):
-    # One MNIST-1D cache for every run of this module (and every Ray worker, which inherits the env).
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("REGSTUDY_CACHE")
-    os.environ["REGSTUDY_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("REGSTUDY_CACHE", None)
-    else:
-        os.environ["REGSTUDY_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
@@ -203,19 +187,6 @@ def test_crashing_trial_is_retried_then_recorded_failed(tmp_path, env_cache, mon
             assert {t.state for t in frozen} == {TrialState.FAIL}
 
 
-def _run_and_sigkill(spec_path: Path, out: Path, ready: Callable[[], bool]) -> list[str]:
-    """`study run` in the background until `ready()` (or 240 s), then SIGKILL the driver and every
-    process it started (Ray's own included): no chance to clean up. Returns the command."""
-    cmd = [STUDY_BIN, "run", str(spec_path), "--out", str(out), "--quiet", "--no-report"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not ready():
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return cmd
-
-
 def _resume(cmd: list[str], out: Path) -> pd.DataFrame:
     """The same command with --resume, which must succeed; the trials table it leaves."""
     res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
@@ -223,11 +194,11 @@ def _resume(cmd: list[str], out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "trials.parquet")
 
 
-def test_resume_after_sigkill_has_no_missing_duplicate_or_rerun_trials(tmp_path, env_cache):
+def test_resume_after_sigkill_has_no_missing_duplicate_or_rerun_trials(tmp_path, env_cache, run_and_sigkill):
     spec_path = _write_spec(tmp_path / "resume.yaml", "resume", epochs=5, trials=5)
     out = tmp_path / "out"
     records = out / "records" / "search"
-    cmd = _run_and_sigkill(spec_path, out, lambda: len(list(records.glob("*.json"))) >= 4)
+    cmd = run_and_sigkill(spec_path, out, lambda: len(list(records.glob("*.json"))) >= 4)
     before = {p.name: json.loads(p.read_text()) for p in records.glob("*.json")}
     assert 4 <= len(before) < 20, "the driver must be killed mid-search"
 
@@ -243,12 +214,14 @@ def test_resume_after_sigkill_has_no_missing_duplicate_or_rerun_trials(tmp_path,
         assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in frozen)
 
 
-def test_resume_after_sigkill_in_the_final_phase_reruns_no_finished_trial(tmp_path, env_cache):
+def test_resume_after_sigkill_in_the_final_phase_reruns_no_finished_trial(
+    tmp_path, env_cache, run_and_sigkill
+):
     # Final trials start while other cells still search (one Tuner for both phases): kill the driver
     # once the first final trial has ended, then resume.
     spec_path = _write_spec(tmp_path / "resume.yaml", "resume-final", epochs=3, trials=3)
     out = tmp_path / "out"
-    cmd = _run_and_sigkill(spec_path, out, lambda: bool(list((out / "records" / "final").glob("*.json"))))
+    cmd = run_and_sigkill(spec_path, out, lambda: bool(list((out / "records" / "final").glob("*.json"))))
     before = {p.name: json.loads(p.read_text()) for p in (out / "records").glob("*/*.json")}
     n_final = sum(rec["phase"] == "final" for rec in before.values())
     assert 1 <= n_final < 4, "the driver must be killed during the final phase"
