@@ -101,6 +101,9 @@ class StudyContext(DriverOnly):
         prune = self.studies.report_and_should_prune(
             rec.optuna_id, float(result["objective"]), int(result["epoch"])
         )
+        # A trial that has trained its last epoch has nothing left to save: it completes (and its value
+        # reaches the sampler) instead of being pruned at the end; its last value is reported all the same.
+        prune = prune and int(result["epoch"]) < int(rec.config["train"]["epochs"])
         if prune:
             # Record first, then tell Optuna: a driver killed in between leaves a record whose trial
             # Optuna still shows RUNNING (resume re-attaches it), never a finished trial without a row.

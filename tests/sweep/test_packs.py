@@ -226,3 +226,25 @@ def test_auto_pack_size_follows_the_measured_table(tmp_path, model, batch, gpus,
     from study.trial.pack import auto_pack_size
 
     assert auto_pack_size("resnet20", "cpu", 32) == 1 and auto_pack_size("resnet20", "cuda", 128) == 4
+
+
+def test_a_trial_is_never_pruned_after_its_last_epoch(tmp_path):
+    from study.spec import parse_spec
+    from study.sweep.cells import expand_cells
+    from study.sweep.context import StudyContext
+    from study.sweep.optuna_cells import CellStudies
+    from study.sweep.source import TrialSource
+
+    # A threshold no trial reaches: every epoch is "prune" to the pruner.
+    pruner = "pruner: {kind: threshold, lower: 2.0, n_warmup_steps: 1}"
+    text = PACK_SPEC.replace("pruner: {kind: none}", pruner)
+    text = text.replace("trials_per_process: 4", "trials_per_process: 1")
+    spec = parse_spec(text)
+    cells = expand_cells(spec)
+    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
+    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
+    TrialSource(spec, cells, studies, ctx).suggest("a")  # train.epochs is 2 for search trials
+    assert ctx.epoch_result("a", {"epoch": 1, "objective": 0.5}) is True
+    TrialSource(spec, cells, studies, ctx).suggest("b")
+    assert ctx.epoch_result("b", {"epoch": 2, "objective": 0.5}) is False
+    assert ctx.by_tune_id["b"].status == "running" and ctx.by_tune_id["a"].status == "pruned"
