@@ -409,7 +409,9 @@ def run_post_phase(
 
 def shutdown(handle: RayHandle) -> None:
     """Stop Ray (a local one with all its processes) and remove the private temp dir it ran in."""
+    global _current_handle
     ray.shutdown()
+    _current_handle = None  # nothing runs on it any more (cluster_slots must not read a stale one)
     if handle.started_here and handle.temp_dir:
         shutil.rmtree(handle.temp_dir, ignore_errors=True)
 
