@@ -105,6 +105,19 @@ class Regularizer(nn.Module, abc.ABC):
         """
         return self._per_sample(prepare(logits, targets), targets).mean()
 
+    def forward_with(self, logits: Tensor, targets: Tensor, values: Mapping[str, Any]) -> Tensor:
+        """``forward`` with these parameter values in place of the current ones, which stay as they were.
+
+        For trainers that evaluate one instance for several parameter settings at once: values may be
+        tensors, e.g. one per member under ``torch.func.vmap`` (study/trial/pack.py).
+        """
+        saved = self._values
+        self._values = {**saved, **values}
+        try:
+            return self(logits, targets)
+        finally:
+            self._values = saved
+
     def per_sample_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Unreduced loss, shape (B,); ``forward`` is its mean (stateful effects apply the same way)."""
         return self._per_sample(prepare(logits, targets), targets)

@@ -145,6 +145,65 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def uses_bf16(cfg: TrialConfig, device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast: on CUDA unless the config asks for fp32."""
+    return device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+
+
+def augments_images(cfg: TrialConfig, bundle: data_lib.DatasetBundle) -> bool:
+    """Whether training batches get random crops and flips (images of 24 pixels or more)."""
+    return bool(cfg.train.augment and bundle.kind == "image" and bundle.input_shape[-1] >= 24)
+
+
+def tracks_progress(reg: regularizers.Regularizer) -> bool:
+    """Whether `reg` needs ``set_progress`` every step: a schedule varies or the module listens.
+
+    set_progress checks its argument and re-evaluates every schedule (~65 us, 2% of a batch-32 cnn1d
+    step on a CPU core), so the loops call it only when this says so.
+    """
+    return type(reg).set_progress is not regularizers.Regularizer.set_progress or any(
+        s.kind != "constant" and s.start != s.end for s in reg.schedules().values()
+    )
+
+
+def validation_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The validation columns of an epoch row."""
+    return {
+        "val_accuracy": metrics.accuracy(logits, labels),
+        "val_nll": metrics.nll(logits, labels),
+        "val_ece": metrics.ece(logits, labels),
+    }
+
+
+def checkpoint_state(
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any],
+    reg: regularizers.Regularizer,
+    gen: torch.Generator,
+    *,
+    epoch: int,
+    rows: list[dict[str, Any]],
+    best: tuple,
+    status: str,
+    reference_loss: float,
+) -> dict[str, Any]:
+    """A trial's checkpoint after `epoch` epochs: one format for a trial trained alone or in a pack
+    (study/trial/pack.py), so either resumes the other. `status` is kept only when the trial ended
+    pruned or diverged."""
+    return {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "regularizer": reg.state_dict(),
+        "batch_rng": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": epoch,
+        "epoch_rows": rows,
+        "best": list(best),
+        "status": status if status in ("pruned", "diverged") else None,
+        "reference_loss": reference_loss,
+    }
+
+
 class _Loop:
     """The training state of one fit: model, optimizer, regularizer, batches and their RNG."""
 
@@ -156,12 +215,12 @@ class _Loop:
         self.channels_last = device.type == "cuda" and b.kind == "image"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.use_bf16 = uses_bf16(cfg, device)
         self.reg = regularizers.create(cfg.regularizer.name, **cfg.regularizer.params).to(device)
         self.opt = make_optimizer(cfg, self.model)
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(cfg.seed)
-        image_aug = cfg.train.augment and b.kind == "image" and b.input_shape[-1] >= 24
+        image_aug = augments_images(cfg, b)
         self.batches = data_lib.DeviceBatches(
             prep.x_train.to(device),
             prep.y_train.to(device),
@@ -175,26 +234,13 @@ class _Loop:
         # The scale `exploded` compares against: log K until the first batch's loss is known.
         self.reference_loss = math.log(b.num_classes)
         self.total_steps = len(self.batches) * cfg.train.epochs
-        # set_progress checks its argument and re-evaluates every schedule (~65 us, 2% of a batch-32
-        # cnn1d step on a CPU core): call it per step only when a schedule varies or a module listens.
-        reg = self.reg
-        self.tracks_progress = type(reg).set_progress is not regularizers.Regularizer.set_progress or any(
-            sch.kind != "constant" and sch.start != sch.end for sch in reg.schedules().values()
-        )
+        self.tracks_progress = tracks_progress(self.reg)
 
     def state(self, epoch: int, rows: list[dict[str, Any]], best: tuple, status: str) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "regularizer": self.reg.state_dict(),
-            "batch_rng": self.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "epoch": epoch,
-            "epoch_rows": rows,
-            "best": list(best),
-            "status": status if status != "completed" else None,
-            "reference_loss": self.reference_loss,
-        }
+        return checkpoint_state(
+            self.model.state_dict(), self.opt.state_dict(), self.reg, self.gen,
+            epoch=epoch, rows=rows, best=best, status=status, reference_loss=self.reference_loss,
+        )  # fmt: skip
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -250,9 +296,7 @@ class _Loop:
             "lr": opt.param_groups[0]["lr"],
             "train_loss": float(loss_sum) / max(seen, 1),
             "train_acc": float(correct) / max(seen, 1),
-            "val_accuracy": metrics.accuracy(val_logits, y_val),
-            "val_nll": metrics.nll(val_logits, y_val),
-            "val_ece": metrics.ece(val_logits, y_val),
+            **validation_metrics(val_logits, y_val),
             "wall_s": time.perf_counter() - t_epoch,
         }
         n_terms = float(terms_sum.pop("_n", torch.ones(())))

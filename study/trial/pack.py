@@ -14,7 +14,6 @@ may hand in new members for the free slots, which start at their own epoch 0 nex
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -26,19 +25,24 @@ import torch
 from torch import Tensor, nn
 
 from study import data as data_lib
-from study import metrics, regularizers
+from study import regularizers
 from study.spec import TrainSpec
 from study.trial.config import TrialConfig
 from study.trial.fit import (
     Fitted,
     PreparedData,
+    augments_images,
     build_model,
+    checkpoint_state,
     exploded,
     lr_factor,
     make_optimizer,
     resolve_device,
     save_checkpoint,
+    tracks_progress,
     update_best,
+    uses_bf16,
+    validation_metrics,
 )
 from study.trial.packed_net import PackedNet
 from study.trial.packed_optim import PackedOptimizer
@@ -74,7 +78,6 @@ class Member:
     param_groups: list[dict[str, Any]]  # the alone optimizer's, for torch-format checkpoints
     reference_loss: float
     tracks_progress: bool
-    total_steps: int = 0
     epoch: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
     best: tuple[float | None, int | None] = (None, None)
@@ -92,12 +95,9 @@ def _new_member(
     reg = regularizers.create(cfg.regularizer.name, **cfg.regularizer.params).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
-    tracks = type(reg).set_progress is not regularizers.Regularizer.set_progress or any(
-        s.kind != "constant" and s.start != s.end for s in reg.schedules().values()
-    )
     member = Member(
         key, cfg, prep, model, reg, gen, ckpt, make_optimizer(cfg, model).state_dict()["param_groups"],
-        reference_loss=math.log(prep.bundle.num_classes), tracks_progress=tracks,
+        reference_loss=math.log(prep.bundle.num_classes), tracks_progress=tracks_progress(reg),
     )  # fmt: skip
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
@@ -121,17 +121,6 @@ def _new_member(
 VMAPPABLE = frozenset({"ce", "label_smoothing", "maxsup", "confidence_penalty", "logit_penalty", "logitnorm"})
 
 
-def _with_values(
-    template: regularizers.Regularizer, z: Tensor, y: Tensor, values: dict[str, Tensor]
-) -> Tensor:
-    saved = template._values
-    template._values = {**saved, **values}
-    try:
-        return template(z, y)
-    finally:
-        template._values = saved
-
-
 def member_losses(members: list[Member], z: Tensor, y: Tensor) -> Tensor:
     """(K,) batch-mean losses of logits z (K, B, classes) and targets y (K, B), member k with its own
     regularizer (its own parameter values, schedules included)."""
@@ -151,7 +140,7 @@ def member_losses(members: list[Member], z: Tensor, y: Tensor) -> Tensor:
         whole = len(idx) == len(members)
         sel = None if whole else torch.tensor(idx, device=z.device)
         zs, ys = (z, y) if sel is None else (z[sel], y[sel])
-        res = torch.func.vmap(functools.partial(_with_values, template))(zs, ys, values)
+        res = torch.func.vmap(template.forward_with)(zs, ys, values)
         if whole:
             return res
         for j, k in enumerate(idx):
@@ -205,8 +194,7 @@ class _Pack:
         m0 = self.members[0]
         b, bs = m0.prep.bundle, m0.cfg.train.batch_size
         n = self.x.shape[1]
-        image_aug = m0.cfg.train.augment and b.kind == "image" and b.input_shape[-1] >= 24
-        if image_aug:  # per-member augmentation draws from each member's generator, as alone
+        if augments_images(m0.cfg, b):  # per-member augmentation draws from each member's generator, as alone
             iters = [
                 iter(data_lib.DeviceBatches(self.x[k], self.y[k], bs, shuffle=True, generator=m.gen,
                                             augment="crop_flip", to_float=b.to_float))
@@ -230,19 +218,21 @@ class _Pack:
         net.train(True)
         for m in members:
             m.reg.train()
-            m.total_steps = -(-self.x.shape[1] // m.cfg.train.batch_size) * m.cfg.train.epochs
+        train = members[0].cfg.train  # batch size and epochs are the pack's (pack_key)
+        steps = -(-self.x.shape[1] // train.batch_size)
+        total_steps = steps * train.epochs
         k_members = len(members)
-        bf16 = dev.type == "cuda" and members[0].cfg.train.precision in ("auto", "bf16")  # as fit does
+        bf16 = uses_bf16(members[0].cfg, dev)
         loss_sum, correct = torch.zeros(k_members, device=dev), torch.zeros(k_members, device=dev)
         terms: list[dict[str, Tensor]] = [{} for _ in members]
-        seen, n_terms, steps = 0, 0, -(-self.x.shape[1] // members[0].cfg.train.batch_size)
+        seen, n_terms = 0, 0
         for i, (xb, yb) in enumerate(self.batches()):
             lrs = []
             for m in members:
                 step = m.epoch * steps + i
                 if m.tracks_progress:
-                    m.reg.set_progress(step / max(m.total_steps - 1, 1))
-                lrs.append(m.cfg.lr * lr_factor(m.cfg.train, step, m.total_steps))
+                    m.reg.set_progress(step / max(total_steps - 1, 1))
+                lrs.append(m.cfg.lr * lr_factor(m.cfg.train, step, total_steps))
             with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 logits = net(xb)
             losses = member_losses(members, logits.float(), yb)
@@ -288,18 +278,10 @@ class _Pack:
     def member_checkpoint(self, k: int) -> dict[str, Any]:
         assert self.net is not None and self.opt is not None
         m = self.members[k]
-        return {
-            "model": self.net.member_state(k),
-            "optimizer": self.opt.member_state_dict(k, m.param_groups, m.last_lr),
-            "regularizer": m.reg.state_dict(),
-            "batch_rng": m.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "epoch": m.epoch,
-            "epoch_rows": m.rows,
-            "best": list(m.best),
-            "status": m.status if m.status not in ("running", "completed") else None,
-            "reference_loss": m.reference_loss,
-        }
+        return checkpoint_state(
+            self.net.member_state(k), self.opt.member_state_dict(k, m.param_groups, m.last_lr), m.reg, m.gen,
+            epoch=m.epoch, rows=m.rows, best=m.best, status=m.status, reference_loss=m.reference_loss,
+        )  # fmt: skip
 
 
 def _end_epoch(pack: _Pack, train_rows: list[dict[str, Any]], wall: float, report: PackReport | None) -> None:
@@ -312,9 +294,7 @@ def _end_epoch(pack: _Pack, train_rows: list[dict[str, Any]], wall: float, repor
         row = {
             "epoch": m.epoch + 1,
             **{key: train_rows[k][key] for key in ("lr", "train_loss", "train_acc")},
-            "val_accuracy": metrics.accuracy(val[k], y_val),
-            "val_nll": metrics.nll(val[k], y_val),
-            "val_ece": metrics.ece(val[k], y_val),
+            **validation_metrics(val[k], y_val),
             # The member's share of the pack's epoch: summed over a study, it is the compute spent.
             "wall_s": wall / len(pack.members),
             **{key: v for key, v in train_rows[k].items() if key.startswith("term_")},

@@ -434,3 +434,18 @@ def test_cuda_matches_cpu(name: str) -> None:
         cpu.on_epoch_end()
         gpu.on_epoch_end()
     assert torch.isfinite(gpu(z.cuda().bfloat16(), y.cuda()))
+
+
+def test_forward_with_uses_the_given_values_and_keeps_the_current_ones():
+    torch.manual_seed(0)
+    z, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    reg = create("label_smoothing", alpha=0.1)
+    other = create("label_smoothing", alpha=0.3)
+    torch.testing.assert_close(reg.forward_with(z, y, {"alpha": 0.3}), other(z, y), rtol=0, atol=0)
+    assert reg.param("alpha") == 0.1
+    torch.testing.assert_close(reg(z, y), create("label_smoothing", alpha=0.1)(z, y))
+    # Per-setting tensors under vmap: one instance evaluates several strengths at once.
+    alphas = torch.tensor([0.0, 0.2, 0.4])
+    batched = torch.func.vmap(reg.forward_with)(z.expand(3, 6, 4), y.expand(3, 6), {"alpha": alphas})
+    expected = torch.stack([create("label_smoothing", alpha=a)(z, y) for a in (0.0, 0.2, 0.4)])
+    torch.testing.assert_close(batched, expected, rtol=1e-6, atol=1e-7)
