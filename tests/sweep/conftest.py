@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,3 +45,21 @@ def _run_and_sigkill(spec_path: Path, out: Path, ready: Callable[[], bool], *arg
 @pytest.fixture
 def run_and_sigkill() -> Callable[..., list[str]]:
     return _run_and_sigkill
+
+
+@pytest.fixture
+def trial_source(tmp_path: Path) -> Callable[..., tuple[Any, Any]]:
+    """`make(spec)` -> (TrialSource, StudyContext) over the spec's cells, Optuna journal in tmp_path,
+    Ray-free: tests drive it the way Tune's searcher does."""
+    from study.sweep.cells import expand_cells
+    from study.sweep.context import StudyContext
+    from study.sweep.optuna_cells import CellStudies
+    from study.sweep.source import TrialSource
+
+    def make(spec: Any) -> tuple[Any, Any]:
+        cells = expand_cells(spec)
+        studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
+        ctx = StudyContext(spec, tmp_path, studies, lambda: None)
+        return TrialSource(spec, cells, studies, ctx), ctx
+
+    return make

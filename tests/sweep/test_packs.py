@@ -167,20 +167,14 @@ resources: {trials_per_process: 4}
 """
 
 
-def test_packs_share_a_model_and_a_phase_and_cover_every_trial_once(tmp_path):
+def test_packs_share_a_model_and_a_phase_and_cover_every_trial_once(trial_source):
     from study.spec import parse_spec
-    from study.sweep.cells import expand_cells
-    from study.sweep.context import StudyContext
-    from study.sweep.optuna_cells import CellStudies
-    from study.sweep.source import FINISHED, TrialSource
+    from study.sweep.source import FINISHED
     from study.trial.config import TrialConfig
     from study.trial.pack import pack_key
 
     spec = parse_spec(PACK_SPEC)
-    cells = expand_cells(spec)
-    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
-    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
-    source = TrialSource(spec, cells, studies, ctx)
+    source, ctx = trial_source(spec)
     packs, n = [], 0
     while (config := source.suggest(f"t{n}")) != FINISHED:
         n += 1
@@ -207,44 +201,32 @@ def test_packs_share_a_model_and_a_phase_and_cover_every_trial_once(tmp_path):
     ("model", "batch", "gpus", "size"),
     [("cnn1d", 32, 0, 16), ("mlp", 64, 0, 16), ("cnn1d", 128, 0, 8), ("mlp", 128, 0.5, 4)],
 )
-def test_auto_pack_size_follows_the_measured_table(tmp_path, model, batch, gpus, size):
+def test_auto_pack_size_follows_the_measured_table(trial_source, model, batch, gpus, size):
     from study.spec import parse_spec
-    from study.sweep.cells import expand_cells
-    from study.sweep.context import StudyContext
-    from study.sweep.optuna_cells import CellStudies
-    from study.sweep.source import TrialSource
 
     text = PACK_SPEC.replace("models: [mlp, cnn1d]", f"models: [{model}]")
     text = text.replace("lr: 0.01}", f"lr: 0.01, batch_size: {batch}}}")
     text = text.replace("trials_per_process: 4}", f"trials_per_process: auto, gpus_per_trial: {gpus}}}")
     spec = parse_spec(text)
-    cells = expand_cells(spec)
-    ctx = StudyContext(spec, tmp_path, None, lambda: None)
-    source = TrialSource(spec, cells, CellStudies(spec, cells, tmp_path / "j"), ctx)
-    assert {source.pack_size(c) for c in cells} == {size}
+    source, _ = trial_source(spec)
+    assert {source.pack_size(c) for c in source.cells} == {size}
     # Models without the batched-matmul path train alone on a CPU (they gain nothing there).
     from study.trial.pack import auto_pack_size
 
     assert auto_pack_size("resnet20", "cpu", 32) == 1 and auto_pack_size("resnet20", "cuda", 128) == 4
 
 
-def test_a_trial_is_never_pruned_after_its_last_epoch(tmp_path):
+def test_a_trial_is_never_pruned_after_its_last_epoch(trial_source):
     from study.spec import parse_spec
-    from study.sweep.cells import expand_cells
-    from study.sweep.context import StudyContext
-    from study.sweep.optuna_cells import CellStudies
-    from study.sweep.source import TrialSource
 
     # A threshold no trial reaches: every epoch is "prune" to the pruner.
     pruner = "pruner: {kind: threshold, lower: 2.0, n_warmup_steps: 1}"
     text = PACK_SPEC.replace("pruner: {kind: none}", pruner)
     text = text.replace("trials_per_process: 4", "trials_per_process: 1")
     spec = parse_spec(text)
-    cells = expand_cells(spec)
-    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
-    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
-    TrialSource(spec, cells, studies, ctx).suggest("a")  # train.epochs is 2 for search trials
+    source, ctx = trial_source(spec)
+    source.suggest("a")  # train.epochs is 2 for search trials
     assert ctx.epoch_result("a", {"epoch": 1, "objective": 0.5}) is True
-    TrialSource(spec, cells, studies, ctx).suggest("b")
+    source.suggest("b")
     assert ctx.epoch_result("b", {"epoch": 2, "objective": 0.5}) is False
     assert ctx.by_tune_id["b"].status == "running" and ctx.by_tune_id["a"].status == "pruned"

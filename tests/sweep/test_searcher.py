@@ -132,16 +132,14 @@ final: {{seeds: 1}}
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # wilcoxon, patient
 @pytest.mark.parametrize("sampler", SAMPLERS.names())
 @pytest.mark.parametrize("pruner", PRUNERS.names())
-def test_every_sampler_and_pruner_runs_a_search_to_its_final_trials(tmp_path, sampler, pruner):
+def test_every_sampler_and_pruner_runs_a_search_to_its_final_trials(trial_source, sampler, pruner):
     # The driver's whole Optuna conversation for two cells (ask, one report per epoch, prune or tell),
     # with learning curves that rise with alpha: no sampler/pruner combination may raise, every search
     # trial ends in a finished Optuna state, and each cell then yields its final trial.
     alpha = "{grid: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]}" if sampler == "grid" else "{low: 0.0, high: 0.5}"
     spec = parse_spec(SWEEP.format(alpha=alpha, sampler=sampler, pruner=pruner))
-    cells = expand_cells(spec)
-    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
-    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
-    searcher = TrialSource(spec, cells, studies, ctx)
+    searcher, ctx = trial_source(spec)
+    cells, studies = searcher.cells, searcher.studies
     finals, n = [], 0
     while (cfg := searcher.suggest(f"t{n}")) not in (None, FINISHED):
         rec = ctx.by_tune_id[f"t{n}"]
@@ -172,16 +170,14 @@ def test_every_sampler_and_pruner_runs_a_search_to_its_final_trials(tmp_path, sa
     assert retrained and sorted(finals) == sorted(retrained)
 
 
-def test_a_cell_whose_every_trial_is_pruned_gets_a_note_and_no_finals(tmp_path):
+def test_a_cell_whose_every_trial_is_pruned_gets_a_note_and_no_finals(trial_source):
     spec = parse_spec(
         SWEEP.format(alpha="{low: 0.0, high: 0.5}", sampler="random", pruner="threshold").replace(
             "lower: 0.12", "lower: 0.99"
         )
     )
-    cells = expand_cells(spec)
-    studies = CellStudies(spec, cells, tmp_path / "optuna.journal")
-    ctx = StudyContext(spec, tmp_path, studies, lambda: None)
-    searcher = TrialSource(spec, cells, studies, ctx)
+    searcher, ctx = trial_source(spec)
+    cells = searcher.cells
     n = 0
     while searcher.suggest(f"t{n}") not in (None, FINISHED):
         # Below the 0.99 floor from the first step past the warm-up: pruned there.
