@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import studygate
 import torch
 from typer.testing import CliRunner
 
@@ -107,8 +107,12 @@ def _checkpoint_epoch(path: Path) -> int:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(env, tmp_path):
-    args = ["--epochs", "6", "--batch-size", "128", "--json"]
+    # The study gate (tests/studygate.py) holds the trial at the start of its epoch 3, epoch 2
+    # checkpointed: it is killed there, however fast or busy the machine. Released, it is plain CE.
     ck = tmp_path / "killed"
+    gate = tmp_path / "gate"
+    env = {**env, **studygate.arm(gate, records=str(ck / "checkpoint.pt"), after=1, hold_from_epoch=2)}
+    args = ["--regularizer", "studygate:ce", "--epochs", "6", "--batch-size", "128", "--json"]
     proc = subprocess.Popen(
         [STUDY, "trial", *args, "--checkpoint-dir", str(ck)],
         env=env,
@@ -116,16 +120,13 @@ def test_sigkill_then_resume_matches_uninterrupted(env, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 90
-        while _checkpoint_epoch(ck / "checkpoint.pt") < 2:
-            assert proc.poll() is None, "the trial ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint of epoch 2 within 90 s"
-            time.sleep(0.02)
+        assert [h["epochs_done"] for h in studygate.wait_until_held(gate, proc, timeout_s=90)] == [2]
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
+    studygate.release(gate)
     killed_at = _checkpoint_epoch(ck / "checkpoint.pt")
-    assert proc.returncode == -signal.SIGKILL and 2 <= killed_at < 6
+    assert proc.returncode == -signal.SIGKILL and killed_at == 2
     resumed = run_study([*args, "--checkpoint-dir", str(ck)], env)
     straight = run_study([*args, "--checkpoint-dir", str(tmp_path / "straight")], env)
     assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr + straight.stderr

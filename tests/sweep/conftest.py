@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import studygate
 
 STUDY_BIN = str(Path(sys.executable).with_name("study"))
 
@@ -29,22 +29,35 @@ def env_cache(tmp_path_factory):
         os.environ["REGSTUDY_CACHE"] = old
 
 
-def _run_and_sigkill(spec_path: Path, out: Path, ready: Callable[[], bool], *args: str) -> list[str]:
-    """`study run` (plus `args`) in the background until `ready()` (or 240 s), then SIGKILL the driver
-    and every process it started (Ray's own included): no chance to clean up. Returns the command."""
-    cmd = [STUDY_BIN, "run", str(spec_path), "--out", str(out), "--quiet", "--no-report", *args]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not ready():
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return cmd
-
-
 @pytest.fixture
-def run_and_sigkill() -> Callable[..., list[str]]:
-    return _run_and_sigkill
+def run_and_sigkill(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
+    """`run(spec_path, out, *args, records=GLOB, after=N, hold_from_epoch=1)`: `study run` (plus
+    `args`) in the background until the study gate (tests/studygate.py) holds a trial - one that has
+    finished `hold_from_epoch` epochs once `after` files match `out / GLOB` - then SIGKILL the driver
+    and every process it started (Ray's own included): no chance to clean up. The gate is then
+    released, so a `--resume` runs the study to its end. The spec's regularizers must be the gate's
+    (`"studygate:ce"`, `"studygate:label_smoothing"`). Returns the command."""
+
+    def run(spec_path: Path, out: Path, *args: str, records: str, after: int, hold_from_epoch: int = 1):
+        gate = out.parent / "gate"
+        # In os.environ, so that the resume the test runs next sees the (released) gate too.
+        for key, value in studygate.arm(
+            gate, records=str(out / records), after=after, hold_from_epoch=hold_from_epoch
+        ).items():
+            monkeypatch.setenv(key, value)
+        cmd = [STUDY_BIN, "run", str(spec_path), "--out", str(out), "--quiet", "--no-report", *args]
+        proc = subprocess.Popen(
+            cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            studygate.wait_until_held(gate, proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        studygate.release(gate)
+        return cmd
+
+    return run
 
 
 @pytest.fixture

@@ -284,8 +284,9 @@ def test_check_address_refused_port_answers_at_once():
 
     t0 = time.time()
     problem = check_address("127.0.0.1:1")
-    # ray.init on the same address retries for about half a minute before giving up.
-    assert time.time() - t0 < 2.0
+    # ray.init on the same address retries for about half a minute before giving up; a third of that
+    # leaves room for a busy machine and still tells the two apart.
+    assert time.time() - t0 < 10.0
     assert problem is not None and "127.0.0.1:1" in problem and "\n" not in problem
 
 

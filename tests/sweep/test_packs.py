@@ -26,8 +26,8 @@ name: {name}
 dataset: {{name: mnist1d, options: {{max_train: 1200, max_test: 400}}}}
 models: [cnn1d]
 regularizers:
-  ce: {{}}
-  label_smoothing: {{alpha: 0.1}}
+  "{prefix}ce": {{}}
+  "{prefix}label_smoothing": {{alpha: 0.1}}
 noise:
   - {{kind: none}}
 train: {{epochs: {epochs}, batch_size: 64, optimizer: adamw, lr: {{grid: [1.0e-6, 3.0e-2]}}}}
@@ -42,8 +42,9 @@ max_failures: 0
 """
 
 
-def _write(path: Path, name: str, k: int | str, epochs: int = 4) -> Path:
-    path.write_text(SPEC.format(name=name, k=k, epochs=epochs))
+def _write(path: Path, name: str, k: int | str, epochs: int = 4, prefix: str = "") -> Path:
+    """`prefix="studygate:"` puts the losses behind the study gate (tests/studygate.py)."""
+    path.write_text(SPEC.format(name=name, k=k, epochs=epochs, prefix=prefix))
     return path
 
 
@@ -102,18 +103,14 @@ def test_members_of_one_pack_are_pruned_one_by_one(studies):
     ]  # fmt: skip
 
 
-def _mid_final_pack(out: Path) -> bool:
-    """A final pack has checkpointed an epoch but not finished: the moment to kill it."""
-    ckpts = list((out / "checkpoints").glob("final*/checkpoint.pt"))
-    return bool(ckpts) and not list((out / "records" / "final").glob("*.json"))
-
-
 def test_sigkill_during_a_packed_epoch_then_resume_loses_duplicates_and_reruns_nothing(
     tmp_path, env_cache, run_and_sigkill
 ):
-    spec_path = _write(tmp_path / "kill.yaml", "packs-kill", 3, epochs=8)
+    spec_path = _write(tmp_path / "kill.yaml", "packs-kill", 3, epochs=8, prefix="studygate:")
     out = tmp_path / "out"
-    cmd = run_and_sigkill(spec_path, out, lambda: _mid_final_pack(out), "--max-concurrent", "1")
+    # One pack at a time: every search member has ended (4 records) before a final pack starts; the
+    # gate holds the first final pack at the start of its epoch 2, its epoch 1 checkpointed.
+    cmd = run_and_sigkill(spec_path, out, "--max-concurrent", "1", records="records/search/*.json", after=4)
     records_before = {p.name: json.loads(p.read_text()) for p in (out / "records").glob("*/*.json")}
     rows_before = {
         p.parent.name: torch.load(p, weights_only=True)["epoch_rows"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+import studygate
 
 from reports.build import check_parquet
 from reports.query import list_studies
@@ -32,7 +33,7 @@ SPEC = """\
 name: private
 dataset: {name: mnist1d, options: {max_train: 1200, max_test: 400}}
 models: [cnn1d]
-regularizers: {ce: {}, label_smoothing: {alpha: {low: 0.0, high: 0.3}}}
+regularizers: {"studygate:ce": {}, "studygate:label_smoothing": {alpha: {low: 0.0, high: 0.3}}}
 noise: [{kind: none}]
 train: {epochs: 8, batch_size: 64, lr: {low: 1.0e-4, high: 3.0e-2, log: true}}
 search: {trials_per_cell: 6, sampler: random, pruner: {kind: none}}
@@ -68,24 +69,29 @@ def _listening(procs: list[psutil.Process]) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
-    """`study run` until its search has recorded a trial; then what it listens on, a second driver's
-    answer, and how long its Ray processes survive a SIGKILL of the driver alone."""
+    """`study run` held by the study gate (tests/studygate.py) once its search has recorded a trial;
+    then what it listens on, a second driver's answer, and how long its Ray processes survive a SIGKILL
+    of the driver alone. The gate stays shut until the driver is dead: the run is certainly alive for
+    every observation, however fast or busy the machine."""
     root = tmp_path_factory.mktemp("private")
     spec = root / "spec.yaml"
     spec.write_text(SPEC)
     out = root / "out"
+    gate = root / "gate"
     mark = uuid.uuid4().hex
-    env = {**os.environ, MARK: mark, "REGSTUDY_CACHE": str(root / "cache")}
+    env = {
+        **os.environ,
+        MARK: mark,
+        "REGSTUDY_CACHE": str(root / "cache"),
+        **studygate.arm(gate, records=str(out / "records" / "search" / "*.json"), after=1),
+    }
     cmd = [STUDY_BIN, "run", str(spec), "--out", str(out), "--quiet", "--no-report"]
     driver = subprocess.Popen(
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    seen: dict = {"cmd": cmd, "env": env, "out": out, "mark": mark}
+    seen: dict = {"cmd": cmd, "env": env, "out": out, "mark": mark, "gate": gate}
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list((out / "records" / "search").glob("*.json")):
-            assert driver.poll() is None, "the study ended before it could be observed"
-            time.sleep(0.2)
+        studygate.wait_until_held(gate, driver)
         seen["second"] = subprocess.run(
             [*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120
         )
@@ -94,7 +100,6 @@ def killed_run(tmp_path_factory):
         seen["listening"] = _listening(procs)
         seen["driver_pid"] = driver.pid
         seen["ls_running"] = {s["study"]: s["status"] for s in list_studies(root)}
-        assert driver.poll() is None, "the study ended before it could be killed"
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         killed_at = time.time()
@@ -103,8 +108,11 @@ def killed_run(tmp_path_factory):
         seen["left_after_s"] = time.time() - killed_at
         seen["left"] = [(p.pid, p.name()) for p in _run_processes(mark)]
         seen["ls_killed"] = {s["study"]: s["status"] for s in list_studies(root)}
+        studygate.release(gate)  # the resumes below run the study to its end
         yield seen
     finally:
+        if driver.poll() is None:
+            driver.kill()
         for proc in _run_processes(mark):  # only this run's processes, whatever a failed check left
             proc.kill()
 

@@ -46,6 +46,8 @@ max_failures: 1
 """
 
 REGS = "  ce: {}\n  label_smoothing: {alpha: {low: 0.0, high: 0.3}}"
+# The same losses behind the study gate (tests/studygate.py), for the tests that kill a running study.
+GATED_REGS = '  "studygate:ce": {}\n  "studygate:label_smoothing": {alpha: {low: 0.0, high: 0.3}}'
 
 
 def _write_spec(path: Path, name: str, *, regularizers: str = REGS, epochs: int = 4, trials: int = 4) -> Path:
@@ -195,10 +197,10 @@ def _resume(cmd: list[str], out: Path) -> pd.DataFrame:
 
 
 def test_resume_after_sigkill_has_no_missing_duplicate_or_rerun_trials(tmp_path, env_cache, run_and_sigkill):
-    spec_path = _write_spec(tmp_path / "resume.yaml", "resume", epochs=5, trials=5)
+    spec_path = _write_spec(tmp_path / "resume.yaml", "resume", regularizers=GATED_REGS, epochs=5, trials=5)
     out = tmp_path / "out"
     records = out / "records" / "search"
-    cmd = run_and_sigkill(spec_path, out, lambda: len(list(records.glob("*.json"))) >= 4)
+    cmd = run_and_sigkill(spec_path, out, records="records/search/*.json", after=4)
     before = {p.name: json.loads(p.read_text()) for p in records.glob("*.json")}
     assert 4 <= len(before) < 20, "the driver must be killed mid-search"
 
@@ -219,9 +221,11 @@ def test_resume_after_sigkill_in_the_final_phase_reruns_no_finished_trial(
 ):
     # Final trials start while other cells still search (one Tuner for both phases): kill the driver
     # once the first final trial has ended, then resume.
-    spec_path = _write_spec(tmp_path / "resume.yaml", "resume-final", epochs=3, trials=3)
+    spec_path = _write_spec(
+        tmp_path / "resume.yaml", "resume-final", regularizers=GATED_REGS, epochs=3, trials=3
+    )
     out = tmp_path / "out"
-    cmd = run_and_sigkill(spec_path, out, lambda: bool(list((out / "records" / "final").glob("*.json"))))
+    cmd = run_and_sigkill(spec_path, out, records="records/final/*.json", after=1)
     before = {p.name: json.loads(p.read_text()) for p in (out / "records").glob("*/*.json")}
     n_final = sum(rec["phase"] == "final" for rec in before.values())
     assert 1 <= n_final < 4, "the driver must be killed during the final phase"
