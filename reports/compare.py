@@ -9,6 +9,14 @@ diff = mean(d), its 95% t-interval, Cohen's d_z = mean(d) / sd(d), and the paire
 correction runs within each family: the comparisons that answer one question in one setting (one
 group x split x condition x severity x metric), i.e. every regularizer against the reference, or every
 unordered pair in all-pairs mode (a pair is one test; both directions carry its p).
+
+Each comparison also carries its verdict (reports/verdicts.py): better / worse (the Holm-adjusted
+interval excludes 0), equivalent (the 90% interval inside the metric's margin), or undecided with the
+units it would need; and the probability of improvement P(A beats B) with a bootstrap interval.
+
+The unit of pairing is the seed while a study has one search replica per cell; with replicas (a
+``replica`` column holding more than one value), it is the replica, its seeds averaged first, so the
+search's own variance is inside every interval (Bouthillier et al. 2021).
 """
 
 from __future__ import annotations
@@ -17,12 +25,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from reports import verdicts
+from study import vocabulary as vocab
+
 KEYS = ["split", "condition", "severity", "metric"]
 GROUP = ["dataset", "model", "noise_setting"]
 CELL_COLS = ["cell_id", "dataset", "model", "regularizer", "noise_setting", "noise_kind", "noise_rate"]
 COMPARISON_COLUMNS = [
     *GROUP, *KEYS, "regularizer", "reference", "n_pairs", "diff", "diff_ci_low", "diff_ci_high",
-    "effect_size_dz", "t", "p_value", "p_adjusted", "significant",
+    "effect_size_dz", "t", "p_value", "p_adjusted", "significant", "adj_ci_low", "adj_ci_high",
+    "verdict", "margin", "p_improve", "p_improve_low", "p_improve_high", "n_units", "units_needed",
 ]  # fmt: skip
 # NaN severities (most metrics) as a finite sentinel: pandas merges/groupbys on NaN keys are fragile.
 NOSEV = -1.0e300
@@ -57,10 +69,14 @@ def holm(p: pd.Series, groups: pd.DataFrame) -> pd.Series:
 
 
 def per_seed(trials: pd.DataFrame, evals: pd.DataFrame) -> pd.DataFrame:
-    """One value per completed final trial's cell, seed and (split, condition, severity, metric), with
-    the cell's columns; severity NaN as ``NOSEV``. Several trials of one cell and seed are averaged."""
+    """One value per completed final trial's cell, unit and (split, condition, severity, metric), with
+    the cell's columns; severity NaN as ``NOSEV``. The unit (column ``seed``, the pairing key) is the
+    seed, or with search replicas the replica, its seeds averaged (see the module docstring). Several
+    trials of one cell and unit are averaged."""
     final = trials[(trials["phase"] == "final") & (trials["status"] == "completed")]
-    ev = evals.merge(final[["trial_id", "cell_id", "seed"]], on="trial_id", how="inner")
+    replicated = "replica" in final.columns and final["replica"].nunique() > 1
+    unit = final["replica"] if replicated else final["seed"]
+    ev = evals.merge(final[["trial_id", "cell_id"]].assign(seed=unit.to_numpy()), on="trial_id", how="inner")
     if ev.empty:
         return pd.DataFrame(columns=[*CELL_COLS, *KEYS, "seed", "value"])
     ev["severity"] = ev["severity"].astype(float).fillna(NOSEV)
@@ -68,14 +84,21 @@ def per_seed(trials: pd.DataFrame, evals: pd.DataFrame) -> pd.DataFrame:
     return values.merge(trials.drop_duplicates("cell_id")[CELL_COLS], on="cell_id", how="left")
 
 
-def compare(values: pd.DataFrame, *, reference: str | None = "ce", alpha: float = 0.05) -> pd.DataFrame:
+def compare(
+    values: pd.DataFrame,
+    *,
+    reference: str | None = "ce",
+    alpha: float = 0.05,
+    margins: dict[str, float] | None = None,
+) -> pd.DataFrame:
     """Paired comparisons of `per_seed` values (see the module docstring).
 
     Args:
         values: ``per_seed`` output.
         reference: compare every regularizer with this one (rows: regularizer vs reference); None for
             all pairs (rows in both directions, a pair's p counted once in its Holm family).
-        alpha: level of ``significant`` (p_adjusted < alpha).
+        alpha: level of ``significant`` (p_adjusted < alpha) and of the better/worse verdicts.
+        margins: equivalence margins per metric overriding ``study.vocabulary.margin_of``.
 
     Returns:
         COMPARISON_COLUMNS; severity NaN restored. Empty when no pair of cells shares a seed.
@@ -92,7 +115,8 @@ def compare(values: pd.DataFrame, *, reference: str | None = "ce", alpha: float 
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COMPARISON_COLUMNS})
     pairs = pairs.assign(d=pairs["value"] - pairs["ref_value"]).dropna(subset=["d"])
     keys = [*GROUP, *KEYS, "regularizer", "reference"]
-    d = pairs.groupby(keys, sort=False, observed=True)["d"].agg(["mean", "std", "count"]).reset_index()
+    grouped = pairs.groupby(keys, sort=False, observed=True)["d"]
+    d = grouped.agg(["mean", "std", "count"]).reset_index()
     n, sd = d["count"].to_numpy(dtype=float), d["std"].to_numpy(dtype=float)
     half = t_half_width(sd, n)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -119,8 +143,32 @@ def compare(values: pd.DataFrame, *, reference: str | None = "ce", alpha: float 
         back = out.loc[rest, keys].merge(mirror, on=keys, how="left")["p_adjusted"].to_numpy()
         out.loc[rest, "p_adjusted"] = back
     out["significant"] = (out["p_adjusted"] < alpha).fillna(False).astype(bool)
+    out = _with_verdicts(out, sd, [g.to_numpy() for _, g in grouped], alpha, margins)
     out["severity"] = out["severity"].replace(NOSEV, np.nan)
     return out[COMPARISON_COLUMNS].reset_index(drop=True)
+
+
+def _with_verdicts(
+    out: pd.DataFrame, sd: np.ndarray, diffs: list[np.ndarray], alpha: float, margins: dict[str, float] | None
+) -> pd.DataFrame:
+    """Adds the Holm-adjusted interval, verdict, margin, probability of improvement and units needed."""
+    metrics = out["metric"].to_numpy()
+    better = np.array([getattr(vocab.METRIC_BY_NAME.get(m), "better", 0) for m in metrics], dtype=float)
+    margin = np.array([vocab.margin_of(m, margins) for m in metrics], dtype=float)  # None -> NaN
+    diff, n = out["diff"].to_numpy(dtype=float), out["n_pairs"].to_numpy(dtype=float)
+    low, high = verdicts.holm_interval(diff, sd, n, out["p_value"], out["p_adjusted"], alpha)
+    point, p_low, p_high = verdicts.probability_of_improvement(diffs, better)
+    return out.assign(
+        adj_ci_low=low,
+        adj_ci_high=high,
+        verdict=verdicts.decide(diff, sd, n, out["p_adjusted"], margin, better, alpha),
+        margin=margin,
+        p_improve=point,
+        p_improve_low=p_low,
+        p_improve_high=p_high,
+        n_units=out["n_pairs"],
+        units_needed=verdicts.units_needed(diff, sd, margin),
+    )
 
 
 def correction_text(reference: str | None) -> str:

@@ -44,7 +44,9 @@ SUMMARY_COLUMNS = [
     "study", "cell_id", "dataset", "model", "regularizer", "noise_setting", "noise_kind", "noise_rate",
     "split", "condition", "severity", "metric", "mean", "std", "n", "ci_low", "ci_high", "delta_vs_ce",
     "reference", "n_pairs", "diff", "diff_ci_low", "diff_ci_high", "effect_size_dz",
-    "p_value", "p_adjusted", "significant", "best_params", "best_strength", "correction", "test",
+    "p_value", "p_adjusted", "significant", "adj_ci_low", "adj_ci_high", "verdict", "margin",
+    "p_improve", "p_improve_low", "p_improve_high", "n_units", "units_needed",
+    "best_params", "best_strength", "correction", "test",
 ]  # fmt: skip
 
 

@@ -229,3 +229,60 @@ def make_synthetic_study(
                 "versions": {}, "git_sha": None, "schema_version": SCHEMA_VERSION}  # fmt: skip
     (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return {"trials": t, "epochs": e, "evals": ev}
+
+
+def replicated_comparisons(
+    n_studies: int,
+    effect: float,
+    *,
+    replicas: int,
+    seeds: int,
+    search_sd: float,
+    seed_sd: float,
+    rng: np.random.Generator,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`n_studies` independent two-regularizer studies (label_smoothing vs ce, test accuracy), as the
+    final trials' rows of trials.parquet and evals.parquet, for checking verdicts against a planted truth.
+
+    Every source of variance a real study has enters: each search replica of each regularizer picks a
+    configuration whose quality is off by N(0, search_sd) (the search's own luck, fixed for all of that
+    replica's seeds), and each seed adds N(0, seed_sd) twice - once shared by the regularizers (the same
+    noisy labels and data order: what pairing removes) and once their own. The true difference is
+    `effect`. Study k is the dataset ``s<k>``, so one `compare` call decides every study at once.
+    With ``replicas=1`` the unit is the seed and the search's luck is in no interval: the design whose
+    intervals under-cover.
+    """
+    regs = ("ce", "label_smoothing")
+    k, r, s = np.meshgrid(np.arange(n_studies), np.arange(replicas), np.arange(seeds), indexing="ij")
+    k, r, s = k.ravel(), r.ravel(), s.ravel()
+    shared = rng.normal(0.0, seed_sd, size=k.shape)
+    search = rng.normal(0.0, search_sd, size=(len(regs), n_studies, replicas))
+    trials, evals = [], []
+    for j, reg in enumerate(regs):
+        value = 0.8 + effect * j + search[j, k, r] + shared + rng.normal(0.0, seed_sd, size=k.shape)
+        ids = [f"s{a}-{reg}-r{b}-{c}" for a, b, c in zip(k, r, s, strict=True)]
+        trials.append(
+            pd.DataFrame(
+                {
+                    "trial_id": ids,
+                    "cell_id": [f"s{a}/m/{reg}/none" for a in k],
+                    "phase": "final",
+                    "status": "completed",
+                    "seed": s + 1 + r * seeds,
+                    "replica": r,
+                    "dataset": [f"s{a}" for a in k],
+                    "model": "m",
+                    "regularizer": reg,
+                    "noise_setting": "none",
+                    "noise_kind": "none",
+                    "noise_rate": 0.0,
+                }
+            )
+        )
+        evals.append(
+            pd.DataFrame(
+                {"trial_id": ids, "split": "test", "condition": "clean", "severity": np.nan}
+                | {"metric": "accuracy", "value": value}
+            )
+        )
+    return pd.concat(trials, ignore_index=True), pd.concat(evals, ignore_index=True)

@@ -171,6 +171,27 @@ PERCENT_METRICS = frozenset(
      "student_ece", "calibration_gap", "overconfidence_on_errors", "mean_confidence", "distill_gain",
      "teacher_student_gap", "baseline_student_accuracy"}
 )  # fmt: skip
+# Equivalence margins of the verdicts (reports/verdicts.py): a paired difference whose 90% interval lies
+# inside (-margin, +margin) is "equivalent" (two one-sided tests at 5%). One point for [0, 1] metrics;
+# these for the others; a metric with neither gets no equivalence verdict (better, worse or undecided).
+# A spec's `margins:` overrides them per metric.
+DEFAULT_MARGIN_POINTS = 0.01
+MARGINS: dict[str, float] = {
+    "nll": 0.02, "nll_ts": 0.02, "brier": 0.01, "brier_ts": 0.01, "r2": 0.01, "temperature": 0.05,
+}  # fmt: skip
+
+
+def margin_of(metric: str, overrides: dict[str, float] | None = None) -> float | None:
+    """The equivalence margin of `metric` (in its own units), or None when it has none."""
+    if overrides and metric in overrides:
+        return overrides[metric]
+    if metric in MARGINS:
+        return MARGINS[metric]
+    return DEFAULT_MARGIN_POINTS if metric in PERCENT_METRICS else None
+
+
+VERDICTS = ("better", "worse", "equivalent", "undecided")
+
 # Short display names of the built-in regularizers (others are shown as they are named).
 REGULARIZER_SHORT = {
     "ce": "CE",
