@@ -36,6 +36,9 @@ def run(
     storage: str | None = typer.Option(
         None, "--storage", help="Mirror results to s3://bucket/prefix or a shared path (and resume from it)."
     ),
+    seed: int | None = typer.Option(
+        None, "--seed", min=0, max=2**32 - 1, help="Study seed (overrides the spec's `seed:`): a replication."
+    ),
 ) -> None:
     """Run a study spec: search phase, final phase, report."""
     from study.spec import SpecError
@@ -50,6 +53,7 @@ def run(
             max_concurrent=max_concurrent,
             quiet=quiet,
             storage=storage,
+            seed=seed,
         )
     except (SpecError, RunError) as exc:
         from rich.markup import escape

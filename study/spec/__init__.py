@@ -6,6 +6,7 @@ A cell is dataset x model x regularizer x noise setting (``study.sweep.cells`` e
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -18,6 +19,7 @@ from study.spec._checks import (
     format_error,
     loc_path,
 )
+from study.spec._hash import spec_hash
 from study.spec._models import (
     METRICS,
     AdaptiveSeeds,
@@ -37,7 +39,6 @@ from study.spec._models import (
     TrackingSpec,
     TrainSpec,
     WandbSpec,
-    spec_hash,
 )
 from study.spec._values import Choices, Grid, Ramp, Range
 
@@ -62,6 +63,7 @@ __all__ = [
     "StudySpec",
     "TrackingSpec",
     "TrainSpec",
+    "with_seed",
     "WandbSpec",
     "MlflowSpec",
     "spec_hash",
@@ -85,6 +87,18 @@ def load_spec(path: str | Path) -> StudySpec:
     except _yaml.SpecYAMLError as exc:
         raise SpecError(f"{path}: {exc}") from None
     return parse_spec(text, source=str(path))
+
+
+_SEED_LINE = re.compile(r"^seed[ \t]*:.*$", re.MULTILINE)
+
+
+def with_seed(text: str, seed: int) -> str:
+    """The spec's text with its top-level ``seed:`` set to `seed` (appended when absent): what
+    ``study run --seed`` stores as the study's spec.yaml, so the stored spec is the study that ran."""
+    line = f"seed: {seed}  # study run --seed"
+    if _SEED_LINE.search(text):
+        return _SEED_LINE.sub(line, text, count=1)
+    return text.rstrip("\n") + "\n" + line + "\n"
 
 
 def parse_spec(text: str, source: str = "<spec>") -> StudySpec:

@@ -10,8 +10,6 @@ them. Training's lr and weight_decay take only numbers, at every value they can 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -335,6 +333,9 @@ class TrackingSpec(Strict):
 
 class StudySpec(Strict):
     name: str
+    # Every random source derives from it (derive_seed in study/trial/config.py): two seeds are two
+    # independent replications of the whole study; 0 keeps the streams studies always used.
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     models: list[ModelSpec] = Field(min_length=1)
     regularizers: dict[str, dict[str, ParamValue]] = Field(min_length=1)
@@ -396,24 +397,3 @@ class StudySpec(Strict):
                         # "label_smoothing: alpha must be in [-10, 1), but got 2": the path says whose.
                         raise FieldError(loc, str(exc).split(": ", 1)[-1].rstrip(".")) from None
         return self
-
-
-# Fields added after results directories already existed, left out of the hash while unset so that
-# those studies still resume (their hash was computed without them).
-_NEW_NOISE_FIELDS = ("dataset_labels", "label_set", "path")
-
-
-def spec_hash(spec: StudySpec) -> str:
-    """Hash of the resolved spec (defaults filled in), stable across key order and formatting.
-
-    Left out: ``tracking`` (where runs are logged), ``search.keep_checkpoints`` (what stays on disk) and
-    ``resources.trials_per_process`` (how trials share processes): none changes a result.
-    """
-    leave_out = {"tracking": True, "search": {"keep_checkpoints"}, "resources": {"trials_per_process"}}
-    dump = spec.model_dump(mode="json", exclude=leave_out)
-    for noise in dump["noise"]:
-        for key in _NEW_NOISE_FIELDS:
-            if noise.get(key) is None:
-                noise.pop(key, None)
-    blob = json.dumps(dump, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from study.optuna_kinds import PRUNERS, SAMPLERS
 from study.spec import Choices, Grid, Range, StudySpec
 from study.sweep.cells import Cell, search_budget
+from study.trial.config import SAMPLER_STREAM, derive_seed
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -82,7 +83,9 @@ def repair_journal(path: Path) -> str | None:
 
 def make_sampler(spec: StudySpec, cell: Cell) -> optuna.samplers.BaseSampler:
     # A per-cell seed derived from the cell id: reproducible, and cells do not sample in lockstep.
-    seed = spec.search.seed + zlib.crc32(cell.cell_id.encode()) % 100_000
+    seed = derive_seed(
+        spec.seed, SAMPLER_STREAM, spec.search.seed + zlib.crc32(cell.cell_id.encode()) % 100_000
+    )
     grid = None
     if spec.search.sampler == "grid":
         grid = {k: (v.grid if isinstance(v, Grid) else v.choices) for k, v in cell.searched.items()}

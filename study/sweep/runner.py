@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from study.spec import StudySpec, check_local_resources, load_spec, spec_hash
+from study.spec import StudySpec, check_local_resources, load_spec, parse_spec, spec_hash, with_seed
 from study.sweep.cells import expand_cells, planned_counts
 from study.sweep.context import StudyContext
 from study.sweep.live import LiveView, startup_line
@@ -73,9 +73,11 @@ def check_out_dir(spec: StudySpec, out: Path, resume: bool) -> None:
         except (OSError, json.JSONDecodeError):
             raise RunError(f"{out}: manifest.json is unreadable; choose another --out") from None
         if old.get("spec_hash") != spec_hash(spec):
+            was, now = old.get("seed", 0), spec.seed
+            other_seed = f"; it ran with study seed {was}, this run has {now}" if was != now else ""
             raise RunError(
-                f"{out}: holds a different study ({old.get('study')!r}, spec hash {old.get('spec_hash')}); "
-                "choose another --out or delete it"
+                f"{out}: holds a different study ({old.get('study')!r}, spec hash {old.get('spec_hash')}"
+                f"{other_seed}); choose another --out or delete it"
             )
         if not resume:
             raise RunError(f"{out}: study {spec.name!r} already exists here; pass --resume to continue it")
@@ -97,6 +99,7 @@ def prepare_out_dir(spec: StudySpec, spec_text: str, out: Path, resume: bool) ->
     manifest = {
         "study": spec.name,
         "spec_hash": spec_hash(spec),
+        "seed": spec.seed,
         "status": "running",
         "started_at": time.time(),
         "ended_at": None,
@@ -138,15 +141,21 @@ def run_study(
     quiet: bool = False,
     console: Console | None = None,
     storage: str | None = None,
+    seed: int | None = None,
 ) -> Path:
     """Run a study: check everything that can be wrong before Ray starts, then both phases in one
     Tuner, the post phase and the tables; the manifest says how it ended (also when interrupted).
 
     The results directory is locked for the whole run (one writer: study/sweep/lock.py). `resume` on a
-    study that has completed runs nothing: it says so, rebuilds damaged tables and returns.
+    study that has completed runs nothing: it says so, rebuilds damaged tables and returns. `seed`
+    replaces the spec's study seed (the stored spec.yaml says so).
     """
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
+    spec_text = spec_path.read_text()
+    if seed is not None and seed != spec.seed:
+        spec_text = with_seed(spec_text, seed)
+        spec = parse_spec(spec_text, source=str(spec_path))
     if address in (None, "local"):  # a local Ray gets this machine's CPUs/GPUs: more never schedules
         check_local_resources(spec, str(spec_path))
     # Absolute: Ray Tune takes the storage path as a URI and refuses a relative one.
@@ -173,7 +182,7 @@ def run_study(
             return out_dir
         if resume:
             repair_tables(spec, out_dir, rebuild=False)
-        _run(spec, spec_path, out_dir, address, resume, max_concurrent, quiet, console, remote)
+        _run(spec, spec_text, out_dir, address, resume, max_concurrent, quiet, console, remote)
     except RunError:
         lock.release()
         if created:  # bad input writes nothing: not even the directory the lock needed
@@ -188,7 +197,7 @@ def run_study(
 
 def _run(
     spec: StudySpec,
-    spec_path: Path,
+    spec_text: str,
     out_dir: Path,
     address: str | None,
     resume: bool,
@@ -205,7 +214,7 @@ def _run(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunError(f"--address {address or 'local'}: cannot start or join Ray ({first})") from None
     try:
-        manifest = prepare_out_dir(spec, spec_path.read_text(), out_dir, resume)
+        manifest = prepare_out_dir(spec, spec_text, out_dir, resume)
         note = repair_journal(out_dir / "optuna.journal")
     except BaseException:
         tune_lib.shutdown(handle)

@@ -10,9 +10,23 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from study.spec import METRICS, DatasetSpec, EvaluateSpec, ModelSpec, NoiseSetting, TrainSpec
+
+# Random streams a study seed splits into (derive_seed): one per kind of randomness, so that no two
+# sources share draws.
+TRAIN_STREAM, DATA_STREAM, SAMPLER_STREAM = 1, 2, 3
+
+
+def derive_seed(study_seed: int, stream: int, key: int) -> int:
+    """The seed of one random source (`stream`, `key`: a trial's seed, noise seed, sampler seed) in the
+    study replication `study_seed`. Study seed 0 keeps `key` itself: the streams every study used before
+    study seeds existed, so their results reproduce. Others hash all three (numpy's SeedSequence)."""
+    if study_seed == 0:
+        return key
+    return int(np.random.SeedSequence([study_seed, stream, key]).generate_state(1)[0])
 
 
 class RegularizerSetting(BaseModel):
@@ -39,6 +53,7 @@ class TrialConfig(BaseModel):
     noise: NoiseSetting = Field(default_factory=NoiseSetting)
     noise_seed: int = Field(0, ge=0)
     seed: int = Field(0, ge=0)
+    study_seed: int = Field(0, ge=0)
     train: TrainSpec = Field(default_factory=TrainSpec)
     metric: str = "val_accuracy"
     evaluate: EvaluateSpec | None = None
@@ -54,6 +69,16 @@ class TrialConfig(BaseModel):
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, but got {self.metric!r}")
         return self
+
+    @property
+    def train_seed(self) -> int:
+        """Seeds the initial weights, the data order, the regularizer's and the attacks' randomness."""
+        return derive_seed(self.study_seed, TRAIN_STREAM, self.seed)
+
+    @property
+    def data_seed(self) -> int:
+        """Seeds the label noise and the train/validation split (shared by every regularizer)."""
+        return derive_seed(self.study_seed, DATA_STREAM, self.noise_seed)
 
     @property
     def lr(self) -> float:
