@@ -20,13 +20,14 @@ from study.spec import METRICS, DatasetSpec, EvaluateSpec, ModelSpec, NoiseSetti
 TRAIN_STREAM, DATA_STREAM, SAMPLER_STREAM = 1, 2, 3
 
 
-def derive_seed(study_seed: int, stream: int, key: int) -> int:
+def derive_seed(study_seed: int, stream: int, key: int, replica: int = 0) -> int:
     """The seed of one random source (`stream`, `key`: a trial's seed, noise seed, sampler seed) in the
-    study replication `study_seed`. Study seed 0 keeps `key` itself: the streams every study used before
-    study seeds existed, so their results reproduce. Others hash all three (numpy's SeedSequence)."""
-    if study_seed == 0:
+    study replication `study_seed` and search replica `replica`. Study seed 0, replica 0 keeps `key`
+    itself: the streams every study used before study seeds existed, so their results reproduce.
+    Otherwise all four are hashed (numpy's SeedSequence)."""
+    if study_seed == 0 and replica == 0:
         return key
-    return int(np.random.SeedSequence([study_seed, stream, key]).generate_state(1)[0])
+    return int(np.random.SeedSequence([study_seed, stream, key, replica]).generate_state(1)[0])
 
 
 class RegularizerSetting(BaseModel):
@@ -54,6 +55,7 @@ class TrialConfig(BaseModel):
     noise_seed: int = Field(0, ge=0)
     seed: int = Field(0, ge=0)
     study_seed: int = Field(0, ge=0)
+    replica: int = Field(0, ge=0)
     train: TrainSpec = Field(default_factory=TrainSpec)
     metric: str = "val_accuracy"
     evaluate: EvaluateSpec | None = None
@@ -73,12 +75,13 @@ class TrialConfig(BaseModel):
     @property
     def train_seed(self) -> int:
         """Seeds the initial weights, the data order, the regularizer's and the attacks' randomness."""
-        return derive_seed(self.study_seed, TRAIN_STREAM, self.seed)
+        return derive_seed(self.study_seed, TRAIN_STREAM, self.seed, self.replica)
 
     @property
     def data_seed(self) -> int:
-        """Seeds the label noise and the train/validation split (shared by every regularizer)."""
-        return derive_seed(self.study_seed, DATA_STREAM, self.noise_seed)
+        """Seeds the label noise and the train/validation split (shared by every regularizer of a
+        search replica)."""
+        return derive_seed(self.study_seed, DATA_STREAM, self.noise_seed, self.replica)
 
     @property
     def lr(self) -> float:

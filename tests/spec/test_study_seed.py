@@ -50,7 +50,8 @@ def test_derive_seed_keeps_the_old_streams_at_0_and_splits_them_otherwise():
     assert [derive_seed(0, s, k) for s in (TRAIN_STREAM, DATA_STREAM) for k in (0, 1, 7)] == [0, 1, 7] * 2
     drawn = {derive_seed(study, stream, key) for study in (1, 2) for stream in (1, 2, 3) for key in (0, 1)}
     assert len(drawn) == 12  # no two (study seed, stream, key) share a seed
-    expected = int(np.random.SeedSequence([5, SAMPLER_STREAM, 11]).generate_state(1)[0])
+    expected = int(np.random.SeedSequence([5, SAMPLER_STREAM, 11, 0]).generate_state(1)[0])
+    assert derive_seed(0, DATA_STREAM, 3, replica=1) not in (3, derive_seed(0, DATA_STREAM, 3, replica=2))
     assert derive_seed(5, SAMPLER_STREAM, 11) == expected == derive_seed(5, SAMPLER_STREAM, 11)
     cfg = TrialConfig(seed=2, noise_seed=3, study_seed=5)
     assert cfg.train_seed == derive_seed(5, TRAIN_STREAM, 2) and cfg.data_seed == derive_seed(
