@@ -19,7 +19,8 @@ from study import noise as noise_lib
 from study.spec import DatasetSpec, NoiseSetting
 from study.trial.config import TrialConfig
 from study.trial.evaluate import evaluate_model
-from study.trial.fit import Fitted, PreparedData, Report, fit, save_checkpoint
+from study.trial.fit import Fitted, PreparedData, Report, save_checkpoint
+from study.trial.loop import fit
 from study.trial.pack import PackReport, fit_pack
 from study.trial.reference import reference_probabilities
 

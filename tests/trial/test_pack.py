@@ -21,7 +21,8 @@ from study import data, models
 from study.data._readers import RawSplits
 from study.trial.config import TrialConfig
 from study.trial.evaluate import evaluate_model
-from study.trial.fit import PreparedData, fit
+from study.trial.fit import PreparedData
+from study.trial.loop import fit
 from study.trial.pack import fit_pack, pack_key
 from study.trial.packed_net import PackedNet, fast_path_supported
 from study.trial.packed_optim import PackedOptimizer
