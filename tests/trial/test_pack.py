@@ -355,6 +355,19 @@ def test_a_pruned_members_checkpoint_stays_pruned(prep, tmp_path):
     assert fit(cfg, prep, checkpoint=path).status == "pruned"  # alone reads it the same way
 
 
+def test_a_member_whose_checkpoint_cannot_be_read_trains_from_epoch_0(prep, tmp_path, capsys):
+    cfgs = {"a": make_cfg("ce", seed=0), "b": make_cfg("label_smoothing", seed=1, params={"alpha": 0.1})}
+    whole = fit_pack([(k, cfg, prep, None) for k, cfg in cfgs.items()])
+    path = tmp_path / "b.pt"
+    path.write_bytes(b"not a checkpoint")
+    got = fit_pack([("a", cfgs["a"], prep, None), ("b", cfgs["b"], prep, path)])
+    for k in cfgs:
+        assert got[k].status == "completed"
+        assert_rows_match(got[k].epoch_rows, whole[k].epoch_rows, tol=1e-6)
+    assert "training from epoch 0" in capsys.readouterr().err
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+
+
 def test_a_diverging_member_ends_diverged_and_leaves_its_neighbours_untouched(prep):
     adamw = {"optimizer": "adamw", "epochs": 2}
     cfgs = {"ok": make_cfg(lr=3e-3, train=adamw), "boom": make_cfg(seed=1, lr=1e3, train=adamw)}
