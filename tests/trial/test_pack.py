@@ -75,7 +75,7 @@ def assert_weights_match(got: torch.nn.Module, want: torch.nn.Module, tol: float
 
 
 def eval_values(fitted: Any, prep: PreparedData, cfg: TrialConfig) -> dict[tuple, float]:
-    rows = evaluate_model(fitted.model, prep, cfg, CPU)
+    rows = evaluate_model(fitted.model, prep, cfg, CPU).rows
     return {(r["split"], r["condition"], r["metric"], r["severity"]): r["value"] for r in rows}
 
 

@@ -19,7 +19,7 @@ from study.spec import TrainSpec
 from study.trial.config import TrialConfig
 from study.trial.fit import DIVERGENCE_FACTOR, build_model, exploded
 from study.trial.reference import reference_probabilities
-from study.trial.run import prepare_data, run_trial
+from study.trial.run import finish_trial, prepare_data, run_trial, train_trial
 
 SMALL = {"max_train": 400, "max_test": 200}
 
@@ -240,10 +240,10 @@ def test_noise_is_paired_across_regularizers_and_seeds(bundle):
 
 def test_eval_rows_match_metrics_on_the_models_test_logits(bundle):
     cfg = make_cfg(epochs=2, noise_kind="symmetric", noise_rate=0.3)
-    sink: dict[str, torch.nn.Module] = {}
-    result = run_trial(cfg, bundle=bundle, model_sink=sink)
+    _, fitted = train_trial(cfg, bundle=bundle)
+    result = finish_trial(cfg, prepare_data(cfg, bundle), fitted)
     got = clean_metrics(result.eval_rows)
-    model = sink["model"].eval()
+    model = fitted.model.eval()
     prep = prepare_data(cfg, bundle)
     with torch.no_grad():
         x_test = bundle.to_float(bundle.x_test)
