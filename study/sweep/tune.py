@@ -3,8 +3,10 @@
 One Tuner runs both phases. Its Searcher hands out each cell's search trials (study/sweep/source.py),
 then, once the cell's search has ended, its final trials, which fill the slots the search's last trials
 leave idle in the same warm workers. The TrialScheduler reports every epoch to the cell's Optuna study
-and asks its pruner; pruned trials are told to Optuna as PRUNED (Ray's own OptunaSearch would store them
-as COMPLETE with a partial-budget value). With ``trials_per_process`` > 1 a Tune trial is a pack: its
+and asks its pruner. Every end of a trial (its final result, Tune stopping a pruned trial, a failure)
+reaches the study through one hook, the TrialEnds callback, as one ``StudyContext.trial_ended`` call;
+pruned trials are told to Optuna as PRUNED (Ray's own OptunaSearch would store them as COMPLETE with a
+partial-budget value). With ``trials_per_process`` > 1 a Tune trial is a pack: its
 members report with their id; the scheduler prunes members one by one, and refills the pack, through
 a PackBoard actor.
 

@@ -3,9 +3,11 @@
 Each member stays its own trial: its seed (initial weights), data order (its own generator), learning
 rate and weight decay, regularizer instance (stateful ones such as online label smoothing and
 DisturbLabel keep their own state), noise seed and split (a cell's final seeds each have theirs), epoch
-rows, best value, pruning, divergence and checkpoint. Only the forward/backward pass and the optimizer
-update are batched (study/trial/packed_net.py, packed_optim.py). A member's checkpoint has the format
-of the same trial trained alone (study/trial/fit.py), so either resumes the other.
+rows, best value, pruning, divergence and checkpoint: a ``Member`` of study/trial/loop.py, created,
+trained epoch by epoch and ended by the same code as the trial alone. Only the data batching, the
+forward/backward pass and the optimizer update are the pack's own (``_Pack``'s step, over
+study/trial/packed_net.py and packed_optim.py). A member's checkpoint has the format of the same trial
+trained alone, so either resumes the other.
 
 A member that ends (completed, pruned, diverged) leaves the pack at the end of its epoch; ``refill``
 may hand in new members for the free slots, which start at their own epoch 0 next to the others.
