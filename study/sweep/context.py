@@ -122,7 +122,9 @@ class StudyContext(DriverOnly):
         recs = (self.by_tune_id.get(i) for i in self.packs.get(tune_id, [tune_id]))
         ended = [r for r in recs if r is not None and r.ended_at is None]
         for rec in ended:
-            if result and "final" in result:
+            # A pruned trial is recorded as the driver saw it when it pruned: Tune stops a trial alone
+            # before it sends a result, and a pruned pack member's record must be the same.
+            if result and "final" in result and rec.status != "pruned":
                 rec.payload = json.loads(result["final"])
             self._record_end(rec, error)
             if rec.phase == "search" and self.studies is not None:
