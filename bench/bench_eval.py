@@ -20,7 +20,7 @@ from study.spec import load_spec
 from study.sweep.cells import expand_cells
 from study.trial.evaluate import evaluate_model
 from study.trial.fit import resolve_device
-from study.trial.run import prepare_data, run_trial
+from study.trial.run import prepare_data, train_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +35,10 @@ def main(name: str) -> None:
     device = resolve_device(cfg.train.device)
     train_s, eval_s = [], []
     for rep in range(4):
-        holder: dict = {}
         t0 = time.perf_counter()
-        run_trial(cfg.model_copy(update={"evaluate": None}), prepared=prep, model_sink=holder)
+        _, fitted = train_trial(cfg.model_copy(update={"evaluate": None}), prepared=prep)
         t1 = time.perf_counter()
-        evaluate_model(holder["model"], prep, cfg, device)
+        evaluate_model(fitted.model, prep, cfg, device)
         t2 = time.perf_counter()
         if rep:  # the first repetition warms up imports and allocator
             train_s.append(t1 - t0)

@@ -21,7 +21,6 @@ from study.spec import StudySpec
 from study.sweep.cells import Cell, expand_cells
 from study.sweep.optuna_cells import CellStudies
 from study.sweep.records import Records, TrialRecord, safe_name, trial_id_for, trial_key
-from study.sweep.seeds import SeedPlan
 from study.vocabulary import EPOCH_COLUMNS, TERM_PREFIX
 
 
@@ -53,11 +52,8 @@ class StudyContext(DriverOnly):
         self.after_trial: Callable[[], None] = lambda: None
         # One line per thing the user should know that is not an error (e.g. a cell with no finals).
         self.notes: list[str] = []
-        # How many final seeds each cell got and why it stopped (set by TrialSource; manifest).
-        self.seed_plan: SeedPlan | None = None
-        # Tune trial id -> its members' ids (member_id) when trials are packed; members told to Optuna.
+        # Tune trial id -> its members' ids (member_id) when trials are packed.
         self.packs: dict[str, list[str]] = {}
-        self.told: set[str] = set()
         self.pack_board: Any = None  # the Ray actor packs read pruned and new members from (sweep/tune.py)
 
     def progress(self) -> None:
@@ -94,10 +90,18 @@ class StudyContext(DriverOnly):
         return {"trial": config, "name": run_name(rec)}
 
     def epoch_result(self, tune_id: str, result: dict) -> bool:
+        """One reported epoch of a trial (or pack member): its row (the one place epoch rows are added)
+        and, for a search trial, the cell pruner's verdict. True when it prunes the trial: the trial is
+        marked pruned and ends when Tune stops it or its pack reports its result (``trial_ended``)."""
         rec = self.by_tune_id.get(tune_id)
-        if rec is None or self.studies is None or rec.phase != "search":
+        if rec is None or rec.ended_at is not None:
             return False
-        self.add_epoch_row(rec, result)
+        rec.node, rec.device = result.get("node", rec.node), result.get("device", rec.device)
+        row = {k: result[k] for k in result if k in EPOCH_COLUMNS or k.startswith(TERM_PREFIX)}
+        rec.epoch_rows = [r for r in rec.epoch_rows if r["epoch"] != row["epoch"]] + [row]
+        self.progress()
+        if self.studies is None or rec.phase != "search" or rec.status == "pruned":
+            return False
         prune = self.studies.report_and_should_prune(
             rec.optuna_id, float(result["objective"]), int(result["epoch"])
         )
@@ -105,56 +109,62 @@ class StudyContext(DriverOnly):
         # reaches the sampler) instead of being pruned at the end; its last value is reported all the same.
         prune = prune and int(result["epoch"]) < int(rec.config["train"]["epochs"])
         if prune:
-            # Record first, then tell Optuna: a driver killed in between leaves a record whose trial
-            # Optuna still shows RUNNING (resume re-attaches it), never a finished trial without a row.
             rec.status = "pruned"
-            self.finish(tune_id, error=None)
-            self.studies.tell(rec.optuna_id, TrialState.PRUNED, status="pruned")
         return prune
 
-    @staticmethod
-    def add_epoch_row(rec: TrialRecord, result: dict) -> None:
-        rec.node, rec.device = result.get("node", rec.node), result.get("device", rec.device)
-        row = {k: result[k] for k in result if k in EPOCH_COLUMNS or k.startswith(TERM_PREFIX)}
-        rec.epoch_rows = [r for r in rec.epoch_rows if r["epoch"] != row["epoch"]] + [row]
+    def trial_ended(self, tune_id: str, result: dict | None = None, error: str | None = None) -> None:
+        """A trial has ended, whatever ended it: its final `result` (its payload under ``"final"``), an
+        `error`, or Tune stopping a trial the pruner marked. The one path to a trial's record and Optuna
+        tell. `tune_id` may be a pack's: every member still running ends with it (a failed pack; a
+        pack's members normally end one by one, each with its own result). A trial that has ended
+        already is left as it is: its worker may report it again (a retried pack re-reports its
+        ended members; a pruned member still reports its result)."""
+        recs = (self.by_tune_id.get(i) for i in self.packs.get(tune_id, [tune_id]))
+        ended = [r for r in recs if r is not None and r.ended_at is None]
+        for rec in ended:
+            # A pruned trial is recorded as the driver saw it when it pruned: Tune stops a trial alone
+            # before it sends a result, and a pruned pack member's record must be the same.
+            if result and "final" in result and rec.status != "pruned":
+                rec.payload = json.loads(result["final"])
+            self._record_end(rec, error)
+            if rec.phase == "search" and self.studies is not None:
+                self._tell(rec)
+        if ended:
+            self.after_trial()
 
-    def search_trial_ended(self, tune_id: str, result: dict | None, error: bool) -> None:
-        """Tune's trial ended: record it and tell Optuna (each member of a pack not told before)."""
-        if tune_id in self.packs:
-            for mid in self.packs[tune_id]:
-                if mid not in self.told:
-                    self._search_trial_ended(mid, None, error)
-            return
-        self._search_trial_ended(tune_id, result, error)
+    def _record_end(self, rec: TrialRecord, error: str | None) -> None:
+        rec.ended_at = time.time()
+        if rec.status == "pruned":
+            pass  # the pruner's verdict stands, whatever the worker did after it
+        elif error is not None:
+            rec.status, rec.error = "failed", error
+        else:
+            rec.status = rec.payload["status"] if rec.payload else "failed"
+            if rec.payload is None:
+                rec.error = "trial ended without a final result"
+        if rec.payload:
+            # Epoch rows restored from a checkpoint on resume are in the payload, not in the live stream.
+            rec.epoch_rows = rec.payload.get("epoch_rows") or rec.epoch_rows
+            rec.started_at = rec.payload.get("started_at", rec.started_at)
+        # Record first, then tell Optuna: a driver killed in between leaves a record whose trial Optuna
+        # still shows RUNNING (TrialSource tells it on resume), never a finished trial without a row.
+        self.records.save(rec)
+        if rec.phase == "search" and not self.spec.search.keep_checkpoints:
+            shutil.rmtree(self._checkpoint_dir(rec.key), ignore_errors=True)
+        self.progress()
 
-    def _search_trial_ended(self, tune_id: str, result: dict | None, error: bool) -> None:
-        self.told.add(tune_id)
-        rec = self.by_tune_id.get(tune_id)
-        if rec is None or self.studies is None or rec.phase != "search" or rec.status == "pruned":
-            return
-        if result and "final" in result:
-            rec.payload = json.loads(result["final"])
-        self.finish(tune_id, error="trial failed" if error else None)
+    def _tell(self, rec: TrialRecord) -> None:
+        assert self.studies is not None
         payload = rec.payload
-        if error or payload is None:
+        if rec.status == "pruned":
+            self.studies.tell(rec.optuna_id, TrialState.PRUNED, status="pruned")
+        elif rec.status == "failed" or payload is None:
             self.studies.tell(rec.optuna_id, TrialState.FAIL, status="failed")
         elif payload["status"] == "completed" and payload["best_value"] is not None:
             self.studies.tell(rec.optuna_id, TrialState.COMPLETE, payload["best_value"], status="completed")
         else:
             # Diverged trials are not COMPLETE: their value would mislead the sampler.
             self.studies.tell(rec.optuna_id, TrialState.FAIL, status=payload["status"])
-
-    def member_result(self, member: str, result: dict) -> None:
-        """A pack member's final result (its payload): it has ended, whatever the rest of its pack does."""
-        rec = self.by_tune_id.get(member)
-        if rec is None or member in self.told or rec.ended_at is not None:
-            return  # e.g. a pruned member, or a retried pack reporting a member again
-        if rec.phase == "search":
-            self._search_trial_ended(member, result, error=False)
-        else:
-            rec.payload = json.loads(result["final"])
-            self.finish(member, error=None)
-        self.after_trial()
 
     def pack(self, tune_id: str, members: list[dict[str, Any]]) -> dict[str, Any]:
         """The Tune config of a pack: its members' configs (from new_*_trial with member_id ids)."""
@@ -167,36 +177,6 @@ class StudyContext(DriverOnly):
             name = f"{run_name(recs[0])}+{len(recs) - 1}"
         configs = [{"id": i, "trial": m["trial"]} for i, m in zip(ids, members, strict=True)]
         return {"pack": configs, "name": name}
-
-    def finish(self, tune_id: str, error: str | None) -> None:
-        """Record that a trial (every member of a pack) ended; `error` marks it failed."""
-        for member in self.packs.get(tune_id, [tune_id]):
-            self._finish(member, error)
-
-    def _finish(self, tune_id: str, error: str | None) -> None:
-        rec = self.by_tune_id.get(tune_id)
-        if rec is None:
-            return
-        if rec.ended_at is not None:
-            if error is not None and rec.status == "failed" and error != rec.error:
-                rec.error = error  # the callback knows the real error text; the searcher did not
-                self.records.save(rec)
-            return
-        rec.ended_at = time.time()
-        if error is not None:
-            rec.status, rec.error = "failed", error
-        elif rec.status != "pruned":
-            rec.status = rec.payload["status"] if rec.payload else "failed"
-            if rec.payload is None:
-                rec.error = "trial ended without a final result"
-        if rec.payload:
-            # Epoch rows restored from a checkpoint on resume are in the payload, not in the live stream.
-            rec.epoch_rows = rec.payload.get("epoch_rows") or rec.epoch_rows
-            rec.started_at = rec.payload.get("started_at", rec.started_at)
-        self.records.save(rec)
-        if rec.phase == "search" and not self.spec.search.keep_checkpoints:
-            shutil.rmtree(self._checkpoint_dir(rec.key), ignore_errors=True)
-        self.progress()
 
     def remove_search_checkpoints(self) -> None:
         """Remove the checkpoints of every ended search trial (keep_checkpoints: false), also those a

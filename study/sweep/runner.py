@@ -8,7 +8,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -20,6 +20,9 @@ from study.sweep.lock import LockedError, ResultsLock
 from study.sweep.optuna_cells import CellStudies, repair_journal
 from study.sweep.records import write_tables
 from study.vocabulary import LOCK_FILE, LOCK_OWNER_FILE
+
+if TYPE_CHECKING:
+    from study.sweep.seeds import SeedPlan
 
 
 class RunError(ValueError):
@@ -207,6 +210,7 @@ def _run(
     remote: tuple[Any, str] | None,
 ) -> None:
     from study.sweep import tune as tune_lib
+    from study.sweep.source import TrialSource
 
     try:
         handle = tune_lib.init_ray(address)
@@ -220,15 +224,17 @@ def _run(
         tune_lib.shutdown(handle)
         raise
     sync(remote, out_dir)
-    holder: dict[str, Any] = {"ctx": None}
+    ctx: StudyContext | None = None
+    source: TrialSource | None = None
     status = "failed"
     try:
         slots = max_concurrent or tune_lib.cluster_slots(spec, handle)
         studies = CellStudies(spec, expand_cells(spec), out_dir / "optuna.journal")
-        with LiveView(spec, lambda: holder["ctx"], console, quiet) as view:
-            ctx = StudyContext(spec, out_dir, studies, view)
-            ctx.notes.extend([note] if note else [])
-            holder["ctx"] = ctx
+        # The view reads the context, which tells the view of progress: the view is attached once both exist.
+        ctx = StudyContext(spec, out_dir, studies, on_progress=lambda: None)
+        ctx.notes.extend([note] if note else [])
+        with LiveView(spec, lambda: ctx, console, quiet) as view:
+            ctx.on_progress = view
             if remote:
                 ctx.tune_storage = (f"{remote[1]}/ray", remote[0])
                 ctx.after_trial = lambda: sync(remote, out_dir, light=True)
@@ -242,7 +248,8 @@ def _run(
                 set_status(out_dir, manifest, "post")
                 view.post_progress(0, jobs)
 
-            tune_lib.run_trials(spec, out_dir, ctx, slots, on_search_done=search_done)
+            source = TrialSource(spec, list(ctx.cells.values()), studies, ctx, on_search_done=search_done)
+            tune_lib.run_trials(spec, out_dir, ctx, source, slots)
             tune_lib.run_post_phase(spec, ctx, slots, on_start=post_started, on_progress=view.post_progress)
         write_tables(spec, out_dir)
         status = "completed"
@@ -251,9 +258,9 @@ def _run(
         raise
     finally:
         tune_lib.shutdown(handle)
-        if holder["ctx"] is not None:
-            holder["ctx"].remove_search_checkpoints()  # those whose trial ended while a worker wrote
-        _finish(spec, out_dir, manifest, status, holder["ctx"], console, remote)
+        if ctx is not None:
+            ctx.remove_search_checkpoints()  # those whose trial ended while a worker wrote
+        _finish(spec, out_dir, manifest, status, ctx, source.seeds if source else None, console, remote)
 
 
 def _manifest_status(out_dir: Path) -> str | None:
@@ -364,6 +371,7 @@ def _finish(
     manifest: dict[str, Any],
     status: str,
     ctx: StudyContext | None,
+    seeds: SeedPlan | None,
     console: Console,
     remote: tuple[Any, str] | None,
 ) -> None:
@@ -379,8 +387,8 @@ def _finish(
     manifest["status"] = status
     manifest.setdefault("phases", []).append([status, manifest["ended_at"]])
     manifest["schema_version"] = SCHEMA_VERSION
-    if ctx is not None and ctx.seed_plan is not None and ctx.seed_plan.adaptive is not None:
-        manifest["final_seeds"] = ctx.seed_plan.record()
+    if seeds is not None and seeds.adaptive is not None:
+        manifest["final_seeds"] = seeds.record()
     if ctx is not None and ctx.notes:
         manifest["notes"] = sorted(set(manifest.get("notes", [])) | set(ctx.notes))
         for note in ctx.notes:

@@ -30,7 +30,8 @@ class TrialSource:
     then, cell by cell as each one's search ends, that cell's final trials.
 
     Ray-free: the Tune searcher (study/sweep/tune.py) only forwards to it, so tests drive it the way
-    Tune does (one ``suggest`` per free slot, results told back) without starting Ray.
+    Tune does (one ``suggest`` per free slot, each end told to ``StudyContext.trial_ended``) without
+    starting Ray.
     """
 
     def __init__(
@@ -61,8 +62,8 @@ class TrialSource:
         self.final_queue: list[tuple[Cell, dict[str, Any], int]] = []
         self.final_params: dict[str, dict[str, Any]] = {}  # cell id -> the config its finals retrain
         self.queued: set[str] = set()  # final trial keys queued (or handed out) by this driver
+        # How many final seeds each cell gets and why it stopped (the runner writes it to the manifest).
         self.seeds = SeedPlan(spec, cells)
-        ctx.seed_plan = self.seeds
 
     def remaining(self) -> int:
         """Trials still to run: the search budget not yet ended plus final trials not yet done."""
@@ -216,9 +217,6 @@ class TrialSource:
             }  # fmt: skip
         for cell_id in self.seeds.advance(accuracy):
             self._queue_seeds(self.ctx.cells[cell_id])
-
-    def ended(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.ctx.search_trial_ended(trial_id, result, error)
 
 
 def _test_accuracy(rec: dict[str, Any] | None) -> float | None:

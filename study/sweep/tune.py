@@ -3,8 +3,10 @@
 One Tuner runs both phases. Its Searcher hands out each cell's search trials (study/sweep/source.py),
 then, once the cell's search has ended, its final trials, which fill the slots the search's last trials
 leave idle in the same warm workers. The TrialScheduler reports every epoch to the cell's Optuna study
-and asks its pruner; pruned trials are told to Optuna as PRUNED (Ray's own OptunaSearch would store them
-as COMPLETE with a partial-budget value). With ``trials_per_process`` > 1 a Tune trial is a pack: its
+and asks its pruner. Every end of a trial (its final result, Tune stopping a pruned trial, a failure)
+reaches the study through one hook, the TrialEnds callback, as one ``StudyContext.trial_ended`` call;
+pruned trials are told to Optuna as PRUNED (Ray's own OptunaSearch would store them as COMPLETE with a
+partial-budget value). With ``trials_per_process`` > 1 a Tune trial is a pack: its
 members report with their id; the scheduler prunes members one by one, and refills the pack, through
 a PackBoard actor.
 
@@ -16,7 +18,6 @@ from their last epoch) and asks only the remaining budget: nothing completed re-
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -117,7 +118,7 @@ class CellSearcher(Searcher):
         return Searcher.FINISHED if config == FINISHED else config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.source.ended(trial_id, result, error)
+        return None  # a trial's end reaches the study through TrialEnds (same controller event, see there)
 
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
         return None
@@ -127,7 +128,10 @@ class CellSearcher(Searcher):
 
 
 class OptunaPruningScheduler(FIFOScheduler):
-    """Reports every epoch to the cell's Optuna study and stops the trial when its pruner says so."""
+    """Every reported epoch (of a trial or a pack member) goes to the study, which asks the cell's
+    pruner; a pruned trial is stopped (a pruned member is dropped by its pack through the board). Tune
+    calls the scheduler before anything else with each result, and never with the end-of-function
+    duplicate of a result it stopped on."""
 
     def __init__(self, ctx: StudyContext, source: TrialSource) -> None:
         super().__init__()
@@ -139,7 +143,7 @@ class OptunaPruningScheduler(FIFOScheduler):
             new = self.source.refill(trial.trial_id, int(result["refill"]))
             ray.get(self.ctx.pack_board.put.remote(f"refill/{trial.trial_id}", new))
             return TrialScheduler.CONTINUE
-        if "final" in result or "epoch" not in result:
+        if "epoch" not in result:
             return TrialScheduler.CONTINUE
         member = result.get("member")
         prune = self.ctx.epoch_result(member or trial.trial_id, result)
@@ -148,32 +152,29 @@ class OptunaPruningScheduler(FIFOScheduler):
         return TrialScheduler.STOP if prune and member is None else TrialScheduler.CONTINUE
 
 
-class Collector(Callback):
-    """Collects epoch rows and final payloads in the driver and keeps the live view up to date."""
+class TrialEnds(Callback):
+    """The one Tune hook through which a trial's end reaches the study (``StudyContext.trial_ended``):
+    a final result ends the trial or pack member it names; Tune's end of a trial ends whatever of it
+    still runs (a pruned trial Tune stopped, the members of a pack that failed) with the error text.
+
+    Callbacks see each result once (Tune's scheduler and searcher also get the duplicate a function
+    trainable's return sends). Ray 2.60's TuneController.step() asks the searcher (``suggest``) first,
+    then handles one event, and calls these hooks inside that event (``_process_trial_result``,
+    ``stop_trial``, ``_process_trial_failure``): a trial's end is recorded and told to Optuna before
+    the next ``suggest``, which may then start the cell's final trials."""
 
     def __init__(self, ctx: StudyContext) -> None:
         self.ctx = ctx
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        member = result.get("member")
-        rec = self.ctx.by_tune_id.get(member or trial.trial_id)
-        if rec is None:
-            return
-        if "final" in result and member is not None:
-            self.ctx.member_result(member, result)  # a member ends when its result arrives
-        elif "final" in result:
-            rec.payload = json.loads(result["final"])
-        elif "epoch" in result:
-            StudyContext.add_epoch_row(rec, result)
-        self.ctx.progress()
+        if "final" in result:
+            self.ctx.trial_ended(result.get("member") or trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.ctx.finish(trial.trial_id, error=None)
-        self.ctx.after_trial()
+        self.ctx.trial_ended(trial.trial_id)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.ctx.finish(trial.trial_id, error=trial_error_text(trial))
-        self.ctx.after_trial()
+        self.ctx.trial_ended(trial.trial_id, error=trial_error_text(trial))
 
 
 @dataclass
@@ -329,15 +330,11 @@ def tracking_callbacks(spec: StudySpec) -> list[Callback]:
 
 
 def run_trials(
-    spec: StudySpec,
-    out: Path,
-    ctx: StudyContext,
-    max_concurrent: int,
-    on_search_done: Callable[[], None] = lambda: None,
+    spec: StudySpec, out: Path, ctx: StudyContext, source: TrialSource, max_concurrent: int
 ) -> None:
-    """Both phases in one Tuner (see the module docstring); `on_search_done` runs once, in the driver,
-    when every cell's search has ended (also at once when a resumed study's search had ended before)."""
-    source = TrialSource(spec, list(ctx.cells.values()), ctx.studies, ctx, on_search_done)
+    """Both phases in one Tuner (see the module docstring), trials from `source`; its ``on_search_done``
+    runs once, in the driver, when every cell's search has ended (also at once when a resumed study's
+    search had ended before)."""
     remaining = source.remaining()
     if remaining == 0:
         source.queue_finals()  # nothing to run: still tells on_search_done
@@ -366,7 +363,7 @@ def run_trials(
             name=f"trials-{int(time.time())}",
             storage_path=ctx.tune_storage[0] if ctx.tune_storage else str(out / "ray"),
             storage_filesystem=ctx.tune_storage[1] if ctx.tune_storage else None,
-            callbacks=[Collector(ctx), *tracking_callbacks(spec)],
+            callbacks=[TrialEnds(ctx), *tracking_callbacks(spec)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0,
         ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +27,14 @@ def _row(
     }
 
 
+@dataclass
+class Evaluation:
+    """What ``evaluate_model`` measures: long-format rows (evals.parquet) and the feature projection."""
+
+    rows: list[dict[str, Any]]
+    projection: list[dict[str, float]] = field(default_factory=list)
+
+
 def evaluate_model(
     model: torch.nn.Module,
     prep: PreparedData,
@@ -33,11 +42,10 @@ def evaluate_model(
     device: torch.device,
     *,
     source_model: torch.nn.Module | None = None,
-    extras: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
+) -> Evaluation:
     """Clean-test metrics, temperature scaling, reliability bins, feature geometry, memorisation,
-    and the attacks/corruptions the spec's `evaluate:` block asks for. `extras`, when given,
-    receives the template-plane projection of the test features (classes 0, 1, 2)."""
+    and the attacks/corruptions the spec's `evaluate:` block asks for; with 3 classes or more, the
+    template-plane projection of the test features (classes 0, 1, 2)."""
     b = prep.bundle
     rows: list[dict[str, Any]] = []
     test_logits, test_feats = predict(model, b.x_test, b.to_float, device, features=True)
@@ -56,8 +64,7 @@ def evaluate_model(
     for i in range(len(bins["count"])):
         for key in ("accuracy", "confidence", "count"):
             rows.append(_row("test", "clean", f"bin_{key}", float(bins[key][i]), severity=float(i)))
-    if extras is not None and b.num_classes >= 3:
-        extras["projection"] = metrics.project_features(test_feats, y_test, model.head.weight)
+    projection = metrics.project_features(test_feats, y_test, model.head.weight) if b.num_classes >= 3 else []
     for name, value in metrics.feature_separation(test_feats, y_test).items():
         rows.append(_row("test", "clean", name, value))
     if bool(prep.flipped.any()):
@@ -87,11 +94,12 @@ def evaluate_model(
             )
         )
     rows += robustness_rows(model, prep, cfg, device, source_model=source_model)
-    return [
+    kept = [
         r
         for r in rows
         if r["value"] is not None and not (isinstance(r["value"], float) and math.isnan(r["value"]))
     ]
+    return Evaluation(kept, projection)
 
 
 def eval_subset(

@@ -1,4 +1,6 @@
-"""Fitting one model: the leaf of the trial layer (config + prepared data -> trained model, epoch rows).
+"""The parts of fitting a model: the leaf of the trial layer (prepared data, model, optimizer, learning
+rate schedule, divergence rule, checkpoint format, prediction). The loop that uses them, alone and packed,
+is study/trial/loop.py.
 
 The trial is the unit Ray Tune runs many times, so the hot path has no DataLoader: the whole dataset
 lives on the training device and batches are slices picked by a device-side permutation. Nothing here
@@ -7,10 +9,8 @@ knows about label-noise kinds or evaluation (study/trial/run.py composes those).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,111 +204,6 @@ def checkpoint_state(
     }
 
 
-class _Loop:
-    """The training state of one fit: model, optimizer, regularizer, batches and their RNG."""
-
-    def __init__(self, cfg: TrialConfig, prep: PreparedData, device: torch.device) -> None:
-        b = prep.bundle
-        self.cfg, self.prep, self.device = cfg, prep, device
-        torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed only
-        self.model = build_model(cfg, b).to(device)
-        self.channels_last = device.type == "cuda" and b.kind == "image"
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.use_bf16 = uses_bf16(cfg, device)
-        self.reg = regularizers.create(cfg.regularizer.name, **cfg.regularizer.params).to(device)
-        self.opt = make_optimizer(cfg, self.model)
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(cfg.seed)
-        image_aug = augments_images(cfg, b)
-        self.batches = data_lib.DeviceBatches(
-            prep.x_train.to(device),
-            prep.y_train.to(device),
-            cfg.train.batch_size,
-            shuffle=True,
-            generator=self.gen,
-            augment="crop_flip" if image_aug else None,
-            to_float=b.to_float,
-        )
-        self.x_val = prep.x_val.to(device)
-        # The scale `exploded` compares against: log K until the first batch's loss is known.
-        self.reference_loss = math.log(b.num_classes)
-        self.total_steps = len(self.batches) * cfg.train.epochs
-        self.tracks_progress = tracks_progress(self.reg)
-
-    def state(self, epoch: int, rows: list[dict[str, Any]], best: tuple, status: str) -> dict[str, Any]:
-        return checkpoint_state(
-            self.model.state_dict(), self.opt.state_dict(), self.reg, self.gen,
-            epoch=epoch, rows=rows, best=best, status=status, reference_loss=self.reference_loss,
-        )  # fmt: skip
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.reg.load_state_dict(state["regularizer"])
-        # Generator states are CPU byte tensors whatever map_location did to them.
-        self.gen.set_state(state["batch_rng"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
-        self.reference_loss = state.get("reference_loss", self.reference_loss)
-
-    def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over the training batches; the epoch's row (validation metrics included)."""
-        cfg, model, reg, opt, device = self.cfg, self.model, self.reg, self.opt, self.device
-        model.train()
-        reg.train()
-        t_epoch = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        terms_sum: dict[str, torch.Tensor] = {}
-        seen = 0
-        steps_per_epoch = len(self.batches)
-        for i, (xb, yb) in enumerate(self.batches):
-            step = epoch * steps_per_epoch + i
-            if self.tracks_progress:
-                reg.set_progress(step / max(self.total_steps - 1, 1))
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(cfg.train, step, self.total_steps)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.use_bf16 else None
-            with autocast or contextlib.nullcontext():
-                logits = model(xb)
-            loss = reg(logits.float(), yb)
-            if step == 0:  # the untrained model's loss: one sync per fit
-                self.reference_loss = max(self.reference_loss, float(loss.detach()))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n = len(yb)
-            seen += n
-            # Accumulate on the device: a .item() per step would be a CPU-GPU sync point.
-            loss_sum += loss.detach() * n
-            correct += (logits.detach().argmax(1) == yb).sum()
-            if i % 4 == 0:  # the decomposition is a diagnostic: a subsample of steps is enough
-                for k, v in reg.terms(logits.detach().float(), yb).items():
-                    terms_sum[k] = terms_sum.get(k, torch.zeros((), device=device)) + v.detach()
-                terms_sum["_n"] = terms_sum.get("_n", torch.zeros((), device=device)) + 1
-        reg.on_epoch_end()
-        val_logits, _ = predict(model, self.x_val, self.prep.bundle.to_float, device)
-        y_val = self.prep.y_val
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": float(loss_sum) / max(seen, 1),
-            "train_acc": float(correct) / max(seen, 1),
-            **validation_metrics(val_logits, y_val),
-            "wall_s": time.perf_counter() - t_epoch,
-        }
-        n_terms = float(terms_sum.pop("_n", torch.ones(())))
-        row.update({f"term_{k}": float(v) / n_terms for k, v in terms_sum.items()})
-        return row
-
-    def diverged(self, row: dict[str, Any]) -> bool:
-        """The epoch's loss exploded, or a weight is no longer finite (a loss can stay finite a while)."""
-        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
-        return exploded(row["train_loss"], self.reference_loss) or not bool(finite)
-
-
 def update_best(best: tuple, row: dict[str, Any], epoch: int, metric: str) -> tuple:
     value = row[metric]
     if not math.isfinite(value):
@@ -317,42 +212,3 @@ def update_best(best: tuple, row: dict[str, Any], epoch: int, metric: str) -> tu
     if best[0] is None or (value > best[0] if maximize else value < best[0]):
         return (value, epoch)
     return best
-
-
-def fit(
-    cfg: TrialConfig,
-    prep: PreparedData,
-    report: Report | None = None,
-    *,
-    checkpoint: Path | None = None,
-) -> Fitted:
-    """Train `cfg` on `prep`; `report(epoch_row)` returning True stops the fit as pruned.
-
-    Resumes from `checkpoint` when it exists (a fit that ended pruned or diverged stays so) and writes
-    it after every epoch. A training loss that is NaN/inf or exploded (``exploded``) or a non-finite
-    weight ends the fit as "diverged" instead of raising.
-    """
-    device = resolve_device(cfg.train.device)
-    loop = _Loop(cfg, prep, device)
-    start_epoch, rows, best = 0, [], (None, None)
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        loop.restore(state)
-        start_epoch, rows, best = state["epoch"], state["epoch_rows"], tuple(state["best"])
-        if state.get("status") in ("diverged", "pruned"):
-            return Fitted(loop.model, loop.reg, device, state["status"], rows, best)
-    status = "completed"
-    for epoch in range(start_epoch, cfg.train.epochs):
-        row = loop.train_epoch(epoch)
-        rows.append(row)
-        if loop.diverged(row):
-            status = "diverged"
-        else:
-            best = update_best(best, row, epoch + 1, cfg.metric)
-            if report is not None and report(row):
-                status = "pruned"
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, loop.state(epoch + 1, rows, best, status))
-        if status != "completed":
-            break
-    return Fitted(loop.model, loop.reg, device, status, rows, best)

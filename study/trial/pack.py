@@ -3,9 +3,11 @@
 Each member stays its own trial: its seed (initial weights), data order (its own generator), learning
 rate and weight decay, regularizer instance (stateful ones such as online label smoothing and
 DisturbLabel keep their own state), noise seed and split (a cell's final seeds each have theirs), epoch
-rows, best value, pruning, divergence and checkpoint. Only the forward/backward pass and the optimizer
-update are batched (study/trial/packed_net.py, packed_optim.py). A member's checkpoint has the format
-of the same trial trained alone (study/trial/fit.py), so either resumes the other.
+rows, best value, pruning, divergence and checkpoint: a ``Member`` of study/trial/loop.py, created,
+trained epoch by epoch and ended by the same code as the trial alone. Only the data batching, the
+forward/backward pass and the optimizer update are the pack's own (``_Pack``'s step, over
+study/trial/packed_net.py and packed_optim.py). A member's checkpoint has the format of the same trial
+trained alone, so either resumes the other.
 
 A member that ends (completed, pruned, diverged) leaves the pack at the end of its epoch; ``refill``
 may hand in new members for the free slots, which start at their own epoch 0 next to the others.
@@ -14,41 +16,23 @@ may hand in new members for the free slots, which start at their own epoch 0 nex
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from study import data as data_lib
-from study import regularizers
 from study.spec import TrainSpec
 from study.trial.config import TrialConfig
-from study.trial.fit import (
-    Fitted,
-    PreparedData,
-    augments_images,
-    build_model,
-    checkpoint_state,
-    exploded,
-    lr_factor,
-    make_optimizer,
-    resolve_device,
-    save_checkpoint,
-    tracks_progress,
-    update_best,
-    uses_bf16,
-    validation_metrics,
-)
+from study.trial.fit import Fitted, PreparedData, augments_images, make_optimizer, resolve_device, uses_bf16
+from study.trial.loop import Member, MemberReport, Trainer, after_epoch
 from study.trial.packed_net import PackedNet
 from study.trial.packed_optim import PackedOptimizer
 
 # (member key, epoch row) -> True to prune that member.
-PackReport = Callable[[str, dict[str, Any]], "bool | None"]
+PackReport = MemberReport
 # Free slots -> new members (key, config, prepared data, checkpoint path or None) to train next to the rest.
 Refill = Callable[[int], list[tuple[str, TrialConfig, PreparedData, "Path | None"]]]
 
@@ -62,55 +46,6 @@ def pack_key(cfg: TrialConfig) -> str:
     return repr(
         (cfg.dataset.model_dump(mode="json"), cfg.model.model_dump(mode="json"), sorted(train.items()))
     )
-
-
-@dataclass
-class Member:
-    """One trial inside a pack."""
-
-    key: str
-    cfg: TrialConfig
-    prep: PreparedData
-    model: nn.Module  # holds the member's weights whenever the pack is re-stacked, and at the end
-    reg: regularizers.Regularizer
-    gen: torch.Generator
-    checkpoint: Path | None
-    param_groups: list[dict[str, Any]]  # the alone optimizer's, for torch-format checkpoints
-    reference_loss: float
-    tracks_progress: bool
-    epoch: int = 0
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    best: tuple[float | None, int | None] = (None, None)
-    status: str = "running"
-    optimizer_state: dict[str, Any] | None = None
-    last_lr: float = 0.0
-
-
-def _new_member(
-    key: str, cfg: TrialConfig, prep: PreparedData, ckpt: Path | None, device: torch.device
-) -> Member:
-    """A member initialised exactly as ``fit`` initialises the trial alone, or from its checkpoint."""
-    torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed only
-    model = build_model(cfg, prep.bundle).to(device)
-    reg = regularizers.create(cfg.regularizer.name, **cfg.regularizer.params).to(device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
-    member = Member(
-        key, cfg, prep, model, reg, gen, ckpt, make_optimizer(cfg, model).state_dict()["param_groups"],
-        reference_loss=math.log(prep.bundle.num_classes), tracks_progress=tracks_progress(reg),
-    )  # fmt: skip
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        reg.load_state_dict(state["regularizer"])
-        gen.set_state(state["batch_rng"].cpu())
-        member.optimizer_state = state["optimizer"]
-        member.epoch, member.rows, member.best = state["epoch"], state["epoch_rows"], tuple(state["best"])
-        member.reference_loss = state.get("reference_loss", member.reference_loss)
-        member.status = state.get("status") or "running"
-        if member.status == "running" and member.epoch >= cfg.train.epochs:
-            member.status = "completed"
-    return member
 
 
 # Regularizers whose loss is a pure function of (logits, targets, numeric params). Members sharing one
@@ -148,14 +83,15 @@ def member_losses(members: list[Member], z: Tensor, y: Tensor) -> Tensor:
     return torch.stack(out)  # type: ignore[arg-type]
 
 
-class _Pack:
-    """The active members and their stacked model, optimizer and data."""
+class _Pack(Trainer):
+    """The active members and their stacked model, optimizer and data; the step is one batched
+    forward/backward and one per-member update."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.members: list[Member] = []
+        super().__init__(device)
         self.net: PackedNet | None = None
         self.opt: PackedOptimizer | None = None
+        self.param_groups: dict[str, list[dict[str, Any]]] = {}  # each member's alone optimizer's
 
     def restack(self, members: list[Member]) -> None:
         """Re-build the stacked model and optimizer for `members` (after some left or joined)."""
@@ -164,6 +100,9 @@ class _Pack:
         if not members:
             self.net = self.opt = None
             return
+        for m in members:  # the torch-format param groups of a member's checkpoint
+            if m.key not in self.param_groups:
+                self.param_groups[m.key] = make_optimizer(m.cfg, m.model).state_dict()["param_groups"]
         self.net = PackedNet([m.model for m in members])
         train = members[0].cfg.train
         decay = [m.cfg.weight_decay for m in members]
@@ -171,6 +110,7 @@ class _Pack:
         for k, m in enumerate(members):
             if m.optimizer_state is not None:
                 self.opt.load_member_state_dict(k, m.optimizer_state)
+        self.bf16 = uses_bf16(members[0].cfg, self.device)
         preps = [m.prep for m in members]
         if all(p is preps[0] for p in preps):  # search trials share one split: no copies
             x, x_val = (
@@ -187,7 +127,7 @@ class _Pack:
             return
         for k, m in enumerate(self.members):
             m.model.load_state_dict(self.net.member_state(k))
-            m.optimizer_state = self.opt.member_state_dict(k, m.param_groups, m.last_lr)
+            m.optimizer_state = self.opt.member_state_dict(k, self.param_groups[m.key], m.last_lr)
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """One epoch of (K, B, ...) inputs and (K, B) labels, each member in its own order."""
@@ -205,67 +145,31 @@ class _Pack:
             return
         orders = torch.stack([data_lib.epoch_order(n, m.gen, self.device) for m in self.members])
         rows = torch.arange(len(self.members), device=self.device).unsqueeze(1)
-        for i in range(-(-n // bs)):
+        for i in range(self.steps_per_epoch()):
             idx = orders[:, i * bs : (i + 1) * bs]
             yield b.to_float(self.x[rows, idx]), self.y[rows, idx]
 
-    # Long: one training pass over all members; its parts mirror fit._Loop.train_epoch line by line.
-    def train_epoch(self) -> tuple[list[dict[str, Any]], float]:
-        """One epoch of every member; each member's training part of its epoch row, and the wall time."""
+    def steps_per_epoch(self) -> int:
+        return -(-self.x.shape[1] // self.members[0].cfg.train.batch_size)
+
+    def train_mode(self) -> None:
+        assert self.net is not None
+        self.net.train(True)
+
+    def step(self, xb: Tensor, yb: Tensor, lrs: list[float]) -> tuple[Tensor, Tensor, Tensor]:
         assert self.net is not None and self.opt is not None
-        members, net, opt, dev = self.members, self.net, self.opt, self.device
-        t0 = time.perf_counter()
-        net.train(True)
-        for m in members:
-            m.reg.train()
-        train = members[0].cfg.train  # batch size and epochs are the pack's (pack_key)
-        steps = -(-self.x.shape[1] // train.batch_size)
-        total_steps = steps * train.epochs
-        k_members = len(members)
-        bf16 = uses_bf16(members[0].cfg, dev)
-        loss_sum, correct = torch.zeros(k_members, device=dev), torch.zeros(k_members, device=dev)
-        terms: list[dict[str, Tensor]] = [{} for _ in members]
-        seen, n_terms = 0, 0
-        for i, (xb, yb) in enumerate(self.batches()):
-            lrs = []
-            for m in members:
-                step = m.epoch * steps + i
-                if m.tracks_progress:
-                    m.reg.set_progress(step / max(total_steps - 1, 1))
-                lrs.append(m.cfg.lr * lr_factor(m.cfg.train, step, total_steps))
-            with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                logits = net(xb)
-            losses = member_losses(members, logits.float(), yb)
-            if i == 0 and any(m.epoch == 0 for m in members):  # the untrained models' losses
-                first = losses.detach().tolist()
-                for k, m in enumerate(members):
-                    if m.epoch == 0:
-                        m.reference_loss = max(m.reference_loss, first[k])
-            opt.zero_grad()
-            losses.sum().backward()  # member k's gradient is that of its own loss alone
-            opt.step(lrs)
-            seen += yb.shape[1]
-            loss_sum += losses.detach() * yb.shape[1]
-            correct += (logits.detach().argmax(2) == yb).sum(1)
-            if i % 4 == 0:  # the decomposition is a diagnostic: a subsample of steps, as alone
-                n_terms += 1
-                for k, m in enumerate(members):
-                    for name, v in m.reg.terms(logits[k].detach().float(), yb[k]).items():
-                        terms[k][name] = terms[k].get(name, torch.zeros((), device=dev)) + v.detach()
-        for m, lr in zip(members, lrs, strict=True):
-            m.last_lr = lr
-            m.reg.on_epoch_end()
-        losses_mean, acc = (loss_sum / max(seen, 1)).tolist(), (correct / max(seen, 1)).tolist()
-        rows = [
-            {"lr": m.last_lr, "train_loss": losses_mean[k], "train_acc": acc[k],
-             **{f"term_{name}": float(v) / max(n_terms, 1) for name, v in terms[k].items()}}
-            for k, m in enumerate(members)
-        ]  # fmt: skip
-        return rows, time.perf_counter() - t0
+        with (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        ):
+            logits = self.net(xb)
+        losses = member_losses(self.members, logits.float(), yb)
+        self.opt.zero_grad()
+        losses.sum().backward()  # member k's gradient is that of its own loss alone
+        self.opt.step(lrs)
+        return logits.detach(), yb, losses.detach()
 
     @torch.no_grad()
     def val_logits(self, batch_size: int = 1024) -> Tensor:
-        """(K, N_val, classes) float32 logits on the CPU, every member in eval mode."""
         assert self.net is not None
         self.net.train(False)
         to_float = self.members[0].prep.bundle.to_float
@@ -275,46 +179,14 @@ class _Pack:
         ]
         return torch.cat(parts, dim=1)
 
-    def member_checkpoint(self, k: int) -> dict[str, Any]:
+    def finite(self) -> list[bool]:
+        assert self.net is not None
+        return self.net.all_finite().tolist()
+
+    def states(self, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
         assert self.net is not None and self.opt is not None
         m = self.members[k]
-        return checkpoint_state(
-            self.net.member_state(k), self.opt.member_state_dict(k, m.param_groups, m.last_lr), m.reg, m.gen,
-            epoch=m.epoch, rows=m.rows, best=m.best, status=m.status, reference_loss=m.reference_loss,
-        )  # fmt: skip
-
-
-def _end_epoch(pack: _Pack, train_rows: list[dict[str, Any]], wall: float, report: PackReport | None) -> None:
-    """Validation, divergence, best value, pruning and checkpoint of every member after one epoch."""
-    assert pack.net is not None
-    val = pack.val_logits()
-    finite = pack.net.all_finite().tolist()
-    for k, m in enumerate(pack.members):
-        y_val = m.prep.y_val
-        row = {
-            "epoch": m.epoch + 1,
-            **{key: train_rows[k][key] for key in ("lr", "train_loss", "train_acc")},
-            **validation_metrics(val[k], y_val),
-            # The member's share of the pack's epoch: summed over a study, it is the compute spent.
-            "wall_s": wall / len(pack.members),
-            **{key: v for key, v in train_rows[k].items() if key.startswith("term_")},
-        }
-        m.rows.append(row)
-        m.epoch += 1
-        if exploded(row["train_loss"], m.reference_loss) or not finite[k]:
-            m.status = "diverged"
-        else:
-            m.best = update_best(m.best, row, m.epoch, m.cfg.metric)
-            if report is not None and report(m.key, row):
-                m.status = "pruned"
-        if m.status == "running" and m.epoch >= m.cfg.train.epochs:
-            m.status = "completed"
-        if m.checkpoint is not None:
-            save_checkpoint(m.checkpoint, pack.member_checkpoint(k))
-
-
-def _fitted(m: Member, device: torch.device) -> Fitted:
-    return Fitted(m.model, m.reg, device, m.status, m.rows, m.best)
+        return self.net.member_state(k), self.opt.member_state_dict(k, self.param_groups[m.key], m.last_lr)
 
 
 def fit_pack(
@@ -346,7 +218,7 @@ def fit_pack(
         keys = [m.key for m in pack.members] + [j[0] for j in joining]
         if len(set(keys) | set(done)) != len(keys) + len(done):
             raise ValueError(f"member keys of a pack must be unique, but got {keys}")
-        fresh = [_new_member(key, cfg, prep, ckpt, device) for key, cfg, prep, ckpt in joining]
+        fresh = [Member.create(key, cfg, prep, ckpt, device) for key, cfg, prep, ckpt in joining]
         # Members whose checkpoint says they have ended leave at once: their slots are free too.
         ended = [m for m in fresh if m.status != "running"]
         active = pack.members + [m for m in fresh if m.status == "running"]
@@ -355,14 +227,12 @@ def fit_pack(
         if [m.key for m in active] != [m.key for m in pack.members] or pack.net is None:
             pack.restack(active)
         if pack.members:
-            rows, wall = pack.train_epoch()
-            _end_epoch(pack, rows, wall, report)
-            trained_out = [m for m in pack.members if m.status != "running"]
+            trained_out = after_epoch(pack, pack.train_epoch(), report)
             if trained_out:
                 pack.restack([m for m in pack.members if m.status == "running"])  # syncs their weights too
             ended += trained_out
         for m in ended:
-            done[m.key] = _fitted(m, device)
+            done[m.key] = m.fitted(device)
             on_end(m.key, done[m.key])
         free = capacity - len(pack.members)
         joining = refill(free) if (refill is not None and free > 0 and ended) else []

@@ -21,7 +21,8 @@ from study import data as data_lib
 from study import noise as noise_lib
 from study.spec import DatasetSpec, ModelSpec, TrainSpec
 from study.trial.config import TrialConfig
-from study.trial.fit import PreparedData, fit, predict
+from study.trial.fit import PreparedData, predict
+from study.trial.loop import fit
 
 
 def _cache_dir() -> Path:

@@ -19,7 +19,8 @@ from study import noise as noise_lib
 from study.spec import DatasetSpec, NoiseSetting
 from study.trial.config import TrialConfig
 from study.trial.evaluate import evaluate_model
-from study.trial.fit import Fitted, PreparedData, Report, fit, save_checkpoint
+from study.trial.fit import Fitted, PreparedData, Report, save_checkpoint
+from study.trial.loop import fit
 from study.trial.pack import PackReport, fit_pack
 from study.trial.reference import reference_probabilities
 
@@ -126,24 +127,32 @@ def run_trial(
     *,
     bundle: data_lib.DatasetBundle | None = None,
     prepared: PreparedData | None = None,
-    model_sink: dict[str, Any] | None = None,
 ) -> TrialResult:
     """Train one configuration; `report(epoch_row)` returning True stops the trial as pruned.
 
     A NaN/inf training loss ends the trial with status "diverged" instead of raising. A completed trial
     with an ``evaluate`` block is evaluated on the clean test set; with ``save_model`` and a checkpoint
-    dir its weights are kept as ``model.pt`` (the post phase reads them). `model_sink["model"]` receives
-    the trained model when given.
+    dir its weights are kept as ``model.pt`` (the post phase reads them).
     """
     t_start = time.perf_counter()
-    prep = prepared or prepare_data(cfg, bundle)
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    fitted = fit(cfg, prep, report, checkpoint=ckpt_dir / "checkpoint.pt" if ckpt_dir else None)
-    if model_sink is not None:
-        model_sink["model"] = fitted.model
+    prep, fitted = train_trial(cfg, report, bundle=bundle, prepared=prepared)
     result = finish_trial(cfg, prep, fitted)
     result.wall_s = time.perf_counter() - t_start
     return result
+
+
+def train_trial(
+    cfg: TrialConfig,
+    report: Report | None = None,
+    *,
+    bundle: data_lib.DatasetBundle | None = None,
+    prepared: PreparedData | None = None,
+) -> tuple[PreparedData, Fitted]:
+    """``run_trial`` up to its trained model: the prepared data and the fit (resumed from the config's
+    checkpoint dir), without evaluation."""
+    prep = prepared or prepare_data(cfg, bundle)
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    return prep, fit(cfg, prep, report, checkpoint=ckpt_dir / "checkpoint.pt" if ckpt_dir else None)
 
 
 def finish_trial(cfg: TrialConfig, prep: PreparedData, fitted: Fitted) -> TrialResult:
@@ -159,9 +168,8 @@ def finish_trial(cfg: TrialConfig, prep: PreparedData, fitted: Fitted) -> TrialR
         device=str(fitted.device),
     )
     if fitted.status == "completed" and cfg.evaluate is not None:
-        extras: dict[str, Any] = {}
-        result.eval_rows = evaluate_model(fitted.model, prep, cfg, fitted.device, extras=extras)
-        result.projection = extras.get("projection", [])
+        evaluation = evaluate_model(fitted.model, prep, cfg, fitted.device)
+        result.eval_rows, result.projection = evaluation.rows, evaluation.projection
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if fitted.status == "completed" and cfg.save_model and ckpt_dir is not None:
         save_checkpoint(

@@ -52,8 +52,7 @@ def _run_search(out: Path) -> None:
             value = 1.0 - 0.1 * n
             ctx.epoch_result(f"t{n}", {"epoch": 1, "objective": value, "val_nll": value})
             rec.payload = {"status": "completed", "best_value": value, "epoch_rows": []}
-            source.ended(f"t{n}", {"objective": value})
-        ctx.finish(f"t{n}", error=None)
+        ctx.trial_ended(f"t{n}")
         n += 1
 
 

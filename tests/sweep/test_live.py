@@ -55,8 +55,7 @@ def _setup(out: Path, quiet: bool, width: int = 80):
 def _end(source: TrialSource, ctx: StudyContext, tid: str, value: float, wall: float = 3.0) -> None:
     rec = ctx.by_tune_id[tid]
     rec.payload = {"status": "completed", "best_value": value, "epoch_rows": [], "wall_s": wall}
-    source.ended(tid, {"objective": value})
-    ctx.finish(tid, error=None)
+    ctx.trial_ended(tid, {"objective": value})
 
 
 def _text(renderable) -> str:
@@ -115,7 +114,7 @@ def test_quiet_lines_carry_time_metric_and_post_progress(tmp_path):
     _end(source, ctx, ls[0], 0.4321, wall=12.0)
     rec = ctx.by_tune_id[ls[1]]
     rec.status, rec.epoch_rows = "pruned", [{"epoch": 1, "val_nll": 1.25}]
-    ctx.finish(ls[1], error=None)
+    ctx.trial_ended(ls[1])
     view.post_progress(0, 2)
     view.post_progress(1, 2, "distill", f"final|{ctx.by_tune_id[ls[0]].cell_id}|1")
     lines = console.export_text().splitlines()

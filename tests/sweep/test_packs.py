@@ -185,8 +185,7 @@ def test_packs_share_a_model_and_a_phase_and_cover_every_trial_once(trial_source
         packs.append(recs)
         for m in members:  # every member completes
             ctx.by_tune_id[m["id"]].payload = {"status": "completed", "best_value": 0.5, "epoch_rows": []}
-        source.ended(f"t{n - 1}", None)
-        ctx.finish(f"t{n - 1}", error=None)
+        ctx.trial_ended(f"t{n - 1}")
     keys = [r.key for pack in packs for r in pack]
     assert len(keys) == len(set(keys)) == 8 * 3 + 8 * 2  # 8 cells: 3 search trials and 2 seeds each
     search = [pack for pack in packs if pack[0].phase == "search"]

@@ -42,11 +42,10 @@ def _searcher(out: Path) -> tuple[TrialSource, StudyContext, list[str]]:
 
 
 def _complete(searcher: TrialSource, ctx: StudyContext, tune_id: str, value: float) -> None:
-    """What Tune does when a trial ends: the last result, then on_trial_complete."""
+    """What Tune's TrialEnds hook does when a trial ends with its final result."""
     rec = ctx.by_tune_id[tune_id]
     rec.payload = {"status": "completed", "best_value": value, "epoch_rows": []}
-    searcher.ended(tune_id, {"objective": value})
-    ctx.finish(tune_id, error=None)
+    ctx.trial_ended(tune_id, {"objective": value})
 
 
 def test_final_trials_of_a_cell_start_when_its_search_ends(tmp_path):
@@ -151,6 +150,7 @@ def test_every_sampler_and_pruner_runs_a_search_to_its_final_trials(trial_source
                 value = 0.1 + alpha_value * epoch / 6
                 rec.epoch_rows.append({"epoch": epoch, "val_accuracy": value})
                 if ctx.epoch_result(f"t{n}", {"epoch": epoch, "objective": value, "val_accuracy": value}):
+                    ctx.trial_ended(f"t{n}")  # Tune stops the pruned trial
                     break
             else:
                 best = max(r["val_accuracy"] for r in rec.epoch_rows)
@@ -183,6 +183,7 @@ def test_a_cell_whose_every_trial_is_pruned_gets_a_note_and_no_finals(trial_sour
         # Below the 0.99 floor from the first step past the warm-up: pruned there.
         row = {"epoch": 1, "objective": 0.5, "val_accuracy": 0.5}
         assert ctx.epoch_result(f"t{n}", row) and ctx.by_tune_id[f"t{n}"].status == "pruned"
+        ctx.trial_ended(f"t{n}")  # Tune stops the pruned trial
         n += 1
     assert n == 12 and not any(r.phase == "final" for r in ctx.by_tune_id.values())
     assert sorted(ctx.notes) == sorted(
@@ -198,8 +199,7 @@ def test_a_diverged_search_trial_is_failed_in_optuna_not_complete(tmp_path):
     # A NaN loss ends the trial as "diverged" with a best value from its finite epochs: that value
     # must not reach the sampler as a COMPLETE result.
     rec.payload = {"status": "diverged", "best_value": 0.42, "epoch_rows": []}
-    searcher.ended("t1", {"objective": 0.42})
-    ctx.finish("t1", error=None)
+    ctx.trial_ended("t1", {"objective": 0.42})
     (frozen,) = [t for t in searcher.studies.trials(rec.cell_id) if t.number == rec.optuna_number]
     assert frozen.state == TrialState.FAIL and frozen.value is None
     assert frozen.user_attrs["status"] == "diverged" and rec.status == "diverged"
@@ -219,7 +219,7 @@ def test_live_view_counts_per_cell_best_and_eta(tmp_path, monkeypatch):
     _complete(searcher, ctx, ls[0], 0.75)
     _complete(searcher, ctx, ls[1], 0.8125)
     ctx.by_tune_id[ls[2]].status = "pruned"  # as the scheduler leaves a pruned trial
-    ctx.finish(ls[2], error=None)
+    ctx.trial_ended(ls[2])
     view = runner.LiveView(ctx.spec, lambda: ctx, Console(), quiet=False)
     monkeypatch.setattr(view, "t0", view.t0 - 30.0)  # 30 s into the study
     console = Console(width=120, record=True, file=io.StringIO())
@@ -289,7 +289,7 @@ def test_adaptive_seeds_stop_when_decided_and_go_to_max_on_a_null(tmp_path, effe
                 rec.payload = {"status": "completed", "best_value": acc, "epoch_rows": [],
                                "eval_rows": [{"split": "test", "condition": "clean", "severity": None,
                                               "metric": "accuracy", "value": acc}]}  # fmt: skip
-                ctx.finish(tid, error=None)
+                ctx.trial_ended(tid)
             running = []
             continue
         running.append(f"t{n}")
@@ -297,7 +297,7 @@ def test_adaptive_seeds_stop_when_decided_and_go_to_max_on_a_null(tmp_path, effe
         assert n < 50
     seeds = {c: sorted(r.index for r in ctx.by_tune_id.values() if r.cell_id == c) for c in ctx.cells}
     assert all(s == list(range(1, expected + 1)) for s in seeds.values()), seeds
-    record = ctx.seed_plan.record()
+    record = source.seeds.record()
     ls = next(c for c in record if "label_smoothing" in c)
     assert record[ls]["stopped"].startswith("decided" if effect else "max seeds")
     assert record[ls]["seeds"] == expected
@@ -311,8 +311,10 @@ def test_run_trials_with_nothing_left_still_tells_search_done(tmp_path):
     for i in range(4):
         assert source.suggest(f"t{i}")
         ctx.by_tune_id[f"t{i}"].payload = {"status": "completed", "best_value": 0.5, "epoch_rows": []}
-        ctx.finish(f"t{i}", error=None)
+        ctx.trial_ended(f"t{i}")
     resumed = StudyContext(ctx.spec, tmp_path, ctx.studies, lambda: None)
     told: list[str] = []
-    tune.run_trials(ctx.spec, tmp_path, resumed, 1, on_search_done=lambda: told.append("search_done"))
+    cells = list(resumed.cells.values())
+    again = TrialSource(ctx.spec, cells, ctx.studies, resumed, lambda: told.append("search_done"))
+    tune.run_trials(ctx.spec, tmp_path, resumed, again, 1)
     assert told == ["search_done"] and not (tmp_path / "ray").exists()

@@ -21,7 +21,8 @@ from study import data, models
 from study.data._readers import RawSplits
 from study.trial.config import TrialConfig
 from study.trial.evaluate import evaluate_model
-from study.trial.fit import PreparedData, fit
+from study.trial.fit import PreparedData
+from study.trial.loop import fit
 from study.trial.pack import fit_pack, pack_key
 from study.trial.packed_net import PackedNet, fast_path_supported
 from study.trial.packed_optim import PackedOptimizer
@@ -74,7 +75,7 @@ def assert_weights_match(got: torch.nn.Module, want: torch.nn.Module, tol: float
 
 
 def eval_values(fitted: Any, prep: PreparedData, cfg: TrialConfig) -> dict[tuple, float]:
-    rows = evaluate_model(fitted.model, prep, cfg, CPU)
+    rows = evaluate_model(fitted.model, prep, cfg, CPU).rows
     return {(r["split"], r["condition"], r["metric"], r["severity"]): r["value"] for r in rows}
 
 
@@ -352,6 +353,19 @@ def test_a_pruned_members_checkpoint_stays_pruned(prep, tmp_path):
     again = fit_pack([("b", cfg, prep, path)], lambda k, r: pytest.fail("trained again"))
     assert again["b"].status == "pruned" and len(again["b"].epoch_rows) == 1
     assert fit(cfg, prep, checkpoint=path).status == "pruned"  # alone reads it the same way
+
+
+def test_a_member_whose_checkpoint_cannot_be_read_trains_from_epoch_0(prep, tmp_path, capsys):
+    cfgs = {"a": make_cfg("ce", seed=0), "b": make_cfg("label_smoothing", seed=1, params={"alpha": 0.1})}
+    whole = fit_pack([(k, cfg, prep, None) for k, cfg in cfgs.items()])
+    path = tmp_path / "b.pt"
+    path.write_bytes(b"not a checkpoint")
+    got = fit_pack([("a", cfgs["a"], prep, None), ("b", cfgs["b"], prep, path)])
+    for k in cfgs:
+        assert got[k].status == "completed"
+        assert_rows_match(got[k].epoch_rows, whole[k].epoch_rows, tol=1e-6)
+    assert "training from epoch 0" in capsys.readouterr().err
+    assert torch.load(path, weights_only=True)["epoch"] == 3
 
 
 def test_a_diverging_member_ends_diverged_and_leaves_its_neighbours_untouched(prep):

@@ -8,7 +8,7 @@ import torch
 
 from study.spec import TrainSpec
 from study.trial.config import RegularizerSetting, TrialConfig
-from study.trial.fit import fit
+from study.trial.loop import fit
 from study.trial.pack import fit_pack
 from study.trial.run import prepare_data
 

@@ -19,7 +19,7 @@ from study.spec import TrainSpec
 from study.trial.config import TrialConfig
 from study.trial.fit import DIVERGENCE_FACTOR, build_model, exploded
 from study.trial.reference import reference_probabilities
-from study.trial.run import prepare_data, run_trial
+from study.trial.run import finish_trial, prepare_data, run_trial, train_trial
 
 SMALL = {"max_train": 400, "max_test": 200}
 
@@ -138,6 +138,28 @@ def test_resume_after_crash_matches_uninterrupted(bundle, tmp_path, regularizer,
     assert seen == [] and again.eval_rows == reference.eval_rows
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_an_unreadable_checkpoint_restarts_its_trial_from_epoch_0(bundle, tmp_path, capsys, damage):
+    # A checkpoint cut short (a full disk, a copy interrupted) or overwritten with garbage: the trial
+    # trains again from epoch 0, as if there were none, with one line saying so; it does not fail.
+    cfg = make_cfg(epochs=2)
+    reference = run_trial(cfg, bundle=bundle)
+    ck = updated(cfg, checkpoint_dir=str(tmp_path / "ck"))
+    path = tmp_path / "ck" / "checkpoint.pt"
+    run_trial(ck, bundle=bundle)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"\x00 not a checkpoint" * 64)
+    capsys.readouterr()
+    seen: list[int] = []
+    result = run_trial(ck, lambda row: seen.append(row["epoch"]), bundle=bundle)
+    assert seen == [1, 2] and result.status == "completed" and result.epochs_run == 2
+    assert without_wall(result.epoch_rows) == without_wall(reference.epoch_rows)
+    assert result.eval_rows == reference.eval_rows
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "training from epoch 0" in err[0], err
+    assert torch.load(path, weights_only=True)["epoch"] == 2  # written anew
+
+
 def test_diverging_run_ends_with_status_diverged(bundle, tmp_path):
     cfg = make_cfg(epochs=3, optimizer="sgd", lr=1e4, checkpoint_dir=str(tmp_path / "ck"))
     reported: list[int] = []
@@ -218,10 +240,10 @@ def test_noise_is_paired_across_regularizers_and_seeds(bundle):
 
 def test_eval_rows_match_metrics_on_the_models_test_logits(bundle):
     cfg = make_cfg(epochs=2, noise_kind="symmetric", noise_rate=0.3)
-    sink: dict[str, torch.nn.Module] = {}
-    result = run_trial(cfg, bundle=bundle, model_sink=sink)
+    _, fitted = train_trial(cfg, bundle=bundle)
+    result = finish_trial(cfg, prepare_data(cfg, bundle), fitted)
     got = clean_metrics(result.eval_rows)
-    model = sink["model"].eval()
+    model = fitted.model.eval()
     prep = prepare_data(cfg, bundle)
     with torch.no_grad():
         x_test = bundle.to_float(bundle.x_test)
