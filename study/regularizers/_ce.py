@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import RegularizerInfo
+from study.regularizers._spec import RegularizerInfo, register
 
 
 class CrossEntropy(Regularizer):
@@ -19,11 +19,14 @@ class CrossEntropy(Regularizer):
         return F.cross_entropy(z, targets.long(), reduction="none")
 
 
-INFO = RegularizerInfo(
-    name="ce",
-    factory=CrossEntropy,
-    description="Plain cross-entropy (no regularization).",
-    params={},
-    strength=None,
-    reference="",
+INFO = register(
+    RegularizerInfo(
+        name="ce",
+        factory=CrossEntropy,
+        description="Plain cross-entropy (no regularization).",
+        params={},
+        strength=None,
+        reference="",
+        vmappable=True,
+    )
 )

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "beta": ParamSpec(
@@ -67,14 +67,17 @@ class ConfidencePenalty(Regularizer):
         return {"entropy": entropy(z)}
 
 
-INFO = RegularizerInfo(
-    name="confidence_penalty",
-    factory=ConfidencePenalty,
-    description="Confidence penalty: CE - b H(p) (hinge variant with a threshold).",
-    params=PARAMS,
-    strength="beta",
-    reference=(
-        "Pereyra et al., Regularizing Neural Networks by Penalizing Confident Output Distributions, "
-        "ICLR workshop 2017"
-    ),
+INFO = register(
+    RegularizerInfo(
+        name="confidence_penalty",
+        factory=ConfidencePenalty,
+        description="Confidence penalty: CE - b H(p) (hinge variant with a threshold).",
+        params=PARAMS,
+        strength="beta",
+        reference=(
+            "Pereyra et al., Regularizing Neural Networks by Penalizing Confident Output Distributions, "
+            "ICLR workshop 2017"
+        ),
+        vmappable=True,
+    )
 )

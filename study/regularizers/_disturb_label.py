@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "rate": ParamSpec(
@@ -75,11 +75,13 @@ class DisturbLabel(Regularizer):
         self.generator.set_state(state["generator_state"].cpu())
 
 
-INFO = RegularizerInfo(
-    name="disturb_label",
-    factory=DisturbLabel,
-    description="DisturbLabel: CE on labels of which a fraction is redrawn uniformly per mini-batch.",
-    params=PARAMS,
-    strength="rate",
-    reference="Xie et al., DisturbLabel: Regularizing CNN on the Loss Layer, CVPR 2016",
+INFO = register(
+    RegularizerInfo(
+        name="disturb_label",
+        factory=DisturbLabel,
+        description="DisturbLabel: CE on labels of which a fraction is redrawn uniformly per mini-batch.",
+        params=PARAMS,
+        strength="rate",
+        reference="Xie et al., DisturbLabel: Regularizing CNN on the Loss Layer, CVPR 2016",
+    )
 )

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from study.regularizers._base import Regularizer, nll_per_sample
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "alpha": ParamSpec(
@@ -70,11 +70,14 @@ class LabelSmoothing(Regularizer):
         return ls_decomposition(z, targets, self.param("alpha"))
 
 
-INFO = RegularizerInfo(
-    name="label_smoothing",
-    factory=LabelSmoothing,
-    description="Label smoothing: CE + a (z_gt - z_mean); a < 0 is negative label smoothing.",
-    params=PARAMS,
-    strength="alpha",
-    reference="Szegedy et al., CVPR 2016; Wei et al., ICML 2022 (negative LS)",
+INFO = register(
+    RegularizerInfo(
+        name="label_smoothing",
+        factory=LabelSmoothing,
+        description="Label smoothing: CE + a (z_gt - z_mean); a < 0 is negative label smoothing.",
+        params=PARAMS,
+        strength="alpha",
+        reference="Szegedy et al., CVPR 2016; Wei et al., ICML 2022 (negative LS)",
+        vmappable=True,
+    )
 )

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "beta": ParamSpec(
@@ -43,11 +43,14 @@ class LogitPenalty(Regularizer):
         return {"logit_norm_sq": z.square().sum(1)}
 
 
-INFO = RegularizerInfo(
-    name="logit_penalty",
-    factory=LogitPenalty,
-    description="Logit penalty: CE + (b/2) ||z||^2.",
-    params=PARAMS,
-    strength="beta",
-    reference="Baseline in Zhou et al., NeurIPS 2025 (MaxSup); see Dauphin & Cubuk, ICLR 2021",
+INFO = register(
+    RegularizerInfo(
+        name="logit_penalty",
+        factory=LogitPenalty,
+        description="Logit penalty: CE + (b/2) ||z||^2.",
+        params=PARAMS,
+        strength="beta",
+        reference="Baseline in Zhou et al., NeurIPS 2025 (MaxSup); see Dauphin & Cubuk, ICLR 2021",
+        vmappable=True,
+    )
 )

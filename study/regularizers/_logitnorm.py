@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 # The reference implementation adds 1e-7 to the norm before dividing; we keep its placement.
 NORM_EPS = 1e-7
@@ -45,11 +45,14 @@ class LogitNorm(Regularizer):
         return F.cross_entropy(z / (norms * self.param("tau")), targets.long(), reduction="none")
 
 
-INFO = RegularizerInfo(
-    name="logitnorm",
-    factory=LogitNorm,
-    description="LogitNorm: CE on logits normalized to norm 1/tau.",
-    params=PARAMS,
-    strength="tau",
-    reference="Wei et al., Mitigating Neural Network Overconfidence with Logit Normalization, ICML 2022",
+INFO = register(
+    RegularizerInfo(
+        name="logitnorm",
+        factory=LogitNorm,
+        description="LogitNorm: CE on logits normalized to norm 1/tau.",
+        params=PARAMS,
+        strength="tau",
+        reference="Wei et al., Mitigating Neural Network Overconfidence with Logit Normalization, ICML 2022",
+        vmappable=True,
+    )
 )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "alpha": ParamSpec(
@@ -52,11 +52,14 @@ class MaxSup(Regularizer):
         return {"regularization": reg, "error_amplification": torch.zeros_like(reg)}
 
 
-INFO = RegularizerInfo(
-    name="maxsup",
-    factory=MaxSup,
-    description="Max Suppression: CE + a (z_max - z_mean).",
-    params=PARAMS,
-    strength="alpha",
-    reference="Zhou et al., MaxSup: Overcoming Representation Collapse in Label Smoothing, NeurIPS 2025",
+INFO = register(
+    RegularizerInfo(
+        name="maxsup",
+        factory=MaxSup,
+        description="Max Suppression: CE + a (z_max - z_mean).",
+        params=PARAMS,
+        strength="alpha",
+        reference="Zhou et al., MaxSup: Overcoming Representation Collapse in Label Smoothing, NeurIPS 2025",
+        vmappable=True,
+    )
 )

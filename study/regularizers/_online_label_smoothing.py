@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from study.regularizers._base import Regularizer, nll_per_sample
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "alpha": ParamSpec(
@@ -131,11 +131,13 @@ class OnlineLabelSmoothing(Regularizer):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-INFO = RegularizerInfo(
-    name="online_label_smoothing",
-    factory=OnlineLabelSmoothing,
-    description="Online label smoothing: soft labels = mean correct predictions of the previous epoch.",
-    params=PARAMS,
-    strength="alpha",
-    reference="Zhang et al., Delving Deep into Label Smoothing, IEEE TIP 2021",
+INFO = register(
+    RegularizerInfo(
+        name="online_label_smoothing",
+        factory=OnlineLabelSmoothing,
+        description="Online label smoothing: soft labels = mean correct predictions of the previous epoch.",
+        params=PARAMS,
+        strength="alpha",
+        reference="Zhang et al., Delving Deep into Label Smoothing, IEEE TIP 2021",
+    )
 )
