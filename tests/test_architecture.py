@@ -334,3 +334,36 @@ def pd_concat(*frames):
 @pytest.mark.parametrize("module", ["study.sweep.records", "study.sweep.context", "study.sweep.cells"])
 def test_sweep_bookkeeping_modules_are_ray_free(module):
     assert _fresh_python(f"import sys, {module}; print('ray' in sys.modules)") == "False"
+
+
+# The registry-parametrised tests, and how many of their cases each extension must get (at least).
+EXTENSION_TESTS = {
+    "tilted_ce": ["tests/science/test_regularizers.py", "tests/science/test_regularizers_registry.py"],
+    "to_zero": ["tests/science/test_noise.py"],
+    "my_margin": ["tests/reports/test_every_metric.py"],
+    "blobs": ["tests/science/test_every_dataset.py"],
+}
+
+
+def test_an_extension_is_picked_up_by_the_parametrised_tests(tmp_path):
+    """tests/extension.py registers a regularizer, a noise kind, a metric and a dataset at start-up, as a
+    user's code would; the tests parametrised over the registries and the vocabulary run on each, and
+    pass, with no edit to them."""
+    import os
+    import re
+
+    files = sorted({f for fs in EXTENSION_TESTS.values() for f in fs})
+    cmd = [sys.executable, "-m", "pytest", "-p", "extension", "-q", "-rA", "-p", "no:cacheprovider"]
+    cmd += [*files, "-k", " or ".join(EXTENSION_TESTS), "-m", "not slow and not gpu"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    env["REGSTUDY_CACHE"] = str(tmp_path)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    passed = re.findall(r"^PASSED (\S+)", proc.stdout, re.MULTILINE)
+    for name, test_files in EXTENSION_TESTS.items():
+        for f in test_files:
+            ran = [p for p in passed if p.startswith(f) and name in p]
+            assert ran, (name, f, passed)
