@@ -5,6 +5,7 @@ evaluation agree with, and one TrialConfig whichever way a trial is described.""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -367,3 +368,40 @@ def test_an_extension_is_picked_up_by_the_parametrised_tests(tmp_path):
         for f in test_files:
             ran = [p for p in passed if p.startswith(f) and name in p]
             assert ran, (name, f, passed)
+
+
+# A path in docs/architecture.md: relative to study/ or reports/ (a module), or to the repo root;
+# ``<name>`` stands for any name (``regularizers/_<name>.py``: every loss module).
+DOC_PATH = r"[A-Za-z0-9_./<>-]+\.py"
+
+
+def _doc_paths() -> tuple[set[str], list[re.Pattern[str]]]:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    paths = set(re.findall(DOC_PATH, text)) | set(re.findall(r"([A-Za-z0-9_]+/)[\s`]", text))
+    globs = [re.compile(re.escape(p).replace(re.escape("<name>"), r"[A-Za-z0-9_]+") + "$") for p in paths]
+    return {p for p in paths if "<" not in p}, [g for g, p in zip(globs, paths, strict=True) if "<" in p]
+
+
+def _doc_name(path: Path) -> str:
+    """How the doc names a module: sweep/seeds.py, a package by its folder (sweep/, study/)."""
+    parts = path.relative_to(ROOT).parts
+    if path.name == "__init__.py":
+        return "/".join(parts[1:-1] or parts[:1]) + "/"
+    return "/".join(parts[1:])
+
+
+def test_every_module_is_named_in_the_architecture_doc():
+    named, globs = _doc_paths()
+    missing = [
+        path.relative_to(ROOT).as_posix()
+        for path in MODULES.values()
+        if _doc_name(path) not in named and not any(g.search(_doc_name(path)) for g in globs)
+    ]
+    assert not missing, f"modules not named in docs/architecture.md: {missing}"
+
+
+def test_every_file_the_architecture_doc_names_exists():
+    named, _ = _doc_paths()
+    bases = (ROOT, ROOT / "study", ROOT / "reports")
+    absent = [p for p in named if p.endswith(".py") and not any((b / p).is_file() for b in bases)]
+    assert not absent, f"docs/architecture.md names files that are not in the repo: {absent}"
