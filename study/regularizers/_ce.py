@@ -19,14 +19,13 @@ class CrossEntropy(Regularizer):
         return F.cross_entropy(z, targets.long(), reduction="none")
 
 
-INFO = register(
-    RegularizerInfo(
-        name="ce",
-        factory=CrossEntropy,
-        description="Plain cross-entropy (no regularization).",
-        params={},
-        strength=None,
-        reference="",
-        vmappable=True,
-    )
+INFO = RegularizerInfo(
+    name="ce",
+    factory=CrossEntropy,
+    description="Plain cross-entropy (no regularization).",
+    params={},
+    strength=None,
+    reference="",
+    vmappable=True,
 )
+register(INFO)

@@ -67,17 +67,16 @@ class ConfidencePenalty(Regularizer):
         return {"entropy": entropy(z)}
 
 
-INFO = register(
-    RegularizerInfo(
-        name="confidence_penalty",
-        factory=ConfidencePenalty,
-        description="Confidence penalty: CE - b H(p) (hinge variant with a threshold).",
-        params=PARAMS,
-        strength="beta",
-        reference=(
-            "Pereyra et al., Regularizing Neural Networks by Penalizing Confident Output Distributions, "
-            "ICLR workshop 2017"
-        ),
-        vmappable=True,
-    )
+INFO = RegularizerInfo(
+    name="confidence_penalty",
+    factory=ConfidencePenalty,
+    description="Confidence penalty: CE - b H(p) (hinge variant with a threshold).",
+    params=PARAMS,
+    strength="beta",
+    reference=(
+        "Pereyra et al., Regularizing Neural Networks by Penalizing Confident Output Distributions, "
+        "ICLR workshop 2017"
+    ),
+    vmappable=True,
 )
+register(INFO)

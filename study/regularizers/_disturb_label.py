@@ -75,13 +75,12 @@ class DisturbLabel(Regularizer):
         self.generator.set_state(state["generator_state"].cpu())
 
 
-INFO = register(
-    RegularizerInfo(
-        name="disturb_label",
-        factory=DisturbLabel,
-        description="DisturbLabel: CE on labels of which a fraction is redrawn uniformly per mini-batch.",
-        params=PARAMS,
-        strength="rate",
-        reference="Xie et al., DisturbLabel: Regularizing CNN on the Loss Layer, CVPR 2016",
-    )
+INFO = RegularizerInfo(
+    name="disturb_label",
+    factory=DisturbLabel,
+    description="DisturbLabel: CE on labels of which a fraction is redrawn uniformly per mini-batch.",
+    params=PARAMS,
+    strength="rate",
+    reference="Xie et al., DisturbLabel: Regularizing CNN on the Loss Layer, CVPR 2016",
 )
+register(INFO)

@@ -73,13 +73,12 @@ class FocalLoss(Regularizer):
         return torch.exp(gamma * log1m_p_target(z, targets)) * nll
 
 
-INFO = register(
-    RegularizerInfo(
-        name="focal",
-        factory=FocalLoss,
-        description="Focal loss -(1 - p_y)^gamma log p_y (adaptive=True: FLSD-53).",
-        params=PARAMS,
-        strength="gamma",
-        reference="Lin et al., ICCV 2017; Mukhoti et al., NeurIPS 2020 (FLSD-53)",
-    )
+INFO = RegularizerInfo(
+    name="focal",
+    factory=FocalLoss,
+    description="Focal loss -(1 - p_y)^gamma log p_y (adaptive=True: FLSD-53).",
+    params=PARAMS,
+    strength="gamma",
+    reference="Lin et al., ICCV 2017; Mukhoti et al., NeurIPS 2020 (FLSD-53)",
 )
+register(INFO)

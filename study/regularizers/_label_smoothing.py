@@ -70,14 +70,13 @@ class LabelSmoothing(Regularizer):
         return ls_decomposition(z, targets, self.param("alpha"))
 
 
-INFO = register(
-    RegularizerInfo(
-        name="label_smoothing",
-        factory=LabelSmoothing,
-        description="Label smoothing: CE + a (z_gt - z_mean); a < 0 is negative label smoothing.",
-        params=PARAMS,
-        strength="alpha",
-        reference="Szegedy et al., CVPR 2016; Wei et al., ICML 2022 (negative LS)",
-        vmappable=True,
-    )
+INFO = RegularizerInfo(
+    name="label_smoothing",
+    factory=LabelSmoothing,
+    description="Label smoothing: CE + a (z_gt - z_mean); a < 0 is negative label smoothing.",
+    params=PARAMS,
+    strength="alpha",
+    reference="Szegedy et al., CVPR 2016; Wei et al., ICML 2022 (negative LS)",
+    vmappable=True,
 )
+register(INFO)

@@ -43,14 +43,13 @@ class LogitPenalty(Regularizer):
         return {"logit_norm_sq": z.square().sum(1)}
 
 
-INFO = register(
-    RegularizerInfo(
-        name="logit_penalty",
-        factory=LogitPenalty,
-        description="Logit penalty: CE + (b/2) ||z||^2.",
-        params=PARAMS,
-        strength="beta",
-        reference="Baseline in Zhou et al., NeurIPS 2025 (MaxSup); see Dauphin & Cubuk, ICLR 2021",
-        vmappable=True,
-    )
+INFO = RegularizerInfo(
+    name="logit_penalty",
+    factory=LogitPenalty,
+    description="Logit penalty: CE + (b/2) ||z||^2.",
+    params=PARAMS,
+    strength="beta",
+    reference="Baseline in Zhou et al., NeurIPS 2025 (MaxSup); see Dauphin & Cubuk, ICLR 2021",
+    vmappable=True,
 )
+register(INFO)

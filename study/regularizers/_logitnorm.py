@@ -45,14 +45,13 @@ class LogitNorm(Regularizer):
         return F.cross_entropy(z / (norms * self.param("tau")), targets.long(), reduction="none")
 
 
-INFO = register(
-    RegularizerInfo(
-        name="logitnorm",
-        factory=LogitNorm,
-        description="LogitNorm: CE on logits normalized to norm 1/tau.",
-        params=PARAMS,
-        strength="tau",
-        reference="Wei et al., Mitigating Neural Network Overconfidence with Logit Normalization, ICML 2022",
-        vmappable=True,
-    )
+INFO = RegularizerInfo(
+    name="logitnorm",
+    factory=LogitNorm,
+    description="LogitNorm: CE on logits normalized to norm 1/tau.",
+    params=PARAMS,
+    strength="tau",
+    reference="Wei et al., Mitigating Neural Network Overconfidence with Logit Normalization, ICML 2022",
+    vmappable=True,
 )
+register(INFO)

@@ -52,14 +52,13 @@ class MaxSup(Regularizer):
         return {"regularization": reg, "error_amplification": torch.zeros_like(reg)}
 
 
-INFO = register(
-    RegularizerInfo(
-        name="maxsup",
-        factory=MaxSup,
-        description="Max Suppression: CE + a (z_max - z_mean).",
-        params=PARAMS,
-        strength="alpha",
-        reference="Zhou et al., MaxSup: Overcoming Representation Collapse in Label Smoothing, NeurIPS 2025",
-        vmappable=True,
-    )
+INFO = RegularizerInfo(
+    name="maxsup",
+    factory=MaxSup,
+    description="Max Suppression: CE + a (z_max - z_mean).",
+    params=PARAMS,
+    strength="alpha",
+    reference="Zhou et al., MaxSup: Overcoming Representation Collapse in Label Smoothing, NeurIPS 2025",
+    vmappable=True,
 )
+register(INFO)

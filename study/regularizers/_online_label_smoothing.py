@@ -131,13 +131,12 @@ class OnlineLabelSmoothing(Regularizer):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-INFO = register(
-    RegularizerInfo(
-        name="online_label_smoothing",
-        factory=OnlineLabelSmoothing,
-        description="Online label smoothing: soft labels = mean correct predictions of the previous epoch.",
-        params=PARAMS,
-        strength="alpha",
-        reference="Zhang et al., Delving Deep into Label Smoothing, IEEE TIP 2021",
-    )
+INFO = RegularizerInfo(
+    name="online_label_smoothing",
+    factory=OnlineLabelSmoothing,
+    description="Online label smoothing: soft labels = mean correct predictions of the previous epoch.",
+    params=PARAMS,
+    strength="alpha",
+    reference="Zhang et al., Delving Deep into Label Smoothing, IEEE TIP 2021",
 )
+register(INFO)

@@ -204,7 +204,7 @@ class RegularizerInfo:
         return check_params(self.name, self.params, params)
 
 
-# Every built-in regularizer module registers itself here on import (``INFO = register(...)``);
+# Every built-in regularizer module registers itself here on import (``register(INFO)``);
 # ``study.regularizers._registry`` imports each module of the package, so adding one is one new module.
 REGULARIZERS: Registry[RegularizerInfo] = Registry("regularizer")
 
