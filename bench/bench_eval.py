@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(name: str) -> None:
     torch.set_num_threads(1)
     spec = load_spec(ROOT / "search_spaces" / f"{name}.yaml")
-    cell = next(c for c in expand_cells(spec) if c.regularizer != "ce" and c.noise_kind != "none")
+    cell = next(c for c in expand_cells(spec) if c.regularizer != "ce" and c.noise.kind != "none")
     params = {k: (v.low + v.high) / 2 for k, v in cell.searched.items()}
     cfg = cell.trial_config(spec, params, seed=1, phase="final")
     prep = prepare_data(cfg)

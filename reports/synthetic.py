@@ -86,10 +86,33 @@ def make_synthetic_study(
         corruptions: number of corruption types (5 severities each) plus their mean.
         status: manifest status ("completed" gives a non-partial study).
     """
-    # Long: one generator draws trials, then epochs, then evals, in this order; split into functions it
-    # would have to thread the generator and a dozen intermediate arrays through each of them.
+    # One generator draws trials, then epochs, then evals, in this order (the helpers keep it).
     rng = np.random.default_rng(rng_seed)
     cells = [(d, m, r, s) for d in datasets for m in models for r in regularizers for s in noise_settings]
+    t = _trial_rows(rng, cells, name, search_trials, seeds, max_epochs)
+    quality = _trial_outcomes(rng, t, models, max_epochs)
+    search = (t["phase"] == "search").to_numpy()
+    fin = ~search
+    e = _epoch_rows(rng, t, quality)
+    ev = _eval_rows(rng, t[fin].reset_index(drop=True), quality[fin], _eval_specs(bins, corruptions), bins)
+    t = t.drop(columns="_ci")
+    write_results(out_dir, trials=t, epochs=e, evals=ev)
+    manifest = {"study": name, "spec_hash": "0" * 16, "status": status, "started_at": 1.7e9, "ended_at": None,
+                "planned": {"search": int(search.sum()), "final": int(fin.sum())}, "cells": len(cells),
+                "versions": {}, "git_sha": None, "schema_version": SCHEMA_VERSION}  # fmt: skip
+    (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return {"trials": t, "epochs": e, "evals": ev}
+
+
+def _trial_rows(
+    rng: np.random.Generator,
+    cells: list[tuple[str, str, str, str]],
+    name: str,
+    search_trials: int,
+    seeds: int,
+    max_epochs: int,
+) -> pd.DataFrame:
+    """One row per trial (search trials with a drawn strength, then the final seeds), cell by cell."""
     rows = []
     for ci, (d, m, r, s) in enumerate(cells):
         sp, lo, hi, _, _ = _REG.get(r, ("beta", 0.0, 1.0, 0.005, 0.07))
@@ -118,8 +141,15 @@ def make_synthetic_study(
         for k in range(seeds):
             rows.append(base | dict(phase="final", seed=k, noise_seed=k, strength=None, optuna_number=None))
     t = pd.DataFrame(rows)
+    t["trial_id"] = [f"t{i:07d}" for i in range(len(t))]
+    return t
+
+
+def _trial_outcomes(
+    rng: np.random.Generator, t: pd.DataFrame, models: tuple[str, ...], max_epochs: int
+) -> np.ndarray:
+    """Fill each trial's status, epochs, best value, params and timing in place; return its quality."""
     n = len(t)
-    t["trial_id"] = [f"t{i:07d}" for i in range(n)]
     reg_eff = np.array([_REG.get(r, (0, 0, 0, 0.005, 0.07))[3] for r in t["regularizer"]])
     model_eff = t["model"].map({m: 0.05 * i for i, m in enumerate(models)}).to_numpy()
     a = t["strength"].astype(float).fillna(0.1).to_numpy()
@@ -153,8 +183,12 @@ def make_synthetic_study(
     t["wall_s"] = t["epochs"] * rng.uniform(0.5, 1.5, n)
     t["started_at"] = 1.7e9 + np.arange(n, dtype=float)
     t["ended_at"] = t["started_at"] + t["wall_s"]
+    return quality
 
-    # epochs: one row per trial-epoch
+
+def _epoch_rows(rng: np.random.Generator, t: pd.DataFrame, quality: np.ndarray) -> pd.DataFrame:
+    """One row per trial-epoch: a learning curve rising to the trial's quality."""
+    n = len(t)
     reps = t["epochs"].to_numpy()
     idx = np.repeat(np.arange(n), reps)
     ep = np.concatenate([np.arange(1, k + 1) for k in reps]) if n else np.array([], int)
@@ -177,8 +211,11 @@ def make_synthetic_study(
     is_ls = (t["regularizer"].to_numpy() == "label_smoothing")[idx]
     e["term_regularization"] = np.where(is_ls, 0.05 * np.exp(-ep / 5.0), np.nan)
     e["term_error_amplification"] = np.where(is_ls, -0.02 * np.exp(-ep / 5.0), np.nan)
+    return e
 
-    # evals for final trials: (split, condition, severity, metric, offset from the trial's quality)
+
+def _eval_specs(bins: int, corruptions: int) -> list[tuple[str, str, float, str]]:
+    """(split, condition, severity, metric) of every eval row of a final trial."""
     specs: list[tuple[str, str, float, str]] = [("test", "clean", np.nan, m) for m in _CLEAN]
     specs += [
         ("test", "clean", float(b), m)
@@ -189,8 +226,18 @@ def make_synthetic_study(
     specs += [("test", "pgd_ce", 0.1, "gradient_masking"), ("train", "clean", np.nan, "memorisation_rate")]
     specs += [("test", c, float(lv), "accuracy") for c in _CORRUPTIONS[:corruptions] for lv in range(1, 6)]
     specs += [("test", "corruption_mean", float(lv), "accuracy") for lv in range(1, 6)] if corruptions else []
-    ft = t[fin].reset_index(drop=True)
-    fq = quality[fin] + rng.normal(0, 0.01, len(ft))
+    return specs
+
+
+def _eval_rows(
+    rng: np.random.Generator,
+    ft: pd.DataFrame,
+    quality: np.ndarray,
+    specs: list[tuple[str, str, float, str]],
+    bins: int,
+) -> pd.DataFrame:
+    """Long-format evals of the final trials ``ft`` (``quality``: theirs), one row per spec each."""
+    fq = quality + rng.normal(0, 0.01, len(ft))
     ece = np.array([_REG.get(r, (0, 0, 0, 0, 0.07))[4] for r in ft["regularizer"]]) + rng.normal(
         0, 0.005, len(ft)
     )
@@ -222,13 +269,7 @@ def make_synthetic_study(
     ev = pd.DataFrame({"trial_id": np.repeat(ft["trial_id"].to_numpy(), k), "split": np.tile(split, len(ft)),
                        "condition": np.tile(cond, len(ft)), "severity": np.tile(sev, len(ft)),
                        "metric": np.tile(metric, len(ft)), "value": val.ravel()})  # fmt: skip
-    t = t.drop(columns="_ci")
-    write_results(out_dir, trials=t, epochs=e, evals=ev)
-    manifest = {"study": name, "spec_hash": "0" * 16, "status": status, "started_at": 1.7e9, "ended_at": None,
-                "planned": {"search": int(search.sum()), "final": int(fin.sum())}, "cells": len(cells),
-                "versions": {}, "git_sha": None, "schema_version": SCHEMA_VERSION}  # fmt: skip
-    (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return {"trials": t, "epochs": e, "evals": ev}
+    return ev
 
 
 def replicated_comparisons(

@@ -5,6 +5,7 @@ evaluation agree with, and one TrialConfig whichever way a trial is described.""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -334,3 +335,73 @@ def pd_concat(*frames):
 @pytest.mark.parametrize("module", ["study.sweep.records", "study.sweep.context", "study.sweep.cells"])
 def test_sweep_bookkeeping_modules_are_ray_free(module):
     assert _fresh_python(f"import sys, {module}; print('ray' in sys.modules)") == "False"
+
+
+# The registry-parametrised tests, and how many of their cases each extension must get (at least).
+EXTENSION_TESTS = {
+    "tilted_ce": ["tests/science/test_regularizers.py", "tests/science/test_regularizers_registry.py"],
+    "to_zero": ["tests/science/test_noise.py"],
+    "my_margin": ["tests/reports/test_every_metric.py"],
+    "blobs": ["tests/science/test_every_dataset.py"],
+}
+
+
+def test_an_extension_is_picked_up_by_the_parametrised_tests(tmp_path):
+    """tests/extension.py registers a regularizer, a noise kind, a metric and a dataset at start-up, as a
+    user's code would; the tests parametrised over the registries and the vocabulary run on each, and
+    pass, with no edit to them."""
+    import os
+    import re
+
+    files = sorted({f for fs in EXTENSION_TESTS.values() for f in fs})
+    cmd = [sys.executable, "-m", "pytest", "-p", "extension", "-q", "-rA", "-p", "no:cacheprovider"]
+    cmd += [*files, "-k", " or ".join(EXTENSION_TESTS), "-m", "not slow and not gpu"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    env["REGSTUDY_CACHE"] = str(tmp_path)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    passed = re.findall(r"^PASSED (\S+)", proc.stdout, re.MULTILINE)
+    for name, test_files in EXTENSION_TESTS.items():
+        for f in test_files:
+            ran = [p for p in passed if p.startswith(f) and name in p]
+            assert ran, (name, f, passed)
+
+
+# A path in docs/architecture.md: relative to study/ or reports/ (a module), or to the repo root;
+# ``<name>`` stands for any name (``regularizers/_<name>.py``: every loss module).
+DOC_PATH = r"[A-Za-z0-9_./<>-]+\.py"
+
+
+def _doc_paths() -> tuple[set[str], list[re.Pattern[str]]]:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    paths = set(re.findall(DOC_PATH, text)) | set(re.findall(r"([A-Za-z0-9_]+/)[\s`]", text))
+    globs = [re.compile(re.escape(p).replace(re.escape("<name>"), r"[A-Za-z0-9_]+") + "$") for p in paths]
+    return {p for p in paths if "<" not in p}, [g for g, p in zip(globs, paths, strict=True) if "<" in p]
+
+
+def _doc_name(path: Path) -> str:
+    """How the doc names a module: sweep/seeds.py, a package by its folder (sweep/, study/)."""
+    parts = path.relative_to(ROOT).parts
+    if path.name == "__init__.py":
+        return "/".join(parts[1:-1] or parts[:1]) + "/"
+    return "/".join(parts[1:])
+
+
+def test_every_module_is_named_in_the_architecture_doc():
+    named, globs = _doc_paths()
+    missing = [
+        path.relative_to(ROOT).as_posix()
+        for path in MODULES.values()
+        if _doc_name(path) not in named and not any(g.search(_doc_name(path)) for g in globs)
+    ]
+    assert not missing, f"modules not named in docs/architecture.md: {missing}"
+
+
+def test_every_file_the_architecture_doc_names_exists():
+    named, _ = _doc_paths()
+    bases = (ROOT, ROOT / "study", ROOT / "reports")
+    absent = [p for p in named if p.endswith(".py") and not any((b / p).is_file() for b in bases)]
+    assert not absent, f"docs/architecture.md names files that are not in the repo: {absent}"

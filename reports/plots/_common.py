@@ -21,7 +21,6 @@ from reports.stats import t_half_width  # noqa: E402
 # A t interval over fewer seeds is mostly the t quantile (12.7 at n=2): drawn, it hides the data.
 MIN_SEEDS_FOR_CI = 3
 CELL = ["dataset", "model", "regularizer", "noise_setting", "noise_kind", "noise_rate"]
-CI_NOTE = f"dots: seeds; line: mean; bars: 95% t-CI (n >= {MIN_SEEDS_FOR_CI} seeds)"
 
 
 def slug(*parts: str) -> str:

@@ -31,7 +31,7 @@ from study.data._readers import cache_root
 from study.registry import Registry
 
 __all__ = ["DatasetBundle", "DatasetEntry", "DATASETS", "list_datasets", "load_dataset", "cache_root"]
-__all__ += ["split_train_val", "DeviceBatches", "batches_for_eval", "random_crop", "random_flip"]
+__all__ += ["split_train_val", "DeviceBatches", "random_crop", "random_flip"]
 
 
 @dataclass
@@ -223,13 +223,11 @@ def load_dataset(
 # ---------------------------------------------------------------------------------------------- splits
 
 
-def split_train_val(labels_or_n: Tensor | int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Deterministic train/validation split of indices 0..n-1.
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Deterministic uniform train/validation split of indices 0..n-1.
 
     Args:
-        labels_or_n: an int n (uniform random split of exactly round(val_fraction * n) validation
-            indices), or a 1-D label tensor (stratified: each class contributes round(val_fraction * n_c)
-            validation indices, so the total may differ from round(val_fraction * n) by a few).
+        n: number of samples (>= 1); exactly round(val_fraction * n) become validation indices.
         val_fraction: in [0, 1); 0 gives an empty validation set.
         seed: seeds a private torch.Generator (global RNG untouched).
 
@@ -238,22 +236,10 @@ def split_train_val(labels_or_n: Tensor | int, val_fraction: float, seed: int) -
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), but got {val_fraction}.")
-    g = torch.Generator().manual_seed(int(seed))
-    if isinstance(labels_or_n, Tensor):
-        labels = labels_or_n.detach().cpu().long().reshape(-1)
-        n = labels.numel()
-        val_parts = []
-        for c in torch.unique(labels).tolist():  # sorted, so the draw order is deterministic
-            idx = (labels == c).nonzero().squeeze(1)
-            val_parts.append(
-                idx[torch.randperm(idx.numel(), generator=g)[: round(val_fraction * idx.numel())]]
-            )
-        val = torch.cat(val_parts) if val_parts else torch.empty(0, dtype=torch.long)
-    else:
-        n = int(labels_or_n)
-        if n < 1:
-            raise ValueError(f"n must be >= 1, but got {n}.")
-        val = torch.randperm(n, generator=g)[: round(val_fraction * n)]
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, but got {n}.")
+    val = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[: round(val_fraction * n)]
     mask = torch.ones(n, dtype=torch.bool)
     mask[val] = False
     return mask.nonzero().squeeze(1), val.sort().values
@@ -300,7 +286,7 @@ def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
 
-_AUGMENTS = {"crop_flip": 4, "shift": 3}  # name -> ndim of a batch it applies to
+_AUGMENTS = {"crop_flip": 4}  # name -> ndim of a batch it applies to
 
 
 class DeviceBatches:
@@ -312,11 +298,11 @@ class DeviceBatches:
         shuffle: draw a fresh permutation each epoch (``iter``) with ``generator``.
         generator: seeds shuffling and augmentation; a generator on x's device avoids small
             host-to-device copies, a CPU one still works. None uses torch's global RNG.
-        augment: None; "crop_flip" for images (4-pixel zero-padded random crop + horizontal flip);
-            "shift" for signals (random shift of up to ``pad`` positions, zeros shifted in).
+        augment: None, or "crop_flip" for images (``pad``-pixel zero-padded random crop + horizontal
+            flip).
         to_float: applied to each x batch before augmentation output is yielded (e.g. bundle.to_float).
         drop_last: drop the final incomplete batch.
-        pad: crop padding / maximum shift.
+        pad: crop padding.
     """
 
     def __init__(
@@ -357,19 +343,6 @@ class DeviceBatches:
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[sl] if order is not None else sl
             xb, yb = self.x[idx], self.y[idx]
-            if self.augment is not None:
-                xb = random_crop(xb, self.pad, self.generator)
-                if self.augment == "crop_flip":
-                    xb = random_flip(xb, self.generator)
+            if self.augment == "crop_flip":
+                xb = random_flip(random_crop(xb, self.pad, self.generator), self.generator)
             yield self.to_float(xb), yb
-
-
-def batches_for_eval(
-    x: Tensor, batch_size: int, to_float: Callable[[Tensor], Tensor] | None = None
-) -> Iterator[Tensor]:
-    """Yield ``to_float`` of consecutive slices of x (in order, no augmentation), for evaluation."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, but got {batch_size}.")
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size]
-        yield to_float(xb) if to_float is not None else xb

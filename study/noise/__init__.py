@@ -14,8 +14,10 @@ from study.noise._corrupt import (
     NoiseKind,
     NoisyLabels,
     corrupt,
+    corrupt_setting,
     instance_probabilities,
     noise_inputs,
+    setting_label,
     synthetic_kinds,
     validate_noise,
 )
@@ -47,8 +49,10 @@ __all__ = [
     "NoisyLabels",
     "asymmetric_map",
     "corrupt",
+    "corrupt_setting",
     "instance_probabilities",
     "noise_inputs",
+    "setting_label",
     "superclass_next_map",
     "validate_noise",
 ]

@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from study import vocabulary
-from study.noise._given import flip_given, validate_source
+from study.noise._given import flip_given, given_label, validate_source
 from study.noise._maps import (
     ArrayLike,
     _check_labels,
@@ -73,6 +74,19 @@ def validate_noise(
     """
     _validate_kind(kind, rate, mode)
     validate_source(kind, dataset_labels, label_set, path)
+
+
+def setting_label(
+    kind: str, rate: float, mode: str | None = None, label_set: str | None = None, path: str | None = None
+) -> str:
+    """The last part of a cell id: ``none``, ``symmetric:0.4``, ``adversarial-confident:0.2``, ``human-x``,
+    ``file-<stem>``. A rate ``:g`` would round keeps every digit, so two rates never share a label."""
+    if kind == "none":
+        return "none"
+    if not NOISE_REGISTRY[kind].uses_rate:
+        return given_label(kind, label_set, path)
+    name, short = (f"{kind}-{mode}" if mode else kind), f"{rate:g}"
+    return f"{name}:{short if float(short) == rate else repr(float(rate))}"
 
 
 def _validate_kind(kind: str, rate: float, mode: str | None) -> None:
@@ -233,7 +247,7 @@ class NoiseInputs:
     coarse_labels: ArrayLike | None = None
     features: torch.Tensor | np.ndarray | None = None
     probs: torch.Tensor | np.ndarray | None = None
-    mode: str = "confident"
+    mode: str = ADVERSARIAL_MODES[0]
     instance_std: float = 0.1
     given_labels: ArrayLike | None = None
 
@@ -245,10 +259,10 @@ FlipFn = Callable[[np.random.Generator, np.ndarray, int, float, NoiseInputs], tu
 class NoiseKind:
     """Registry entry: ``flip(rng, clean labels, K, rate, inputs) -> (noisy labels, note)``.
 
-    ``inputs`` names the ``NoiseInputs`` fields the kind reads from the dataset or a reference model
-    (``dataset``, ``coarse_labels``, ``features``, ``probs``): the trial supplies exactly those, so it
-    needs no knowledge of individual kinds. ``uses_rate`` False: the labels are given (a file), the
-    rate must be 0 and the realised rate is what the file holds.
+    ``inputs`` names the ``NoiseInputs`` fields the kind reads from the dataset, a reference model or
+    the setting (``dataset``, ``coarse_labels``, ``features``, ``probs``, ``mode``, ``given_labels``):
+    the trial supplies exactly those, so it needs no knowledge of individual kinds. ``uses_rate``
+    False: the labels are given (a file), the rate must be 0 and the realised rate is what the file holds.
     """
 
     name: str
@@ -307,7 +321,9 @@ NOISE_REGISTRY: Registry[NoiseKind] = Registry(
         NoiseKind("asymmetric", _flip_asymmetric, "published class maps", ("dataset", "coarse_labels")),
         NoiseKind("pairflip", _flip_pairflip, "i -> i+1 mod K w.p. r"),
         NoiseKind("instance", _flip_instance, "instance-dependent (Xia et al. 2020)", ("features",)),
-        NoiseKind("adversarial", _flip_adversarial, "label-flip poisoning by reference margin", ("probs",)),
+        NoiseKind(
+            "adversarial", _flip_adversarial, "label-flip poisoning by reference margin", ("probs", "mode")
+        ),
         NoiseKind("human", flip_given, "CIFAR-10N/100N human labels", ("given_labels",), uses_rate=False),
         NoiseKind("file", flip_given, "noisy labels from a user's file", ("given_labels",), uses_rate=False),
     ],
@@ -369,20 +385,29 @@ def corrupt(
         ValueError: unknown kind/mode, rate outside [0, 1], labels outside [0, K), instance without
             features, adversarial without probs or with the wrong shape, cifar100 without coarse labels.
     """
-    _validate_kind(kind, rate, mode)  # the label source (file, label set) was resolved by the caller
+    inputs = NoiseInputs(dataset, coarse_labels, features, probs, mode, instance_std, given_labels)
+    return _draw(labels, num_classes, kind, rate, seed, inputs)
+
+
+def corrupt_setting(
+    labels: ArrayLike, num_classes: int, setting: Any, seed: int, inputs: NoiseInputs
+) -> NoisyLabels:
+    """``corrupt`` for a trial: a setting's ``kind`` and ``rate`` (a ``study.spec.NoiseSetting``) and the
+    ``NoiseInputs`` its kind declares (``noise_inputs(kind)``). Same checks and result as ``corrupt``."""
+    return _draw(labels, num_classes, setting.kind, setting.rate, seed, inputs)
+
+
+def _draw(labels: ArrayLike, k: int, kind: str, rate: float, seed: int, inputs: NoiseInputs) -> NoisyLabels:
+    _validate_kind(kind, rate, inputs.mode)  # the label source (file, label set) was resolved by the caller
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, but got {seed!r}.")
-    if (
-        isinstance(instance_std, bool)
-        or not isinstance(instance_std, numbers.Real)
-        or not 0 <= instance_std < math.inf
-    ):
-        raise ValueError(f"instance_std must be a finite number >= 0, but got {instance_std!r}.")
-    y = _check_labels(labels, num_classes)
-    k, r = num_classes, float(rate)
+    std = inputs.instance_std
+    if isinstance(std, bool) or not isinstance(std, numbers.Real) or not 0 <= std < math.inf:
+        raise ValueError(f"instance_std must be a finite number >= 0, but got {std!r}.")
+    y = _check_labels(labels, k)
     rng = np.random.default_rng(seed)
-    inputs = NoiseInputs(dataset, coarse_labels, features, probs, mode, float(instance_std), given_labels)
-    noisy, note = NOISE_REGISTRY[kind].flip(rng, y, k, r, inputs)
+    inputs = replace(inputs, instance_std=float(std))
+    noisy, note = NOISE_REGISTRY[kind].flip(rng, y, k, float(rate), inputs)
     flipped = noisy != y
     return NoisyLabels(
         labels=torch.from_numpy(noisy.astype(np.int64)),
@@ -390,6 +415,6 @@ def corrupt(
         transition=torch.from_numpy(_empirical_transition(y, noisy, k)).float(),
         realized_rate=float(flipped.mean()) if len(y) else 0.0,
         kind=kind,
-        rate=r,
+        rate=float(rate),
         note=note,
     )

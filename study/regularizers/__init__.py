@@ -11,13 +11,13 @@ from study.regularizers._registry import (
     create,
     get_info,
     list_regularizers,
-    register,
     validate_params,
 )
 from study.regularizers._schedule import Schedule
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import REGULARIZERS, ParamSpec, RegularizerInfo, register
 
 __all__ = [
+    "REGULARIZERS",
     "ExternalRegularizer",
     "ParamSpec",
     "Regularizer",

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import RegularizerInfo
+from study.regularizers._spec import RegularizerInfo, register
 
 
 class CrossEntropy(Regularizer):
@@ -26,4 +26,6 @@ INFO = RegularizerInfo(
     params={},
     strength=None,
     reference="",
+    vmappable=True,
 )
+register(INFO)

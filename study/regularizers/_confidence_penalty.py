@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "beta": ParamSpec(
@@ -77,4 +77,6 @@ INFO = RegularizerInfo(
         "Pereyra et al., Regularizing Neural Networks by Penalizing Confident Output Distributions, "
         "ICLR workshop 2017"
     ),
+    vmappable=True,
 )
+register(INFO)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "rate": ParamSpec(
@@ -83,3 +83,4 @@ INFO = RegularizerInfo(
     strength="rate",
     reference="Xie et al., DisturbLabel: Regularizing CNN on the Loss Layer, CVPR 2016",
 )
+register(INFO)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from study.regularizers._base import Regularizer, nll_per_sample
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 # FLSD-53 (Mukhoti et al. 2020): gamma 5 for p_y < 0.2, gamma 3 otherwise.
 FLSD_THRESHOLD, FLSD_GAMMA_LOW_P, FLSD_GAMMA_HIGH_P = 0.2, 5.0, 3.0
@@ -81,3 +81,4 @@ INFO = RegularizerInfo(
     strength="gamma",
     reference="Lin et al., ICCV 2017; Mukhoti et al., NeurIPS 2020 (FLSD-53)",
 )
+register(INFO)

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from study.regularizers._base import Regularizer, nll_per_sample
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "alpha": ParamSpec(
@@ -77,4 +77,6 @@ INFO = RegularizerInfo(
     params=PARAMS,
     strength="alpha",
     reference="Szegedy et al., CVPR 2016; Wei et al., ICML 2022 (negative LS)",
+    vmappable=True,
 )
+register(INFO)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "beta": ParamSpec(
@@ -50,4 +50,6 @@ INFO = RegularizerInfo(
     params=PARAMS,
     strength="beta",
     reference="Baseline in Zhou et al., NeurIPS 2025 (MaxSup); see Dauphin & Cubuk, ICLR 2021",
+    vmappable=True,
 )
+register(INFO)

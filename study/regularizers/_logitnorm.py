@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 # The reference implementation adds 1e-7 to the norm before dividing; we keep its placement.
 NORM_EPS = 1e-7
@@ -52,4 +52,6 @@ INFO = RegularizerInfo(
     params=PARAMS,
     strength="tau",
     reference="Wei et al., Mitigating Neural Network Overconfidence with Logit Normalization, ICML 2022",
+    vmappable=True,
 )
+register(INFO)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "alpha": ParamSpec(
@@ -59,4 +59,6 @@ INFO = RegularizerInfo(
     params=PARAMS,
     strength="alpha",
     reference="Zhou et al., MaxSup: Overcoming Representation Collapse in Label Smoothing, NeurIPS 2025",
+    vmappable=True,
 )
+register(INFO)

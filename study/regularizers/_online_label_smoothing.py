@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from study.regularizers._base import Regularizer, nll_per_sample
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import ParamSpec, RegularizerInfo, register
 
 PARAMS = {
     "alpha": ParamSpec(
@@ -139,3 +139,4 @@ INFO = RegularizerInfo(
     strength="alpha",
     reference="Zhang et al., Delving Deep into Label Smoothing, IEEE TIP 2021",
 )
+register(INFO)

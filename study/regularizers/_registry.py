@@ -16,48 +16,26 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from study.regularizers import (
-    _ce,
-    _confidence_penalty,
-    _disturb_label,
-    _focal,
-    _label_smoothing,
-    _logit_penalty,
-    _logitnorm,
-    _maxsup,
-    _online_label_smoothing,
-)
 from study.regularizers._base import Regularizer
-from study.regularizers._spec import ParamSpec, RegularizerInfo
+from study.regularizers._spec import REGULARIZERS, ParamSpec, RegularizerInfo
 
-_REGISTRY: dict[str, RegularizerInfo] = {}
-
-
-def register(info: RegularizerInfo) -> None:
-    """Add ``info`` to the registry under ``info.name``.
-
-    Raises:
-        ValueError: If ``info`` is not a RegularizerInfo, its name contains ``:`` or is taken.
-    """
-    if not isinstance(info, RegularizerInfo):
-        raise ValueError(f"register needs a RegularizerInfo, but got {info!r}.")
-    if ":" in info.name:
-        raise ValueError(
-            f"a registered name must not contain ':' (it marks import paths), but got {info.name!r}."
-        )
-    if info.name in _REGISTRY:
-        raise ValueError(f"a regularizer named {info.name!r} is already registered.")
-    _REGISTRY[info.name] = info
+# The package's modules that are not a regularizer; every other ``_<name>.py`` registers one on import.
+_SUPPORT = frozenset({"_base", "_registry", "_schedule", "_spec"})
+for _module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+    if _module.name.startswith("_") and _module.name not in _SUPPORT:
+        importlib.import_module(f"study.regularizers.{_module.name}")
 
 
 def list_regularizers() -> list[str]:
     """Registered names, sorted (import-path regularizers are not listed)."""
-    return sorted(_REGISTRY)
+    return sorted(REGULARIZERS)
 
 
 def get_info(name: str) -> RegularizerInfo:
@@ -71,12 +49,12 @@ def get_info(name: str) -> RegularizerInfo:
         raise ValueError(f"a regularizer name must be a string, but got {name!r}.")
     if ":" in name:
         return _info_from_path(name)
-    if name not in _REGISTRY:
+    if name not in REGULARIZERS:
         raise ValueError(
             f"unknown regularizer {name!r} (known: {', '.join(list_regularizers())}; "
             "or an import path 'package.module:function')."
         )
-    return _REGISTRY[name]
+    return REGULARIZERS[name]
 
 
 def validate_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,17 +171,3 @@ def _specs_from_signature(path: str, factory: Callable[..., Any]) -> dict[str, P
                 f"{p.default!r} (or export a RegularizerInfo instead)."
             )
     return specs
-
-
-for _module in (
-    _ce,
-    _label_smoothing,
-    _maxsup,
-    _confidence_penalty,
-    _online_label_smoothing,
-    _logit_penalty,
-    _logitnorm,
-    _focal,
-    _disturb_label,
-):
-    register(_module.INFO)

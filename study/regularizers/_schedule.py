@@ -81,11 +81,6 @@ class Schedule:
             raise ValueError(f"a schedule must be a number or a mapping, but got {spec!r}.")
         return cls.constant(spec)
 
-    @property
-    def is_constant(self) -> bool:
-        """True when the value never changes."""
-        return self.start == self.end
-
     def value(self, progress: float) -> float:
         """The value at ``progress`` in [0, 1].
 

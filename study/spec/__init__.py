@@ -15,6 +15,7 @@ from study.spec import _yaml
 from study.spec._checks import (
     check_cross_fields,
     check_local_resources,
+    check_unique_cells,
     error_message,
     format_error,
     loc_path,
@@ -115,4 +116,5 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
     except ValidationError as exc:
         raise SpecError(f"{source}: {format_error(exc, text)}") from None
     check_cross_fields(spec, source)
+    check_unique_cells(spec, source)
     return spec

@@ -215,3 +215,32 @@ def check_cross_fields(spec: StudySpec, source: str) -> None:
             f"{source}: evaluate.attacks: 'transfer' crafts on the ce model of each cell, "
             "so regularizers must include ce"
         )
+
+
+def check_unique_cells(spec: StudySpec, source: str) -> None:
+    """Each cell id (``dataset/model/regularizer/noise label``) names one cell: a model listed twice
+    (with other options too) or two noise settings with one label (a repeated rate or label set, two
+    label files with one stem) would make cells share an Optuna study and records. Regularizers are
+    mapping keys, unique already."""
+    seen_models: dict[str, int] = {}
+    for i, m in enumerate(spec.models):
+        if (j := seen_models.setdefault(m.name, i)) != i:
+            raise SpecError(
+                f"{source}: models.{i}: model {m.name!r} is listed twice (also models.{j}); a cell id names "
+                "the model, so list each model once (compare its options in separate studies)"
+            )
+    seen_noise: dict[str, str] = {}
+    for i, ns in enumerate(spec.noise):
+        for k, setting in enumerate(ns.settings()):
+            label = setting.label
+            if setting.kind == "file":
+                field_path = f"noise.{i}.path"
+            elif setting.kind == "human":
+                field_path = f"noise.{i}.label_set.{k}"
+            else:
+                field_path = f"noise.{i}.kind" if setting.kind == "none" else f"noise.{i}.rate.{k}"
+            if (other := seen_noise.setdefault(label, field_path)) != field_path:
+                raise SpecError(
+                    f"{source}: {field_path}: gives the noise setting {label!r} of {other} again "
+                    "(a cell id names the setting: each must be distinct)"
+                )

@@ -26,6 +26,7 @@ from study.spec._values import (
     Strict,
     check_number,
     endpoints,
+    resolve_pack_size,
 )
 from study.vocabulary import SEARCH_METRICS
 
@@ -90,13 +91,8 @@ class NoiseSetting(Strict):
     @property
     def label(self) -> str:
         """``none``, ``symmetric:0.4``, ``adversarial-confident:0.2``, ``human-worst`` or ``file-<stem>``
-        (the cell id's last part)."""
-        if self.kind == "none":
-            return "none"
-        if not noise_lib.NOISE_REGISTRY[self.kind].uses_rate:
-            return noise_lib.given_label(self.kind, self.label_set, self.path)
-        kind = f"{self.kind}-{self.mode}" if self.mode else self.kind
-        return f"{kind}:{self.rate:g}"
+        (the cell id's last part; ``noise.setting_label``)."""
+        return noise_lib.setting_label(self.kind, self.rate, self.mode, self.label_set, self.path)
 
 
 class NoiseSpec(Strict):
@@ -296,8 +292,12 @@ class ResourcesSpec(Strict):
     cpus_per_trial: float = Field(1.0, gt=0, le=1024)
     gpus_per_trial: float = Field(0.0, ge=0, le=16)
     # Trials of one cell trained together in one process as one batched model (study/trial/pack.py):
-    # 1 = one trial per process; "auto" = the measured best for the model and device (trial.pack_size).
+    # 1 = one trial per process; "auto" = the measured best for the model and device (pack_size).
     trials_per_process: PackSize = 1
+
+    def pack_size(self, model: str, batch_size: int) -> int:
+        """Members per pack of a cell with this model and batch size (the one place ``auto`` resolves)."""
+        return resolve_pack_size(self.trials_per_process, model, batch_size, gpus=self.gpus_per_trial)
 
     @field_validator("gpus_per_trial")
     @classmethod

@@ -153,3 +153,21 @@ def _pack_size(value: Any) -> Any:
 
 # resources.trials_per_process: how many trials one process trains as one batched model.
 PackSize = Annotated[int | Literal["auto"], BeforeValidator(_pack_size)]
+
+
+def resolve_pack_size(size: int | str, model: str, batch_size: int, *, gpus: float) -> int:
+    """Members per pack: ``size``, or for ``auto`` the measured best for the model and device.
+
+    ``auto``, from bench/bench_fusion.md (2-core CPU, one thread per process): the batched-matmul path
+    (mlp, cnn1d) gains most where a step is launch-bound, at small batches: quickstart mix (batch 32)
+    1.9x / 2.6x / 3.2x at K = 4 / 8 / 16; mnist1d_noise mix (batch 128) 1.5x / 1.6x / 1.4x. Other
+    models run alone on a CPU (PyTorch's vmapped convolutions cost as much per member as separate
+    calls). With GPUs every model packs by 4: not measured here (no GPU was lent).
+    """
+    if size != "auto":
+        return int(size)
+    if gpus > 0:
+        return 4
+    if model not in ("mlp", "cnn1d"):
+        return 1
+    return 16 if batch_size <= 64 else 8

@@ -17,32 +17,24 @@ Phase = Literal["search", "final"]
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell of the study: everything but the searched hyperparameters and the seed."""
+    """One cell of the study: everything but the searched hyperparameters and the seed.
+
+    ``cell_id`` (``dataset/model/regularizer/noise label``) is computed once, when the cell is made;
+    ``replace(cell, regularizer="ce")`` is the ce cell of the same data, model and noise (ids included).
+    """
 
     dataset: str
     model: str
     model_options: dict[str, Any]
     regularizer: str
-    noise_kind: str
-    noise_rate: float
-    noise_mode: str | None
+    noise: NoiseSetting
     space: dict[str, Any] = field(default_factory=dict)  # hyperparameter name -> spec value
-    # Where given noisy labels come from (kinds human / file): dataset_labels, label_set, path.
-    noise_source: dict[str, str] = field(default_factory=dict)
+    cell_id: str = field(init=False)
 
-    @property
-    def noise(self) -> NoiseSetting:
-        return NoiseSetting(
-            kind=self.noise_kind, rate=self.noise_rate, mode=self.noise_mode, **self.noise_source
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "cell_id", f"{self.dataset}/{self.model}/{self.regularizer}/{self.noise.label}"
         )
-
-    @property
-    def noise_setting(self) -> str:
-        return self.noise.label
-
-    @property
-    def cell_id(self) -> str:
-        return f"{self.dataset}/{self.model}/{self.regularizer}/{self.noise_setting}"
 
     @property
     def searched(self) -> dict[str, Any]:
@@ -91,34 +83,27 @@ class Cell:
 
 
 def expand_cells(spec: StudySpec) -> list[Cell]:
-    """Every cell of the spec, in a deterministic order (model, regularizer, noise setting)."""
+    """Every cell of the spec, in a deterministic order (model, regularizer, noise setting).
+
+    Raises ValueError on two cells with one id (``study validate`` refuses such a spec first, naming
+    the field: ``check_unique_cells``).
+    """
     train_space = {name: getattr(spec.train, name) for name in TrainSpec.SEARCHABLE}
+    settings = [setting for noise_spec in spec.noise for setting in noise_spec.settings()]
     cells = []
     for model in spec.models:
         for reg, params in spec.regularizers.items():
-            for noise_spec in spec.noise:
-                for setting in noise_spec.settings():
-                    space = dict(train_space)
-                    space.update(
-                        {k: (v.model_dump() if isinstance(v, Ramp) else v) for k, v in params.items()}
-                    )
-                    cells.append(
-                        Cell(
-                            dataset=spec.dataset.name,
-                            model=model.name,
-                            model_options=dict(model.options),
-                            regularizer=reg,
-                            noise_kind=setting.kind,
-                            noise_rate=setting.rate,
-                            noise_mode=setting.mode,
-                            space=space,
-                            noise_source={
-                                k: v
-                                for k in ("dataset_labels", "label_set", "path")
-                                if (v := getattr(setting, k)) is not None
-                            },  # fmt: skip
-                        )
-                    )
+            space = {
+                **train_space,
+                **{k: (v.model_dump() if isinstance(v, Ramp) else v) for k, v in params.items()},
+            }
+            for setting in settings:
+                cells.append(
+                    Cell(spec.dataset.name, model.name, dict(model.options), reg, setting, dict(space))
+                )
+    ids = [c.cell_id for c in cells]
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"two cells share the id {next(i for i in ids if ids.count(i) > 1)!r}")
     return cells
 
 

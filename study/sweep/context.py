@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -241,8 +242,7 @@ def post_jobs(spec: StudySpec, ctx: StudyContext) -> list[tuple[str, str, tuple[
         if cell is None:
             continue
         if want_transfer and cell.regularizer != "ce" and "transfer" not in conditions:
-            ce_id = f"{cell.dataset}/{cell.model}/ce/{cell.noise_setting}"
-            source = by_cell_seed.get((ce_id, rec["index"]))
+            source = by_cell_seed.get((replace(cell, regularizer="ce").cell_id, rec["index"]))
             if source is not None:
                 jobs.append((key, "transfer", (rec["config"], source["config"])))
         if spec.distill and "distill" not in conditions:

@@ -29,7 +29,7 @@ class SeedPlan:
         self.reasons: dict[str, str] = {}
         self.groups: dict[tuple[str, str, str], list[Cell]] = {}
         for c in cells:
-            self.groups.setdefault((c.dataset, c.model, c.noise_setting), []).append(c)
+            self.groups.setdefault((c.dataset, c.model, c.noise.label), []).append(c)
 
     def wanted(self, cell: Cell) -> range:
         # Final seeds start at 1: seed 0 trained the search trials, and re-using it would carry the

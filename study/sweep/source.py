@@ -17,7 +17,6 @@ from study.sweep.context import StudyContext, member_id
 from study.sweep.optuna_cells import CellStudies
 from study.sweep.records import trial_key
 from study.sweep.seeds import SeedPlan
-from study.trial.pack import auto_pack_size
 from study.vocabulary import FINAL_DONE_STATUSES
 
 # The sentinel TrialSource.suggest returns when no trial is left (Tune's Searcher.FINISHED).
@@ -115,11 +114,7 @@ class TrialSource:
         return new
 
     def pack_size(self, cell: Cell) -> int:
-        size = self.spec.resources.trials_per_process
-        if size == "auto":
-            device = "cuda" if self.spec.resources.gpus_per_trial > 0 else "cpu"
-            return auto_pack_size(cell.model, device, self.spec.train.batch_size)
-        return int(size)
+        return self.spec.resources.pack_size(cell.model, self.spec.train.batch_size)
 
     def _next(self, trial_id: str, like: Cell | None = None, phase: str | None = None) -> Any:
         """The next trial; given `like` and `phase`, only one of that phase (final trials may train other

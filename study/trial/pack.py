@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from study import data as data_lib
+from study import regularizers
 from study.spec import TrainSpec
 from study.trial.config import TrialConfig
 from study.trial.fit import Fitted, PreparedData, augments_images, make_optimizer, resolve_device, uses_bf16
@@ -48,21 +49,13 @@ def pack_key(cfg: TrialConfig) -> str:
     )
 
 
-# Regularizers whose loss is a pure function of (logits, targets, numeric params). Members sharing one
-# compute their losses in one vmapped call of a template instance with their own values: the loop over
-# members cost as much as the model's own step at batch 32 (K = 8, cnn1d). The others loop: online label
-# smoothing and DisturbLabel carry state (soft labels, a generator), focal branches on gamma's value,
-# an import path is unknown.
-VMAPPABLE = frozenset({"ce", "label_smoothing", "maxsup", "confidence_penalty", "logit_penalty", "logitnorm"})
-
-
 def member_losses(members: list[Member], z: Tensor, y: Tensor) -> Tensor:
     """(K,) batch-mean losses of logits z (K, B, classes) and targets y (K, B), member k with its own
     regularizer (its own parameter values, schedules included)."""
     out: list[Tensor | None] = [None] * len(members)
     groups: dict[str, list[int]] = {}
     for k, m in enumerate(members):
-        if m.cfg.regularizer.name in VMAPPABLE:
+        if regularizers.get_info(m.cfg.regularizer.name).vmappable:
             groups.setdefault(m.cfg.regularizer.name, []).append(k)
         else:
             out[k] = m.reg(z[k], y[k])
@@ -237,20 +230,3 @@ def fit_pack(
         free = capacity - len(pack.members)
         joining = refill(free) if (refill is not None and free > 0 and ended) else []
     return done
-
-
-# resources.trials_per_process: auto, from bench/bench_fusion.md (2-core CPU, one thread per process):
-# the batched-matmul path (mlp, cnn1d) gains most where a step is launch-bound, at small batches:
-# quickstart mix (batch 32) 1.9x / 2.6x / 3.2x at K = 4 / 8 / 16; mnist1d_noise mix (batch 128)
-# 1.5x / 1.6x / 1.4x. Other models run alone on a CPU (PyTorch's vmapped convolutions cost as much
-# per member as separate calls). On CUDA every model packs by 4: not measured here (no GPU was lent).
-FAST_PATH_MODELS = ("mlp", "cnn1d")
-
-
-def auto_pack_size(model: str, device: str, batch_size: int) -> int:
-    """Members per pack for ``trials_per_process: auto`` on `device` ("cpu" or "cuda")."""
-    if device == "cuda":
-        return 4
-    if model not in FAST_PATH_MODELS:
-        return 1
-    return 16 if batch_size <= 64 else 8

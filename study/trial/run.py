@@ -64,7 +64,8 @@ def load_bundle(cfg: TrialConfig) -> data_lib.DatasetBundle:
     return bundle
 
 
-# How the trial provides each input a noise kind can ask for (study.noise.NoiseInputs fields).
+# How the trial provides each input a noise kind can ask for (study.noise.NoiseInputs fields); None
+# leaves the field's default.
 _NOISE_INPUTS: dict[str, Callable[[TrialConfig, data_lib.DatasetBundle], Any]] = {
     "dataset": lambda cfg, b: b.name,
     "coarse_labels": lambda cfg, b: b.coarse_train,
@@ -72,8 +73,16 @@ _NOISE_INPUTS: dict[str, Callable[[TrialConfig, data_lib.DatasetBundle], Any]] =
     "probs": lambda cfg, b: reference_probabilities(
         b, cfg.model.name, cfg.model.options, seed=cfg.noise_seed
     ),
+    "mode": lambda cfg, b: cfg.noise.mode,
     "given_labels": lambda cfg, b: given_labels(cfg.noise, cfg.dataset, b),
 }
+
+
+def noise_inputs(cfg: TrialConfig, bundle: data_lib.DatasetBundle) -> noise_lib.NoiseInputs:
+    """The inputs the trial's noise kind declares (and only those: a reference model is trained only
+    for a kind that reads ``probs``)."""
+    given = {name: _NOISE_INPUTS[name](cfg, bundle) for name in noise_lib.noise_inputs(cfg.noise.kind)}
+    return noise_lib.NoiseInputs(**{name: v for name, v in given.items() if v is not None})
 
 
 def given_labels(ns: NoiseSetting, dataset: DatasetSpec, bundle: data_lib.DatasetBundle) -> Any:
@@ -100,13 +109,8 @@ def prepare_data(cfg: TrialConfig, bundle: data_lib.DatasetBundle | None = None)
     """
     bundle = bundle or load_bundle(cfg)
     y_clean = bundle.y_train
-    noise = cfg.noise
-    kw: dict[str, Any] = {
-        name: _NOISE_INPUTS[name](cfg, bundle) for name in noise_lib.noise_inputs(noise.kind)
-    }
-    if noise.mode is not None:
-        kw["mode"] = noise.mode
-    noisy = noise_lib.corrupt(y_clean, bundle.num_classes, noise.kind, noise.rate, cfg.noise_seed, **kw)
+    inputs = noise_inputs(cfg, bundle)
+    noisy = noise_lib.corrupt_setting(y_clean, bundle.num_classes, cfg.noise, cfg.noise_seed, inputs)
     train_idx, val_idx = data_lib.split_train_val(len(y_clean), cfg.dataset.val_fraction, seed=cfg.noise_seed)
     y_val = (y_clean if cfg.dataset.clean_validation else noisy.labels)[val_idx]
     return PreparedData(

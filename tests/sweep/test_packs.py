@@ -207,9 +207,9 @@ def test_auto_pack_size_follows_the_measured_table(trial_source, model, batch, g
     source, _ = trial_source(spec)
     assert {source.pack_size(c) for c in source.cells} == {size}
     # Models without the batched-matmul path train alone on a CPU (they gain nothing there).
-    from study.trial.pack import auto_pack_size
-
-    assert auto_pack_size("resnet20", "cpu", 32) == 1 and auto_pack_size("resnet20", "cuda", 128) == 4
+    resources = spec.resources.model_copy(update={"gpus_per_trial": 0})
+    assert resources.pack_size("resnet20", 32) == 1
+    assert resources.model_copy(update={"gpus_per_trial": 1}).pack_size("resnet20", 128) == 4
 
 
 def test_a_trial_is_never_pruned_after_its_last_epoch(trial_source):

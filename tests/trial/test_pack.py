@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from study import data, models
+from study import data, models, regularizers
 from study.data._readers import RawSplits
 from study.trial.config import TrialConfig
 from study.trial.evaluate import evaluate_model
@@ -30,10 +30,7 @@ from study.trial.run import prepare_data
 
 SMALL = {"max_train": 1000, "max_test": 300}
 TOL = 1e-5  # the acceptance
-NINE = [
-    "ce", "label_smoothing", "maxsup", "online_label_smoothing", "disturb_label", "focal", "logitnorm",
-    "confidence_penalty", "logit_penalty",
-]  # fmt: skip
+REGISTERED = regularizers.list_regularizers()  # every registered regularizer, its defaults
 CPU = torch.device("cpu")
 
 
@@ -88,13 +85,13 @@ def assert_eval_match(got: dict[tuple, float], want: dict[tuple, float]) -> None
 # ---------------------------------------------------------------------------------------------- equivalence
 
 
-def test_nine_regularizers_in_one_pack_equal_alone_rows_weights_state_and_test_metrics(prep):
+def test_every_regularizer_in_one_pack_equals_alone_rows_weights_state_and_test_metrics(prep):
     cfgs = [
         make_cfg(reg, seed=i, lr=0.02 + 0.0025 * i, wd=(0.0, 1e-4, 5e-4)[i % 3], evaluate={})
-        for i, reg in enumerate(NINE)
+        for i, reg in enumerate(REGISTERED)
     ]
     packed = fit_pack([(cfg.regularizer.name, cfg, prep, None) for cfg in cfgs])
-    assert list(packed) == NINE
+    assert list(packed) == REGISTERED
     for cfg in cfgs:
         alone, member = fit(cfg, prep), packed[cfg.regularizer.name]
         assert member.status == alone.status == "completed"
