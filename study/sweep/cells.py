@@ -74,6 +74,7 @@ class Cell:
             noise=self.noise,
             noise_seed=spec.noise_seed + (seed if final else 0),
             seed=seed,
+            study_seed=spec.seed,
             train=spec.train.model_copy(update=train_values),
             metric=spec.search.metric,
             evaluate=spec.evaluate if final else None,

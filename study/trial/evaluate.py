@@ -181,7 +181,7 @@ def robustness_rows(
     x, y = eval_subset(prep, cfg, device)
     if attack_names and spec.eps:
         rows += attack_rows(
-            model, b, spec, x, y, attack_names=attack_names, source_model=source_model, seed=cfg.seed
+            model, b, spec, x, y, attack_names=attack_names, source_model=source_model, seed=cfg.train_seed
         )
         rows.append(gradient_masking_row(rows))
     names = spec.corruptions
@@ -194,7 +194,7 @@ def robustness_rows(
             kind=kind,
             names=None if names == "all" else names,
             severities=tuple(spec.severities),
-            seed=cfg.seed,
+            seed=cfg.train_seed,
         ):
             rows.append({"split": "test", **r})
     return rows

@@ -94,11 +94,11 @@ class Member:
     def _initial(
         cls, key: str, cfg: TrialConfig, prep: PreparedData, ckpt: Path | None, device: torch.device
     ) -> Member:
-        torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed only
+        torch.manual_seed(cfg.train_seed)  # the initial weights depend on the (derived) seed only
         model = build_model(cfg, prep.bundle).to(device)
         reg = regularizers.create(cfg.regularizer.name, **cfg.regularizer.params).to(device)
         gen = torch.Generator(device=device)
-        gen.manual_seed(cfg.seed)
+        gen.manual_seed(cfg.train_seed)
         reference = math.log(prep.bundle.num_classes)
         return cls(key, cfg, prep, model, reg, gen, ckpt, reference, tracks_progress(reg))
 

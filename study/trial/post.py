@@ -54,7 +54,7 @@ def transfer_rows(target: dict[str, Any], source: dict[str, Any]) -> list[dict[s
         y,
         attack_names=["transfer"],
         source_model=source_model,
-        seed=tcfg.seed,
+        seed=tcfg.train_seed,
     )
 
 
@@ -74,9 +74,9 @@ def _train_student(
     """A student of `scfg`'s model on the training inputs against `targets` (teacher logits or labels),
     seeded by the trial's seed: AdamW with a one-cycle schedule at the trial's lr."""
     b = prep.bundle
-    torch.manual_seed(scfg.seed)
+    torch.manual_seed(scfg.train_seed)
     student = build_model(scfg, b).to(device)
-    gen = torch.Generator(device=device).manual_seed(scfg.seed)
+    gen = torch.Generator(device=device).manual_seed(scfg.train_seed)
     batches = data_lib.DeviceBatches(
         prep.x_train.to(device),
         targets.to(device),

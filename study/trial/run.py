@@ -70,9 +70,7 @@ _NOISE_INPUTS: dict[str, Callable[[TrialConfig, data_lib.DatasetBundle], Any]] =
     "dataset": lambda cfg, b: b.name,
     "coarse_labels": lambda cfg, b: b.coarse_train,
     "features": lambda cfg, b: b.to_float(b.x_train).flatten(1),
-    "probs": lambda cfg, b: reference_probabilities(
-        b, cfg.model.name, cfg.model.options, seed=cfg.noise_seed
-    ),
+    "probs": lambda cfg, b: reference_probabilities(b, cfg.model.name, cfg.model.options, seed=cfg.data_seed),
     "mode": lambda cfg, b: cfg.noise.mode,
     "given_labels": lambda cfg, b: given_labels(cfg.noise, cfg.dataset, b),
 }
@@ -110,8 +108,8 @@ def prepare_data(cfg: TrialConfig, bundle: data_lib.DatasetBundle | None = None)
     bundle = bundle or load_bundle(cfg)
     y_clean = bundle.y_train
     inputs = noise_inputs(cfg, bundle)
-    noisy = noise_lib.corrupt_setting(y_clean, bundle.num_classes, cfg.noise, cfg.noise_seed, inputs)
-    train_idx, val_idx = data_lib.split_train_val(len(y_clean), cfg.dataset.val_fraction, seed=cfg.noise_seed)
+    noisy = noise_lib.corrupt_setting(y_clean, bundle.num_classes, cfg.noise, cfg.data_seed, inputs)
+    train_idx, val_idx = data_lib.split_train_val(len(y_clean), cfg.dataset.val_fraction, seed=cfg.data_seed)
     y_val = (y_clean if cfg.dataset.clean_validation else noisy.labels)[val_idx]
     return PreparedData(
         bundle=bundle,
@@ -200,8 +198,10 @@ def run_pack(
     entries: dict[str, tuple[str, TrialConfig, PreparedData, Path | None]] = {}
 
     def entry(key: str, cfg: TrialConfig) -> tuple[str, TrialConfig, PreparedData, Path | None]:
-        # What prepare_data reads: the data, the noise, its seed (and the model, for OOF references).
-        data_key = cfg.model_dump_json(include={"dataset", "noise", "noise_seed", "model"})
+        # What prepare_data reads: the data, the noise, its seeds (and the model, for OOF references).
+        data_key = cfg.model_dump_json(
+            include={"dataset", "noise", "noise_seed", "study_seed", "replica", "model"}
+        )
         if data_key not in prepared:
             prepared[data_key] = prepare_data(cfg)
         ckpt = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None

@@ -387,3 +387,28 @@ def test_cuda_trial_learns_and_resumes(bundle, tmp_path):
     assert resumed.epoch_rows[:2] == first_two and len(first_two) == 2
     # cuDNN's backward kernels are not bit-deterministic: same run up to float noise.
     assert resumed.epoch_rows[-1]["train_loss"] == pytest.approx(full.epoch_rows[-1]["train_loss"], rel=0.1)
+
+
+def test_study_seed_and_replica_redraw_noise_split_and_weights_shared_by_regularizers(bundle):
+    base = make_cfg(noise_kind="symmetric", noise_rate=0.4, epochs=1)
+    prep = {
+        (s, r): prepare_data(updated(base, study_seed=s, replica=r), bundle)
+        for s, r in [(0, 0), (7, 0), (0, 1), (7, 1)]
+    }
+    flips = {k: p.flipped for k, p in prep.items()}
+    vals = {k: p.x_val for k, p in prep.items()}
+    for a in prep:
+        for b in prep:
+            if a < b:  # every replication draws its own noise and its own split
+                assert not torch.equal(flips[a], flips[b]) and not torch.equal(vals[a], vals[b]), (a, b)
+    # Study seed 0, replica 0: the streams of before (noise_seed itself).
+    old = noise_lib.corrupt(bundle.y_train, bundle.num_classes, "symmetric", 0.4, 0)
+    assert torch.equal(prep[0, 0].noisy.labels, old.labels)
+    # Another regularizer at the same study seed and replica sees the same labels and initial weights.
+    ls = updated(base, study_seed=7, replica=1, regularizer="label_smoothing", reg_params={"alpha": 0.1})
+    assert torch.equal(prepare_data(ls, bundle).y_train, prep[7, 1].y_train)
+    weights = {}
+    for s in (0, 7):
+        torch.manual_seed(updated(base, study_seed=s).train_seed)
+        weights[s] = next(build_model(base, bundle).parameters()).detach().clone()
+    assert not torch.equal(weights[0], weights[7])
