@@ -35,7 +35,7 @@ _S, _F, _I, _B = pa.string(), pa.float64(), pa.int64(), pa.bool_()
 
 SCHEMAS: dict[str, dict[str, pa.DataType]] = {
     "trials": {
-        "study": _S, "phase": _S, "cell_id": _S, "trial_id": _S, "dataset": _S, "model": _S,
+        "study": _S, "phase": _S, "cell_id": _S, "replica": _I, "trial_id": _S, "dataset": _S, "model": _S,
         "regularizer": _S, "strength_param": _S, "strength": _F, "noise_kind": _S, "noise_rate": _F,
         "noise_mode": _S, "noise_setting": _S, "realized_noise_rate": _F, "noise_seed": _I, "seed": _I,
         "status": _S, "epochs": _I, "max_epochs": _I, "best_value": _F, "best_epoch": _I, "metric": _S,

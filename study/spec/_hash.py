@@ -20,6 +20,8 @@ def spec_hash(spec: StudySpec) -> str:
     """
     leave_out = {"tracking": True, "search": {"keep_checkpoints"}, "resources": {"trials_per_process"}}
     dump = spec.model_dump(mode="json", exclude=leave_out)
+    if dump["search"]["replicas"] == 1:  # likewise for search replicas
+        dump["search"].pop("replicas")
     if dump["seed"] == 0:  # as _NEW_NOISE_FIELDS: studies from before the study seed still resume
         dump.pop("seed")
     for noise in dump["noise"]:

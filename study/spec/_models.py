@@ -188,6 +188,9 @@ class TrainSpec(Strict):
 
 class SearchSpec(Strict):
     trials_per_cell: int = Field(8, ge=1)
+    # Independent searches per cell, each with its own sampler seed, split and noise draw (shared by the
+    # regularizers of a setting), its own best configuration and final seeds: the unit of comparison.
+    replicas: int = Field(1, ge=1, le=64)
     sampler: str = "tpe"
     metric: str = "val_accuracy"
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)

@@ -6,7 +6,7 @@ phase become a ``TrialConfig``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from study.spec import Choices, Grid, ModelSpec, NoiseSetting, Ramp, Range, StudySpec, TrainSpec
@@ -19,8 +19,11 @@ Phase = Literal["search", "final"]
 class Cell:
     """One cell of the study: everything but the searched hyperparameters and the seed.
 
-    ``cell_id`` (``dataset/model/regularizer/noise label``) is computed once, when the cell is made;
-    ``replace(cell, regularizer="ce")`` is the ce cell of the same data, model and noise (ids included).
+    ``cell_id`` (``dataset/model/regularizer/noise label``, then ``/r<k>`` for search replica k of a
+    study with ``search.replicas`` > 1) is computed once, when the cell is made and names the cell's
+    Optuna study, trials and checkpoints; ``base_id`` (no replica) is the ``cell_id`` of the tables,
+    whose ``replica`` column tells replicas apart. ``replace(cell, regularizer="ce")`` is the ce cell of
+    the same data, model, noise and replica (ids included).
     """
 
     dataset: str
@@ -29,12 +32,14 @@ class Cell:
     regularizer: str
     noise: NoiseSetting
     space: dict[str, Any] = field(default_factory=dict)  # hyperparameter name -> spec value
+    replica: int | None = None  # None: the study has one search per cell
     cell_id: str = field(init=False)
+    base_id: str = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "cell_id", f"{self.dataset}/{self.model}/{self.regularizer}/{self.noise.label}"
-        )
+        base = f"{self.dataset}/{self.model}/{self.regularizer}/{self.noise.label}"
+        object.__setattr__(self, "base_id", base)
+        object.__setattr__(self, "cell_id", base if self.replica is None else f"{base}/r{self.replica}")
 
     @property
     def searched(self) -> dict[str, Any]:
@@ -75,6 +80,7 @@ class Cell:
             noise_seed=spec.noise_seed + (seed if final else 0),
             seed=seed,
             study_seed=spec.seed,
+            replica=self.replica or 0,
             train=spec.train.model_copy(update=train_values),
             metric=spec.search.metric,
             evaluate=spec.evaluate if final else None,
@@ -84,13 +90,14 @@ class Cell:
 
 
 def expand_cells(spec: StudySpec) -> list[Cell]:
-    """Every cell of the spec, in a deterministic order (model, regularizer, noise setting).
+    """Every cell of the spec, in a deterministic order (model, regularizer, noise setting, replica).
 
     Raises ValueError on two cells with one id (``study validate`` refuses such a spec first, naming
     the field: ``check_unique_cells``).
     """
     train_space = {name: getattr(spec.train, name) for name in TrainSpec.SEARCHABLE}
     settings = [setting for noise_spec in spec.noise for setting in noise_spec.settings()]
+    replicas: list[int | None] = list(range(spec.search.replicas)) if spec.search.replicas > 1 else [None]
     cells = []
     for model in spec.models:
         for reg, params in spec.regularizers.items():
@@ -99,9 +106,9 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
                 **{k: (v.model_dump() if isinstance(v, Ramp) else v) for k, v in params.items()},
             }
             for setting in settings:
-                cells.append(
-                    Cell(spec.dataset.name, model.name, dict(model.options), reg, setting, dict(space))
-                )
+                for replica in replicas:
+                    cell = Cell(spec.dataset.name, model.name, dict(model.options), reg, setting, dict(space))
+                    cells.append(cell if replica is None else replace(cell, replica=replica))
     ids = [c.cell_id for c in cells]
     if len(set(ids)) < len(ids):
         raise ValueError(f"two cells share the id {next(i for i in ids if ids.count(i) > 1)!r}")

@@ -34,10 +34,11 @@ def _short_noise(setting: str) -> str:
 
 
 def short_names(cell_ids: list[str]) -> dict[str, str]:
-    """Cell ids ("dataset/model/regularizer/noise") as short names that fit a narrow terminal: dataset and
-    model only when the study has several, regularizers abbreviated unless two would collide."""
+    """Cell ids ("dataset/model/regularizer/noise", then "/r<k>" for a search replica) as short names
+    that fit a narrow terminal: dataset and model only when the study has several, regularizers
+    abbreviated unless two would collide, the replica as "r<k>"."""
     parts = [cid.split("/") for cid in cell_ids]
-    if not parts or any(len(p) != 4 for p in parts):
+    if not parts or any(len(p) not in (4, 5) for p in parts):
         return {cid: cid for cid in cell_ids}
     keep = [len({p[i] for p in parts}) > 1 for i in range(2)]
     regs = {p[2] for p in parts}
@@ -45,9 +46,9 @@ def short_names(cell_ids: list[str]) -> dict[str, str]:
     if len(set(abbrev.values())) < len(regs):
         abbrev = {r: r for r in regs}
     out = {}
-    for cid, (ds, model, reg, noise) in zip(cell_ids, parts, strict=True):
+    for cid, (ds, model, reg, noise, *replica) in zip(cell_ids, parts, strict=True):
         head = [x for x, k in zip((ds, model), keep, strict=True) if k]
-        out[cid] = " ".join([*head, abbrev[reg], _short_noise(noise)])
+        out[cid] = " ".join([*head, abbrev[reg], _short_noise(noise), *replica])
     return out
 
 
@@ -56,9 +57,13 @@ def startup_line(spec: StudySpec) -> str:
     cells = expand_cells(spec)
     planned = planned_counts(spec, cells)
     best = "max" if spec.search.direction == "maximize" else "min"
+    replicas = spec.search.replicas
+    n_cells = f"{len(cells) // replicas} cells x {replicas} search replicas" if replicas > 1 else ""
+    n_cells = n_cells or f"{len(cells)} cells"
+    seed = f", study seed {spec.seed}" if spec.seed else ""
     return (
-        f"study {spec.name}: {len(cells)} cells, {planned['search']} search + {planned['final']} final "
-        f"trials, {best} {spec.search.metric}; starting Ray"
+        f"study {spec.name}: {n_cells}, {planned['search']} search + {planned['final']} final "
+        f"trials, {best} {spec.search.metric}{seed}; starting Ray"
     )
 
 

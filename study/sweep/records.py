@@ -133,7 +133,8 @@ def _trial_row(spec: StudySpec, cell: Cell, rec: dict[str, Any]) -> dict[str, An
     row = {
         "study": spec.name,
         "phase": rec["phase"],
-        "cell_id": rec["cell_id"],
+        "cell_id": cell.base_id,
+        "replica": cell.replica or 0,
         "trial_id": rec["trial_id"],
         "dataset": cell.dataset,
         "model": cell.model,

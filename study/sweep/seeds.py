@@ -27,9 +27,11 @@ class SeedPlan:
         )
         self.count = {c.cell_id: spec.final.first_seeds for c in cells}
         self.reasons: dict[str, str] = {}
-        self.groups: dict[tuple[str, str, str], list[Cell]] = {}
+        # A cell's reference is the reference regularizer's cell of the same data, model, noise and
+        # search replica.
+        self.groups: dict[tuple[str, str, str, int | None], list[Cell]] = {}
         for c in cells:
-            self.groups.setdefault((c.dataset, c.model, c.noise.label), []).append(c)
+            self.groups.setdefault((c.dataset, c.model, c.noise.label, c.replica), []).append(c)
 
     def wanted(self, cell: Cell) -> range:
         # Final seeds start at 1: seed 0 trained the search trials, and re-using it would carry the
