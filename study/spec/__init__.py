@@ -41,7 +41,7 @@ from study.spec._models import (
     TrainSpec,
     WandbSpec,
 )
-from study.spec._values import Choices, Grid, Ramp, Range
+from study.spec._values import Choices, Each, Grid, Ramp, Range
 
 __all__ = [
     "AdaptiveSeeds",
@@ -50,6 +50,7 @@ __all__ = [
     "DistillSpec",
     "EvaluateSpec",
     "FinalSpec",
+    "Each",
     "Grid",
     "METRICS",
     "ModelSpec",

@@ -63,6 +63,19 @@ class Grid(Strict):
     grid: list[Any] = Field(min_length=1)
 
 
+class Each(Strict):
+    """A regularizer parameter fixed at each listed value in turn: every value its own cell (the other
+    hyperparameters searched per cell), so regularizers compare at matched strengths."""
+
+    each: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Each:
+        if len(set(self.each)) < len(self.each):
+            raise ValueError(f"each: values must differ, but got {self.each}")
+        return self
+
+
 class Ramp(Strict):
     start: float
     end: float
@@ -70,7 +83,8 @@ class Ramp(Strict):
 
 
 VALUE_SHAPES = (
-    "a number, {low, high[, log, step, int]}, {choices: [...]}, {grid: [...]} or {start, end[, schedule]}"
+    "a number, {low, high[, log, step, int]}, {choices: [...]}, {grid: [...]}, {each: [...]} or "
+    "{start, end[, schedule]}"
 )
 # Discriminator tags appear in pydantic's error locations; the "=" marks them for format_error to drop
 # (a plain "choices" would clash with the field of the same name).
@@ -89,7 +103,13 @@ def _fixed(value: Any) -> Any:
 
 def _shape(value: Any) -> str | None:
     """Which model a value is: by class for a model instance, by its keys for a mapping."""
-    for cls, tag in ((Range, "=range"), (Choices, "=choices"), (Grid, "=grid"), (Ramp, "=ramp")):
+    for cls, tag in (
+        (Range, "=range"),
+        (Choices, "=choices"),
+        (Grid, "=grid"),
+        (Each, "=each"),
+        (Ramp, "=ramp"),
+    ):
         if isinstance(value, cls):
             return tag
     if not isinstance(value, dict):
@@ -101,6 +121,8 @@ def _shape(value: Any) -> str | None:
         return "=choices"
     if "grid" in keys:
         return "=grid"
+    if "each" in keys:
+        return "=each"
     if keys & {"start", "end", "schedule"}:
         return "=ramp"
     return None
@@ -111,6 +133,7 @@ ParamValue = Annotated[
     | Annotated[Range, Tag("=range")]
     | Annotated[Choices, Tag("=choices")]
     | Annotated[Grid, Tag("=grid")]
+    | Annotated[Each, Tag("=each")]
     | Annotated[Ramp, Tag("=ramp")],
     Discriminator(_shape, custom_error_type="value_shape", custom_error_message=f"must be {VALUE_SHAPES}"),
 ]
@@ -124,6 +147,8 @@ def endpoints(value: Any) -> list[Any]:
         return list(value.choices)
     if isinstance(value, Grid):
         return list(value.grid)
+    if isinstance(value, Each):
+        return list(value.each)
     if isinstance(value, Ramp):
         return [value.start, value.end]
     return [value]
@@ -133,10 +158,11 @@ def check_number(value: Any, *, low: float, low_inclusive: bool) -> Any:
     """A numeric setting (train.lr, train.weight_decay): every value it can take is a finite real number
     (not a bool or a string) at least / above ``low``; ramps are refused (they are regularizer schedules)."""
     bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
-    if isinstance(value, Ramp):
+    if isinstance(value, (Ramp, Each)):
         raise ValueError(
-            "must be a number or a searched value ({low, high}, {choices}, {grid}); a {start, end} "
-            "schedule is only for regularizer parameters (use train.schedule for the learning rate)"
+            "must be a number or a searched value ({low, high}, {choices}, {grid}); {start, end} "
+            "schedules and {each: [...]} strengths are only for regularizer parameters (use "
+            "train.schedule for the learning rate)"
         )
     for v in endpoints(value):
         ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(float(v))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from study.spec import Choices, Grid, ModelSpec, NoiseSetting, Ramp, Range, StudySpec, TrainSpec
+from study.spec import Choices, Each, Grid, ModelSpec, NoiseSetting, Ramp, Range, StudySpec, TrainSpec
 from study.trial.config import RegularizerSetting, TrialConfig
 
 Phase = Literal["search", "final"]
@@ -22,8 +22,8 @@ class Cell:
     ``cell_id`` (``dataset/model/regularizer/noise label``, then ``/r<k>`` for search replica k of a
     study with ``search.replicas`` > 1) is computed once, when the cell is made and names the cell's
     Optuna study, trials and checkpoints; ``base_id`` (no replica) is the ``cell_id`` of the tables,
-    whose ``replica`` column tells replicas apart. ``replace(cell, regularizer="ce")`` is the ce cell of
-    the same data, model, noise and replica (ids included).
+    whose ``replica`` column tells replicas apart. ``cell.reference("ce")`` is the ce cell of the same
+    data, model, noise and replica (ids included).
     """
 
     dataset: str
@@ -33,13 +33,25 @@ class Cell:
     noise: NoiseSetting
     space: dict[str, Any] = field(default_factory=dict)  # hyperparameter name -> spec value
     replica: int | None = None  # None: the study has one search per cell
+    # "alpha=0.1" for a strength fixed by `{each: [...]}`: the cell is the regularizer at that strength
+    variant: str | None = None
     cell_id: str = field(init=False)
     base_id: str = field(init=False)
 
     def __post_init__(self) -> None:
-        base = f"{self.dataset}/{self.model}/{self.regularizer}/{self.noise.label}"
+        base = f"{self.dataset}/{self.model}/{self.arm}/{self.noise.label}"
         object.__setattr__(self, "base_id", base)
         object.__setattr__(self, "cell_id", base if self.replica is None else f"{base}/r{self.replica}")
+
+    @property
+    def arm(self) -> str:
+        """What the tables call the cell's regularizer: its name, at a matched strength name@variant."""
+        return self.regularizer if self.variant is None else f"{self.regularizer}@{self.variant}"
+
+    def reference(self, regularizer: str) -> Cell:
+        """The cell of `regularizer` (at its searched strength) with this cell's data, model, noise and
+        replica: ``cell.reference("ce")`` is the ce cell post-phase transfers and comparisons use."""
+        return replace(self, regularizer=regularizer, variant=None)
 
     @property
     def searched(self) -> dict[str, Any]:
@@ -105,14 +117,30 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
                 **train_space,
                 **{k: (v.model_dump() if isinstance(v, Ramp) else v) for k, v in params.items()},
             }
-            for setting in settings:
-                for replica in replicas:
-                    cell = Cell(spec.dataset.name, model.name, dict(model.options), reg, setting, dict(space))
-                    cells.append(cell if replica is None else replace(cell, replica=replica))
+            for variant, values in _matched_strengths(params):
+                for setting in settings:
+                    for replica in replicas:
+                        cell = Cell(
+                            spec.dataset.name, model.name, dict(model.options), reg, setting,
+                            {**space, **values}, replica, variant,
+                        )  # fmt: skip
+                        cells.append(cell)
     ids = [c.cell_id for c in cells]
     if len(set(ids)) < len(ids):
         raise ValueError(f"two cells share the id {next(i for i in ids if ids.count(i) > 1)!r}")
     return cells
+
+
+def _matched_strengths(params: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    """(variant, fixed values) per combination of a regularizer's `{each: [...]}` parameters; one
+    (None, {}) when it has none."""
+    each = {k: v.each for k, v in params.items() if isinstance(v, Each)}
+    if not each:
+        return [(None, {})]
+    combos = [{}]
+    for name, values in each.items():
+        combos = [{**c, name: v} for c in combos for v in values]
+    return [(",".join(f"{k}={float(v)!r}" for k, v in c.items()), c) for c in combos]
 
 
 def grid_size(cell: Cell) -> int:

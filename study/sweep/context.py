@@ -12,7 +12,6 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +241,7 @@ def post_jobs(spec: StudySpec, ctx: StudyContext) -> list[tuple[str, str, tuple[
         if cell is None:
             continue
         if want_transfer and cell.regularizer != "ce" and "transfer" not in conditions:
-            source = by_cell_seed.get((replace(cell, regularizer="ce").cell_id, rec["index"]))
+            source = by_cell_seed.get((cell.reference("ce").cell_id, rec["index"]))
             if source is not None:
                 jobs.append((key, "transfer", (rec["config"], source["config"])))
         if spec.distill and "distill" not in conditions:

@@ -138,7 +138,7 @@ def _trial_row(spec: StudySpec, cell: Cell, rec: dict[str, Any]) -> dict[str, An
         "trial_id": rec["trial_id"],
         "dataset": cell.dataset,
         "model": cell.model,
-        "regularizer": cell.regularizer,
+        "regularizer": cell.arm,
         "strength_param": strength_param,
         "strength": strength,
         "noise_kind": cell.noise.kind,

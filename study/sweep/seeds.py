@@ -45,7 +45,7 @@ class SeedPlan:
             return []
         more: list[str] = []
         for cells in self.groups.values():
-            ref = next((c for c in cells if c.regularizer == self.adaptive.reference), None)
+            ref = next((c for c in cells if c.arm == self.adaptive.reference), None)
             if ref is None:
                 for c in cells:
                     self.reasons.setdefault(c.cell_id, f"no {self.adaptive.reference} cell to compare with")
