@@ -243,10 +243,10 @@ def query(
     else:
         limit = 200
         title = f"{len(df)} rows" + (f" (first {limit})" if len(df) > limit else "")
-        table = Table(*map(str, df.columns), title=title)
-        for row in df.head(limit).itertuples(index=False):
-            table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
-        Console().print(table)
+        table = Table(*(escape(str(c)) for c in df.columns), title=title)
+        for row in df.head(limit).itertuples(index=False):  # values are data, not rich markup
+            table.add_row(*(f"{v:.6g}" if isinstance(v, float) else escape(str(v)) for v in row))
+        Console(emoji=False).print(table)
 
 
 @app.command("ls")
