@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from study.spec import _yaml
 from study.spec._checks import (
     check_cross_fields,
+    check_data,
+    check_device,
     check_local_resources,
     error_message,
     format_error,
@@ -66,6 +68,8 @@ __all__ = [
     "MlflowSpec",
     "spec_hash",
     "check_local_resources",
+    "check_data",
+    "check_device",
     "error_message",
     "loc_path",
     "load_spec",

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from study.spec import StudySpec, check_local_resources, load_spec, spec_hash
+from study.spec import StudySpec, check_data, check_local_resources, load_spec, spec_hash
 from study.sweep.cells import expand_cells, planned_counts
 from study.sweep.context import StudyContext
 from study.sweep.live import LiveView, startup_line
@@ -149,6 +149,8 @@ def run_study(
     spec = load_spec(spec_path)
     if address in (None, "local"):  # a local Ray gets this machine's CPUs/GPUs: more never schedules
         check_local_resources(spec, str(spec_path))
+        # The loader's and builders' rules, before Ray (a cluster's data may live on its workers only).
+        check_data(spec, str(spec_path), download=True)
     # Absolute: Ray Tune takes the storage path as a URI and refuses a relative one.
     out_dir = (Path(out) if out else Path("results") / spec.name).resolve()
     console = console or Console()
@@ -345,7 +347,7 @@ def check_given_labels(spec: StudySpec) -> None:
         bundle = data_lib.load_dataset(d.name, root=d.root, download=d.download, **d.options)
         for setting in settings:
             given_labels(setting, d, bundle)
-    except (noise_lib.LabelFileError, FileNotFoundError) as exc:
+    except (noise_lib.LabelFileError, FileNotFoundError, ValueError) as exc:
         raise RunError(str(exc).splitlines()[0]) from None
 
 
