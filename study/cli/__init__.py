@@ -43,7 +43,8 @@ def run(
 ) -> None:
     """Run a study spec: search phase, final phase, report."""
     from study.spec import SpecError
-    from study.sweep.runner import RunError, run_study
+    from study.sweep.records import DiskFull
+    from study.sweep.runner import PhaseFailed, RunError, run_study
 
     try:
         out_dir = run_study(
@@ -60,6 +61,13 @@ def run(
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: continue with --resume[/yellow]")
         raise typer.Exit(130) from None
+    except (DiskFull, PhaseFailed) as exc:
+        from rich.text import Text
+
+        then = "free space, then continue with --resume" if isinstance(exc, DiskFull) else "see records/"
+        msg = f" {exc} (manifest: failed); {then}"
+        err.print(Text.assemble(("error:", "red"), msg), highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     if not no_report:
         report(out_dir, fmt="rich", no_plots=False, full=False, reference="ce", all_pairs=False)
         if storage:

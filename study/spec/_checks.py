@@ -297,9 +297,9 @@ def check_data(spec: StudySpec, source: str, *, download: bool = False) -> None:
     except (ValueError, TypeError) as exc:
         msg = str(exc).splitlines()[0].rstrip(".")
         raise SpecError(f"{source}: {_option_path('dataset.options', d.options, msg)}: {msg}") from None
-    except OSError as exc:  # an offline download (URLError), an unreadable file
+    except (OSError, RuntimeError) as exc:  # an offline download (URLError, torchvision's RuntimeError)
         what = "download failed" if download and d.download else "cannot read the data"
-        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        reason = " ".join(str(getattr(exc, "reason", None) or exc).split())[:200]
         raise SpecError(f"{source}: dataset: {d.name}: {what} ({reason})") from None
     train, val = data.split_train_val(len(bundle.y_train), d.val_fraction, seed=spec.noise_seed)
     if len(val) == 0 or len(train) == 0:

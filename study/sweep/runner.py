@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import platform
 import subprocess
@@ -18,12 +19,32 @@ from study.sweep.context import StudyContext
 from study.sweep.live import LiveView, startup_line
 from study.sweep.lock import LockedError, ResultsLock
 from study.sweep.optuna_cells import CellStudies, repair_journal
-from study.sweep.records import write_tables
+from study.sweep.records import Records, write_tables
 from study.vocabulary import LOCK_FILE, LOCK_OWNER_FILE
 
 
 class RunError(ValueError):
     """Bad input detected before any trial starts (exit code 2)."""
+
+
+class PhaseFailed(RuntimeError):
+    """Every trial of a phase failed: the study ran but has no result (exit code 1, manifest failed)."""
+
+
+def check_phases(out_dir: Path) -> None:
+    """PhaseFailed naming the phase and the first trial's error when every trial of a phase failed."""
+    records = Records(out_dir / "records")
+    for phase in ("search", "final"):
+        recs = list(records.load_all(phase).values())
+        if recs and all(r.get("status") == "failed" for r in recs):
+            errors = [str(r.get("error") or "").strip() for r in recs]
+            first = next((e for e in errors if e), "no error text")
+            lines = [ln.strip() for ln in first.splitlines() if ln.strip()]
+            # Ray's error text ends with the exception line; earlier lines are its traceback.
+            why = lines[-1] if lines else first
+            raise PhaseFailed(
+                f"every trial of the {phase} phase failed ({len(recs)} trials); the first: {why}"
+            )
 
 
 def _versions() -> dict[str, str]:
@@ -59,9 +80,20 @@ def git_state(cwd: Path | None = None) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, default=str)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+            raise
+        # A full disk: rewrite the file in place, in the blocks it already has (a status change
+        # grows a manifest by a few bytes), so that it still says how the run ended.
+        tmp.unlink(missing_ok=True)
+        with path.open("r+b") as f:
+            f.write(text.encode())
+            f.truncate()
 
 
 def check_out_dir(spec: StudySpec, out: Path, resume: bool) -> None:
@@ -209,6 +241,7 @@ def _run(
     try:
         manifest = prepare_out_dir(spec, spec_path.read_text(), out_dir, resume)
         note = repair_journal(out_dir / "optuna.journal")
+        damaged = Records(out_dir / "records").repair()
     except BaseException:
         tune_lib.shutdown(handle)
         raise
@@ -221,6 +254,7 @@ def _run(
         with LiveView(spec, lambda: holder["ctx"], console, quiet) as view:
             ctx = StudyContext(spec, out_dir, studies, view)
             ctx.notes.extend([note] if note else [])
+            ctx.notes.extend(damaged)
             holder["ctx"] = ctx
             if remote:
                 ctx.tune_storage = (f"{remote[1]}/ray", remote[0])
@@ -236,6 +270,7 @@ def _run(
                 view.post_progress(0, jobs)
 
             tune_lib.run_trials(spec, out_dir, ctx, slots, on_search_done=search_done)
+            check_phases(out_dir)
             tune_lib.run_post_phase(spec, ctx, slots, on_start=post_started, on_progress=view.post_progress)
         write_tables(spec, out_dir)
         status = "completed"
@@ -295,7 +330,6 @@ def _preflight(
         try:
             fs, base = storage_lib.open_storage(storage)
             remote = (fs, f"{base}/{spec.name}")
-            storage_lib.check_writable(fs, remote[1], storage)
         except storage_lib.StorageError as exc:
             raise RunError(str(exc)) from None
         if resume and not (out_dir / "manifest.json").exists():
@@ -303,6 +337,11 @@ def _preflight(
     check_out_dir(spec, out_dir, resume)  # refuse a foreign or existing study before starting Ray
     check_given_labels(spec)
     check_extras(spec)
+    if remote is not None:  # last: a refused run writes nothing there either
+        try:
+            storage_lib.check_writable(remote[0], remote[1], storage)
+        except storage_lib.StorageError as exc:
+            raise RunError(str(exc)) from None
     return remote
 
 

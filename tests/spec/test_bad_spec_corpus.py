@@ -189,13 +189,13 @@ CORPUS: list[tuple[str, bytes, list[str]]] = (
                 ["dataset.val_fraction", "validation split empty"],
             ),
             (
-            "label-file-and-bad-option",
-            _with("dataset", {"name": "mnist1d", "options": {"max_train": -5}}).replace(
-                "name: corpus", "name: corpus\nnoise: [{kind: file, path: labels.npy}]"
+                "label-file-and-bad-option",
+                _with("dataset", {"name": "mnist1d", "options": {"max_train": -5}}).replace(
+                    "name: corpus", "name: corpus\nnoise: [{kind: file, path: labels.npy}]"
+                ),
+                ["dataset.options.max_train"],
             ),
-            ["dataset.options.max_train"],
-        ),
-        # issue 24, item 4: every value the spec can produce
+            # issue 24, item 4: every value the spec can produce
             (
                 "lr-int-collapses",
                 _with("train.lr", {"low": 0.001, "high": 0.1, "int": True}),
