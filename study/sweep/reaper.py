@@ -3,9 +3,10 @@
 Run by ``tune.init_ray`` as ``python reaper.py DRIVER_PID TEMP_DIR`` in a session of its own, so that it
 outlives the driver; a script with no imports from the package (it starts in ~30 ms). While the driver
 lives, it notes the driver's children that belong to this Ray (GCS, raylet, log monitor: their command
-lines name the private temp dir) every half second; once the driver is gone, it kills those and all their
-descendants (the raylet's DashboardAgent and RuntimeEnvAgent would otherwise live ~60 s, its workers
-until they notice) and removes the temp dir. ``tune.shutdown`` stops it after a normal shutdown.
+lines name the private temp dir) and all their descendants every half second; once the driver is gone,
+it kills those still running and their descendants (the raylet's DashboardAgent and RuntimeEnvAgent
+would otherwise live ~60 s, its workers until they notice) and removes the temp dir. ``tune.shutdown``
+stops it after a normal shutdown.
 
 Linux only (``/proc``); ``init_ray`` does not start it elsewhere.
 """
@@ -90,6 +91,10 @@ def reap(driver: int, temp_dir: str) -> None:
         for pid, (ppid, start) in table.items():
             if ppid == driver and pid != me and pid not in ray and marker in _cmdline(pid):
                 ray[pid] = start
+        # Their descendants too, while they are theirs: the GCS and raylet die with the driver, and
+        # the agents they started are then reparented (no longer found below them).
+        for pid in _descendants(set(ray), table) - {me}:
+            ray.setdefault(pid, table[pid][1])
         if pidfd is not None:
             if select.select([pidfd], [], [], POLL_S)[0]:
                 break
