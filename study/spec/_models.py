@@ -170,8 +170,6 @@ class PrunerSpec(Strict):
             raise ValueError("the threshold pruner needs lower and/or upper (the values it prunes outside)")
         if self.lower is not None and self.upper is not None and self.lower > self.upper:
             raise ValueError(f"lower must be <= upper, but got lower={self.lower}, upper={self.upper}")
-        if self.kind != "threshold" and (self.lower is not None or self.upper is not None):
-            raise ValueError(f"lower/upper are the threshold pruner's; pruner {self.kind!r} ignores them")
         return self
 
 
