@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from study.registry import Registry
+from study.registry import Registry, check_option_types
 
 __all__ = ["Classifier", "ModelEntry", "MODELS", "list_models", "model_options", "create_model"]
 
@@ -354,33 +354,6 @@ def model_options(name: str) -> tuple[str, ...] | None:
     return None if entry is None else tuple(inspect.signature(entry.builder).parameters)[2:]
 
 
-def _check_option_types(builder: Callable[..., Any], options: dict[str, Any]) -> None:
-    """Each option has the type of the builder's default (an int width is not "wide", a flag is not 1):
-    the builder's signature is the rule, so `study validate` and the trial refuse the same values."""
-    params = inspect.signature(builder).parameters
-    for key, value in options.items():
-        default = params[key].default
-        if default is inspect.Parameter.empty or default is None:
-            continue
-        if isinstance(default, bool):
-            ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, kind = (
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                "an integer >= 1",
-            )
-        elif isinstance(default, float):
-            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        elif isinstance(default, str):
-            ok, kind = isinstance(value, str), "a string"
-        elif isinstance(default, (tuple, list)):
-            ok, kind = isinstance(value, (tuple, list)), "a list"
-        else:
-            continue
-        if not ok:
-            raise ValueError(f"{key} must be {kind}, but got {value!r}.")
-
-
 def _check_shape(name: str, kind: str, shape: tuple[int, ...]) -> None:
     if kind == "signal" and len(shape) != 2:
         raise ValueError(
@@ -433,6 +406,6 @@ def create_model(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"model {name!r}: options must be among {allowed}, but got {unknown}.")
-    _check_option_types(entry.builder, options)
+    check_option_types(entry.builder, options)
     body, dim = entry.builder(shape, num_classes, **options)
     return Classifier(body, dim, num_classes, shape, mean, std)

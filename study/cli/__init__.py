@@ -43,8 +43,8 @@ def run(
 ) -> None:
     """Run a study spec: search phase, final phase, report."""
     from study.spec import SpecError
-    from study.sweep.records import DiskFull
-    from study.sweep.runner import PhaseFailed, RunError, run_study
+    from study.sweep.records import DiskFull, PhaseFailed
+    from study.sweep.runner import RunError, run_study
 
     try:
         out_dir = run_study(

@@ -41,6 +41,7 @@ from study.spec._models import (
     WandbSpec,
     spec_hash,
 )
+from study.spec._refusals import check_refusals
 from study.spec._values import Choices, Grid, Ramp, Range
 
 __all__ = [
@@ -105,4 +106,5 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
     except ValidationError as exc:
         raise SpecError(f"{source}: {format_error(exc, text)}") from None
     check_cross_fields(spec, source)
+    check_refusals(spec, source)
     return spec

@@ -212,12 +212,6 @@ def check_cross_fields(spec: StudySpec, source: str) -> None:
                 corruptions.validate_corruption(name, 1, kind=kind)
             except ValueError as exc:
                 raise SpecError(f"{source}: evaluate.corruptions.{i}: {exc}") from None
-    if spec.train.device.startswith("cuda") and spec.resources.gpus_per_trial == 0:
-        raise SpecError(
-            f"{source}: train.device: {spec.train.device!r} needs resources.gpus_per_trial > 0 (Ray hides "
-            "the GPUs from trials that reserve none); set it (e.g. 0.25 packs 4 trials per GPU) or use "
-            "device auto"
-        )
     for i, ns in enumerate(spec.noise):
         if ns.kind == "human" and noise_lib.CIFARN[ns.dataset_labels].dataset != spec.dataset.name:
             expected = noise_lib.CIFARN[ns.dataset_labels].dataset
@@ -225,18 +219,6 @@ def check_cross_fields(spec: StudySpec, source: str) -> None:
                 f"{source}: noise.{i}.dataset_labels: {ns.dataset_labels} relabels dataset {expected!r}, "
                 f"but dataset.name is {spec.dataset.name!r}"
             )
-    seeds = spec.final.seeds
-    if not isinstance(seeds, int) and seeds.reference not in spec.regularizers:
-        raise SpecError(
-            f"{source}: final.seeds.reference: {seeds.reference!r} is not a regularizer of this study "
-            f"(allowed: {', '.join(spec.regularizers)}); seeds would never be added"
-        )
-    final_epochs = spec.final.epochs or spec.train.epochs
-    if spec.train.warmup_epochs and spec.train.warmup_epochs >= final_epochs:
-        raise SpecError(
-            f"{source}: train.warmup_epochs: must be less than final.epochs ({final_epochs}), but got "
-            f"{spec.train.warmup_epochs}"
-        )
     if spec.evaluate.attacks and not spec.evaluate.eps:
         raise SpecError(f"{source}: evaluate.eps: attacks are listed but no eps values are given")
     if "transfer" in spec.evaluate.attacks and "ce" not in spec.regularizers:

@@ -27,7 +27,6 @@ from study.spec._values import (
     Ramp,
     Strict,
     check_number,
-    check_unique,
     endpoints,
 )
 from study.vocabulary import SEARCH_METRICS
@@ -129,16 +128,6 @@ class NoiseSpec(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> NoiseSpec:
-        entry = noise_lib.NOISE_REGISTRY.get(self.kind)
-        rateless = self.kind == "none" or (entry is not None and not entry.uses_rate)
-        given = "rate" in self.model_fields_set and (any(r != 0 for r in self.rate) or len(self.rate) > 1)
-        if rateless and given:
-            raise FieldError(("rate",), f"kind {self.kind!r} takes no rate (it would be ignored)")
-        # `mode` picks which samples adversarial noise flips (it reads reference probabilities).
-        if self.mode is not None and entry is not None and "probs" not in entry.inputs:
-            raise FieldError(("mode",), f"kind {self.kind!r} takes no mode (only adversarial noise does)")
-        check_unique(self.rate, "rate")
-        check_unique(self.label_set or [], "label_set")
         for label_set in self.label_set or [None]:
             for r in self.rate:
                 noise_lib.validate_noise(
@@ -163,14 +152,6 @@ class PrunerSpec(Strict):
     @classmethod
     def _kind(cls, v: str) -> str:
         return _one_of(v, PRUNERS.names(), "pruner")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> PrunerSpec:
-        if self.kind == "threshold" and self.lower is None and self.upper is None:
-            raise ValueError("the threshold pruner needs lower and/or upper (the values it prunes outside)")
-        if self.lower is not None and self.upper is not None and self.lower > self.upper:
-            raise ValueError(f"lower must be <= upper, but got lower={self.lower}, upper={self.upper}")
-        return self
 
 
 class TrainSpec(Strict):
@@ -205,16 +186,6 @@ class TrainSpec(Strict):
     def _lr(cls, v: Any) -> Any:
         return check_number(v, low=0.0, low_inclusive=False)
 
-    @model_validator(mode="after")
-    def _warmup(self) -> TrainSpec:
-        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
-            raise FieldError(
-                ("warmup_epochs",),
-                f"must be less than epochs ({self.epochs}): the learning rate would never reach its "
-                f"value, but got {self.warmup_epochs}",
-            )
-        return self
-
     @field_validator("weight_decay")
     @classmethod
     def _weight_decay(cls, v: Any) -> Any:
@@ -226,8 +197,7 @@ class SearchSpec(Strict):
     sampler: str = "tpe"
     metric: str = "val_accuracy"
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
-    # numpy's generators take seeds below 2**32; each cell adds up to 100000 to this one.
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)  # numpy takes < 2**32; cells add up to 100000
     n_startup_trials: int = Field(4, ge=0)
     keep_checkpoints: bool = Field(
         False,
@@ -312,11 +282,6 @@ class EvaluateSpec(Strict):
         for s in self.severities:
             if not 1 <= s <= 5:
                 raise ValueError(f"severity must be in 1..5, but got {s}")
-        for field in ("attacks", "eps", "severities", "corruptions"):
-            if isinstance(getattr(self, field), list):
-                check_unique(getattr(self, field), field)
-        if self.eps and not self.attacks:
-            raise FieldError(("eps",), "eps values are given but no attacks (evaluate.attacks) use them")
         return self
 
 
@@ -330,8 +295,7 @@ class DistillSpec(Strict):
 class ResourcesSpec(Strict):
     # A trial runs on one node, so it can never take more than one machine has; above these bounds Ray
     # would keep it pending forever (what the local machine has is checked before a local run starts).
-    # Ray keeps resources to 4 decimals: 1e-9 CPUs would be 0 (refused by Ray once it has started).
-    cpus_per_trial: float = Field(1.0, ge=0.01, le=1024)
+    cpus_per_trial: float = Field(1.0, ge=0.01, le=1024)  # Ray keeps 4 decimals: 1e-9 would be 0
     gpus_per_trial: float = Field(0.0, ge=0, le=16)
     # Trials of one cell trained together in one process as one batched model (study/trial/pack.py):
     # 1 = one trial per process; "auto" = the measured best for the model and device (trial.pack_size).
@@ -341,8 +305,6 @@ class ResourcesSpec(Strict):
     @classmethod
     def _whole_or_fraction(cls, v: float) -> float:
         # Ray packs fractional GPUs only below one GPU; above, a trial takes whole devices.
-        if 0 < v < 0.01:
-            raise ValueError(f"must be 0 or at least 0.01 (Ray keeps 4 decimals), but got {v:g}")
         if v > 1 and v != int(v):
             raise ValueError(f"must be a fraction below 1 (packs trials) or a whole number, but got {v:g}")
         return v

@@ -18,8 +18,12 @@ import os
 import select
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 POLL_S = 0.5
 
@@ -119,6 +123,59 @@ def reap(driver: int, temp_dir: str) -> None:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def watched_temp_dir(root: str, prefix: str) -> Iterator[tuple[str, subprocess.Popen | None]]:
+    """A new private temp dir under `root` and its watcher (`start`), after removing stale ones; both
+    stopped if the block raises (Ray failed to start)."""
+    remove_stale(root, prefix)
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir=root)
+    proc = start(temp_dir)
+    try:
+        yield temp_dir, proc
+    except BaseException:
+        stop(proc, temp_dir)
+        raise
+
+
+def start(temp_dir: str) -> subprocess.Popen | None:
+    """This script watching the calling driver (Linux; None elsewhere): if the driver dies without
+    `stop`, it kills the driver's Ray and removes `temp_dir`. The driver's pid and start time are
+    written in the dir, so that a later start can tell it is stale (`remove_stale`)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    Path(temp_dir, "driver").write_text(f"{os.getpid()} {start_time(os.getpid())}")
+    return subprocess.Popen(
+        [sys.executable, __file__, str(os.getpid()), temp_dir],
+        start_new_session=True,  # outlives the driver and its process group (a Ctrl-C, a killpg)
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(proc: subprocess.Popen | None, temp_dir: str) -> None:
+    """After Ray has stopped (or failed to start): remove its temp dir and stop the watcher."""
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    if proc is not None:
+        proc.terminate()
+        proc.wait()
+
+
+def remove_stale(root: str, prefix: str) -> None:
+    """Temp dirs under `root` whose driver is gone and whose Ray no longer runs (their watcher was
+    killed too): removed at the next local start. A dir without a `driver` file (another Ray's, or one
+    being created) is left alone."""
+    if not sys.platform.startswith("linux"):
+        return
+    for d in Path(root).glob(f"{prefix}*"):
+        try:
+            pid, start = (int(v) for v in (d / "driver").read_text().split())
+        except (OSError, ValueError):
+            continue
+        if start_time(pid) != start and not in_use(str(d)):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

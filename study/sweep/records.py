@@ -286,3 +286,23 @@ def final_result(result: Any, *, node: str, started_at: float) -> dict[str, Any]
     value = result.best_value if result.best_value is not None else float("nan")
     payload = trial_payload(result, node=node, started_at=started_at)
     return {"final": json.dumps(payload), "objective": value, **test}
+
+
+class PhaseFailed(RuntimeError):
+    """Every trial of a phase failed: the study ran but has no result (exit code 1, manifest failed)."""
+
+
+def check_phases(out_dir: Path) -> None:
+    """PhaseFailed naming the phase and the first trial's error when every trial of a phase failed."""
+    records = Records(out_dir / "records")
+    for phase in ("search", "final"):
+        recs = list(records.load_all(phase).values())
+        if recs and all(r.get("status") == "failed" for r in recs):
+            errors = [str(r.get("error") or "").strip() for r in recs]
+            first = next((e for e in errors if e), "no error text")
+            lines = [ln.strip() for ln in first.splitlines() if ln.strip()]
+            # Ray's error text ends with the exception line; earlier lines are its traceback.
+            why = lines[-1] if lines else first
+            raise PhaseFailed(
+                f"every trial of the {phase} phase failed ({len(recs)} trials); the first: {why}"
+            )

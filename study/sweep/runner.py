@@ -19,32 +19,12 @@ from study.sweep.context import StudyContext
 from study.sweep.live import LiveView, startup_line
 from study.sweep.lock import LockedError, ResultsLock
 from study.sweep.optuna_cells import CellStudies, repair_journal
-from study.sweep.records import Records, write_tables
+from study.sweep.records import Records, check_phases, write_tables
 from study.vocabulary import LOCK_FILE, LOCK_OWNER_FILE
 
 
 class RunError(ValueError):
     """Bad input detected before any trial starts (exit code 2)."""
-
-
-class PhaseFailed(RuntimeError):
-    """Every trial of a phase failed: the study ran but has no result (exit code 1, manifest failed)."""
-
-
-def check_phases(out_dir: Path) -> None:
-    """PhaseFailed naming the phase and the first trial's error when every trial of a phase failed."""
-    records = Records(out_dir / "records")
-    for phase in ("search", "final"):
-        recs = list(records.load_all(phase).values())
-        if recs and all(r.get("status") == "failed" for r in recs):
-            errors = [str(r.get("error") or "").strip() for r in recs]
-            first = next((e for e in errors if e), "no error text")
-            lines = [ln.strip() for ln in first.splitlines() if ln.strip()]
-            # Ray's error text ends with the exception line; earlier lines are its traceback.
-            why = lines[-1] if lines else first
-            raise PhaseFailed(
-                f"every trial of the {phase} phase failed ({len(recs)} trials); the first: {why}"
-            )
 
 
 def _versions() -> dict[str, str]:

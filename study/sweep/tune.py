@@ -18,10 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +39,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from study.spec import StudySpec  # noqa: E402
+from study.sweep import reaper as reaper_lib  # noqa: E402
 from study.sweep.context import StudyContext, TrialNames, post_jobs  # noqa: E402
 from study.sweep.net import check_tcp, trial_error_text  # noqa: E402
 from study.sweep.optuna_cells import CellStudies  # noqa: E402
@@ -183,7 +180,7 @@ class RayHandle:
     address: str
     temp_dir: str | None
     started_here: bool
-    reaper: subprocess.Popen | None = None  # kills this Ray if the driver dies without shutdown
+    reaper: Any = None  # a subprocess.Popen: kills this Ray if the driver dies without shutdown
 
 
 # The handle of the Ray this process runs on (set by init_ray): cluster_slots tells local from remote.
@@ -224,74 +221,26 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
     """
     global _current_handle
     if address in (None, "local"):
-        _remove_stale_temp_dirs()
         # Unix socket paths must stay short: a private dir directly under /tmp.
-        temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir="/tmp")
-        reaper = _start_reaper(temp_dir)
-        try:
-            with _private_local_start():
-                ray.init(
-                    address="local",
-                    _temp_dir=temp_dir,
-                    # Idle workers prestarted for the driver never run Tune's actors (they get a runtime_env).
-                    _system_config={"prestart_worker_first_driver": False},
-                    num_cpus=num_cpus,
-                    num_gpus=num_gpus,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    configure_logging=True,
-                    logging_level="ERROR",
-                    _node_ip_address="127.0.0.1",
-                )
-        except BaseException:
-            if reaper is not None:
-                reaper.terminate()
-                reaper.wait()
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            raise
+        with reaper_lib.watched_temp_dir("/tmp", "rs-") as (temp_dir, reaper), _private_local_start():
+            ray.init(
+                address="local",
+                _temp_dir=temp_dir,
+                # Idle workers prestarted for the driver never run Tune's actors (they get a runtime_env).
+                _system_config={"prestart_worker_first_driver": False},
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=True,
+                logging_level="ERROR",
+                _node_ip_address="127.0.0.1",
+            )
         _current_handle = RayHandle("local", temp_dir, True, reaper)
     else:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         _current_handle = RayHandle(address, None, False)
     return _current_handle
-
-
-TEMP_PREFIX = "rs-"
-
-
-def _start_reaper(temp_dir: str) -> subprocess.Popen | None:
-    """study/sweep/reaper.py watching this driver: if it dies without `shutdown` (SIGKILL), the reaper
-    kills this Ray's processes at once (its agents would live ~60 s) and removes `temp_dir`. The
-    driver's pid and start time are written in the dir, so a later start can tell it is stale."""
-    if not sys.platform.startswith("linux"):
-        return None
-    from study.sweep import reaper
-
-    Path(temp_dir, "driver").write_text(f"{os.getpid()} {reaper.start_time(os.getpid())}")
-    return subprocess.Popen(
-        [sys.executable, reaper.__file__, str(os.getpid()), temp_dir],
-        start_new_session=True,  # outlives the driver and its process group (a Ctrl-C, a killpg)
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _remove_stale_temp_dirs() -> None:
-    """Private temp dirs whose driver is gone and whose Ray no longer runs (their reaper was killed
-    too): removed at the next local start. A dir without a `driver` file (another Ray's, or one being
-    created) is left alone."""
-    if not sys.platform.startswith("linux"):
-        return
-    from study.sweep import reaper
-
-    for d in Path("/tmp").glob(f"{TEMP_PREFIX}*"):
-        try:
-            pid, start = (int(v) for v in (d / "driver").read_text().split())
-        except (OSError, ValueError):
-            continue
-        if reaper.start_time(pid) != start and not reaper.in_use(str(d)):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> str | None:
@@ -348,10 +297,8 @@ def cluster_slots(spec: StudySpec, handle: RayHandle | None = None) -> int:
     return slots
 
 
-def tracking_callbacks(spec: StudySpec, out_dir: Path | None = None) -> list[Callback]:
-    """Ray Tune's own logger callbacks for the spec's ``tracking`` block (each imported only if asked).
-    Without a tracking_uri (and no $MLFLOW_TRACKING_URI), MLflow's default store (sqlite) is made in
-    `out_dir`, not in the working directory."""
+def tracking_callbacks(spec: StudySpec, out_dir: Path) -> list[Callback]:
+    """Ray Tune's own logger callbacks for the spec's ``tracking`` block (each imported only if asked)."""
     t = spec.tracking
     callbacks: list[Callback] = []
     if t.tensorboard:
@@ -363,9 +310,8 @@ def tracking_callbacks(spec: StudySpec, out_dir: Path | None = None) -> list[Cal
 
         callbacks.append(
             MLflowLoggerCallback(
-                tracking_uri=t.mlflow.tracking_uri
-                or os.environ.get("MLFLOW_TRACKING_URI")
-                or (f"sqlite:///{out_dir / 'mlflow.db'}" if out_dir is not None else None),
+                tracking_uri=t.mlflow.tracking_uri  # MLflow's default store, in out_dir rather than ./
+                or os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{out_dir}/mlflow.db"),
                 experiment_name=t.mlflow.experiment_name or spec.name,
                 tags={"study": spec.name},
             )
@@ -467,10 +413,7 @@ def shutdown(handle: RayHandle) -> None:
     ray.shutdown()
     _current_handle = None  # nothing runs on it any more (cluster_slots must not read a stale one)
     if handle.started_here and handle.temp_dir:
-        shutil.rmtree(handle.temp_dir, ignore_errors=True)
-    if handle.reaper is not None:  # Ray has stopped: nothing left to reap
-        handle.reaper.terminate()
-        handle.reaper.wait()
+        reaper_lib.stop(handle.reaper, handle.temp_dir)  # Ray has stopped: nothing left to reap
 
 
 __all__ = ["CellStudies", "StudyContext", "init_ray", "run_trials", "run_post_phase",
