@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import duckdb
 import filelock
 import pandas as pd
+import pyarrow.dataset as pa_ds
 import pyarrow.parquet as pq
 
 from reports.build import TABLES, ResultsError, _one_line, check_parquet, read_manifest
@@ -37,15 +40,21 @@ def run_query(out_dir: str | os.PathLike | Sequence[str | os.PathLike], sql: str
     paths = [Path(p) for p in out_dir] if many else [Path(out_dir)]  # type: ignore[union-attr]
     labels = _study_labels(paths)
     con = duckdb.connect(":memory:")
+    scratch = tempfile.mkdtemp(prefix="study-query-")
     try:
+        _refuse_writes(con, sql)
         for name in TABLES:
             selects = []
-            for path, label in zip(paths, labels, strict=True):
+            for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
                 file = path / f"{name}.parquet"
                 if not file.is_file():
                     continue
                 check_parquet(file)  # same schema-version and integrity rules as the Python reader
-                quoted = str(file).replace("'", "''")
+                # Read through pyarrow, not DuckDB's file system: DuckDB's own file access is switched
+                # off below, so no statement can write, attach or read a file (allowed_paths would
+                # let `COPY ... TO` overwrite the very files it allows).
+                source = f"_{name}_{i}"
+                con.register(source, pa_ds.dataset(str(file), format="parquet"))
                 # trials.metric (the tuned objective, e.g. val_accuracy) would make every
                 # `evals JOIN trials USING (trial_id)` ambiguous on `metric`: the view calls it
                 # objective_metric.
@@ -55,14 +64,45 @@ def run_query(out_dir: str | os.PathLike | Sequence[str | os.PathLike], sql: str
                     star = f"* REPLACE ('{lit}' AS study)" if _has(file, "study") else f"'{lit}' AS study, *"
                 if name == "trials" and _has(file, "metric"):
                     star += " RENAME (metric AS objective_metric)"
-                selects.append(f"SELECT {star} FROM read_parquet('{quoted}')")
+                selects.append(f"SELECT {star} FROM {source}")
             if selects:
                 con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(selects))
+        # Read-only from here on, by DuckDB's own settings: no file system (COPY/EXPORT/ATTACH/INSTALL,
+        # read_csv('/etc/...'), spilling outside a scratch dir of ours), no extension loading, and the
+        # configuration locked so that no statement can SET it back.
+        con.execute(f"SET temp_directory = '{scratch}'")
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
         return con.execute(sql).df()
     except duckdb.Error as exc:
         raise ResultsError(_one_line(exc)) from exc
     finally:
         con.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# Statement types a read-only query may use (DuckDB's parser says which a statement is).
+_READ_ONLY = {"SELECT", "EXPLAIN", "PRAGMA", "CALL", "RELATION", "INVALID"}
+
+
+def _refuse_writes(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse, on one line, a statement that is not a query (COPY, EXPORT, ATTACH, INSTALL/LOAD, CREATE,
+    INSERT, SET...): the results of a study are read-only here. DuckDB's settings are the guarantee;
+    this names the statement instead of a file-system error. A syntax error is left to DuckDB."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error:
+        return  # DuckDB reports it when the SQL runs, with its position
+    for st in statements:
+        kind = str(st.type).rsplit(".", 1)[-1]
+        if kind not in _READ_ONLY:
+            head = " ".join(st.query.split()[:2])
+            raise ResultsError(
+                f"study query is read-only: '{head} ...' is a {kind} statement; only queries "
+                "(SELECT, WITH, DESCRIBE, SUMMARIZE, EXPLAIN) run here"
+            )
 
 
 def _study_labels(paths: list[Path]) -> list[str]:

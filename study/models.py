@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from study.registry import Registry
+from study.registry import Registry, check_option_types
 
 __all__ = ["Classifier", "ModelEntry", "MODELS", "list_models", "model_options", "create_model"]
 
@@ -80,8 +80,9 @@ class Classifier(nn.Module):
 
 def _mlp(shape: tuple[int, ...], k: int, hidden: Sequence[int] = (100, 100)) -> tuple[nn.Module, int]:
     """MNIST-1D paper MLP: flatten -> Linear+ReLU per hidden width (it memorises noisy labels)."""
-    if not hidden or any(int(h) < 1 for h in hidden):
-        raise ValueError(f"hidden must be a non-empty list of positive widths, but got {hidden}.")
+    ok = isinstance(hidden, (list, tuple)) and hidden
+    if not ok or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise ValueError(f"hidden must be a non-empty list of positive integer widths, but got {hidden!r}.")
     layers: list[nn.Module] = [nn.Flatten()]
     d = math.prod(shape)
     for h in hidden:
@@ -405,5 +406,6 @@ def create_model(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"model {name!r}: options must be among {allowed}, but got {unknown}.")
+    check_option_types(entry.builder, options)
     body, dim = entry.builder(shape, num_classes, **options)
     return Classifier(body, dim, num_classes, shape, mean, std)

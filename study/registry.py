@@ -9,8 +9,9 @@ same behaviour.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Generic, Protocol, TypeVar
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, Protocol, TypeVar
 
 
 class _Named(Protocol):
@@ -71,3 +72,28 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return list(self._entries.items())
+
+
+_OPTION_TYPES: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),  # before int: True is an int
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    tuple: (lambda v: isinstance(v, (tuple, list)), "a list"),
+    list: (lambda v: isinstance(v, (tuple, list)), "a list"),
+}
+
+
+def check_option_types(builder: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Each option has the type of the builder's default (a width is not "wide", a flag is not 1): the
+    builder's signature is the rule, so `study validate` and the trial refuse the same values.
+
+    Raises:
+        ValueError: ``"<option> must be <kind>, but got <value>."``
+    """
+    params = inspect.signature(builder).parameters
+    for key, value in options.items():
+        default = params[key].default if key in params else None
+        kind = next((t for t in _OPTION_TYPES if isinstance(default, t)), None)
+        if kind is not None and not _OPTION_TYPES[kind][0](value):
+            raise ValueError(f"{key} must be {_OPTION_TYPES[kind][1]}, but got {value!r}.")

@@ -20,7 +20,11 @@ err = Console(stderr=True)
 
 
 def _bad_input(message: str) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """One line, exit 2. The message is plain text (values from the spec or the command line such as
+    '[/bold]' or ':smile:' are shown as they are, never read as rich markup or emoji codes)."""
+    from rich.text import Text
+
+    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -42,6 +46,7 @@ def run(
 ) -> None:
     """Run a study spec: search phase, final phase, report."""
     from study.spec import SpecError
+    from study.sweep.records import DiskFull, PhaseFailed
     from study.sweep.runner import RunError, run_study
 
     try:
@@ -56,12 +61,17 @@ def run(
             seed=seed,
         )
     except (SpecError, RunError) as exc:
-        from rich.markup import escape
-
-        _bad_input(escape(str(exc)))  # e.g. 'pip install "regstudy[mlflow]"' is not rich markup
+        _bad_input(str(exc))
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: continue with --resume[/yellow]")
         raise typer.Exit(130) from None
+    except (DiskFull, PhaseFailed) as exc:
+        from rich.text import Text
+
+        then = "free space, then continue with --resume" if isinstance(exc, DiskFull) else "see records/"
+        msg = f" {exc} (manifest: failed); {then}"
+        err.print(Text.assemble(("error:", "red"), msg), highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     if not no_report:
         report(out_dir, fmt="rich", no_plots=False, full=False, reference="ce", all_pairs=False)
         if storage:
@@ -129,13 +139,14 @@ def validate(
     ),
 ) -> None:
     """Validate a spec and print the plan (cells, trials, epoch budget)."""
-    from study.spec import SpecError, check_local_resources, load_spec
+    from study.spec import SpecError, check_data, check_local_resources, load_spec
     from study.sweep.plan import print_plan
 
     try:
         parsed = load_spec(spec)
         if address in (None, "local"):  # as `study run` without --address: this machine's resources
             check_local_resources(parsed, str(spec))
+            check_data(parsed, str(spec))  # never downloads: `study run` does, before Ray starts
     except SpecError as exc:
         _bad_input(str(exc))
     print_plan(parsed, Console())
@@ -158,13 +169,11 @@ def report(
     import shutil
     import tempfile
 
-    from rich.markup import escape
-
     from reports.build import ResultsError, load_study, write_table
     from reports.stats import summarize
 
     if fmt not in ("rich", "markdown", "latex"):
-        _bad_input(f"--format must be rich, markdown or latex, but got {escape(fmt)!r}")
+        _bad_input(f"--format must be rich, markdown or latex, but got {fmt!r}")
     try:
         study = load_study(out_dir)
         regs = sorted(study.trials["regularizer"].dropna().unique())
@@ -177,7 +186,7 @@ def report(
         if all_pairs:
             summary_out = summarize(study.trials, study.evals, study=study.name, all_pairs=True)
     except ResultsError as exc:
-        _bad_input(escape(str(exc)))
+        _bad_input(str(exc))
     # Nothing in the directory changes until everything has been computed: plots go to a temp dir
     # (removed on failure), then summary.parquet and the PNGs are moved in with os.replace.
     tmp = None
@@ -204,9 +213,11 @@ def report(
         done = f"wrote {study.path / 'summary.parquet'} and {len(written)} plots"
         err.print(done, style="dim", highlight=False)
     except ResultsError as exc:
-        _bad_input(escape(str(exc)))
+        _bad_input(str(exc))
     except Exception as exc:  # runtime failure: one line, exit 1
-        err.print(f"[red]error:[/red] {escape(type(exc).__name__ + ': ' + str(exc))}", soft_wrap=True)
+        from rich.text import Text
+
+        err.print(Text.assemble(("error:", "red"), f" {type(exc).__name__}: {exc}"), soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         if tmp is not None:
@@ -239,7 +250,7 @@ def query(
     try:
         df = run_query(dirs[0] if len(dirs) == 1 else dirs, sql)
     except ResultsError as exc:
-        _bad_input(escape(str(exc)))
+        _bad_input(str(exc))
     if csv:
         typer.echo(df.to_csv(index=False), nl=False)
     elif as_json:
@@ -247,10 +258,10 @@ def query(
     else:
         limit = 200
         title = f"{len(df)} rows" + (f" (first {limit})" if len(df) > limit else "")
-        table = Table(*map(str, df.columns), title=title)
-        for row in df.head(limit).itertuples(index=False):
-            table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
-        Console().print(table)
+        table = Table(*(escape(str(c)) for c in df.columns), title=title)
+        for row in df.head(limit).itertuples(index=False):  # values are data, not rich markup
+            table.add_row(*(f"{v:.6g}" if isinstance(v, float) else escape(str(v)) for v in row))
+        Console(emoji=False).print(table)
 
 
 @app.command("ls")
@@ -267,17 +278,19 @@ def ls_(out_dir: Path = typer.Argument(Path("results"), metavar="DIR", help="Dir
     try:
         studies = list_studies(out_dir)
     except ResultsError as exc:
-        _bad_input(escape(str(exc)))
+        _bad_input(str(exc))
     if not studies:
-        Console().print(f"no studies (directories with manifest.json) under {out_dir}", highlight=False)
+        Console(emoji=False).print(
+            f"no studies (directories with manifest.json) under {escape(str(out_dir))}", highlight=False
+        )
         return
     table = Table("study", "status", "trials", "last modified", "path")
     for s in studies:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items())) or "-"
         when = s["last_modified"]
         when = datetime.datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M") if when else "-"
-        table.add_row(s["study"], s["status"], counts, when, s["path"])
-    Console().print(table)
+        table.add_row(*(escape(str(v)) for v in (s["study"], s["status"], counts, when, s["path"])))
+    Console(emoji=False).print(table)
 
 
 @app.command()
@@ -292,7 +305,7 @@ def dashboard(
     try:
         import optuna_dashboard
     except ImportError:
-        _bad_input('study dashboard needs optuna-dashboard: pip install "regstudy\\[dashboard]"')
+        _bad_input('study dashboard needs optuna-dashboard: pip install "regstudy[dashboard]"')
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     storage = JournalStorage(JournalFileBackend(str(journal)))

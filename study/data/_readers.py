@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -299,6 +300,29 @@ MNIST1D_DEFAULTS: dict[str, Any] = {
 MNIST1D_OPTIONS = tuple(MNIST1D_DEFAULTS)
 
 
+def _check_mnist1d_option(key: str, value: Any) -> None:
+    """The generator's arguments keep their default's type and a range it can generate from (it would
+    otherwise fail deep inside mnist1d, or silently make an empty split)."""
+    default = MNIST1D_DEFAULTS[key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok, rule = isinstance(value, bool), "true or false"
+    elif key == "train_split":
+        ok, rule = number and 0.0 < value < 1.0, "a number in (0, 1)"
+    elif key == "padding":
+        ok = isinstance(value, list) and len(value) == 2
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        ok, rule = ok and value[0] <= value[1], "[low, high] integers with 0 <= low <= high"
+    elif isinstance(default, int):
+        least = 0 if key in ("seed", "max_translation") else (2 if key == "num_samples" else 1)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
+        rule = f"an integer >= {least}"
+    else:
+        ok, rule = number and value >= 0 and math.isfinite(value), "a finite number >= 0"
+    if not ok:
+        raise ValueError(f"{key} must be {rule}, but got {value!r}.")
+
+
 def load_mnist1d(root: Path, download: bool, **overrides: Any) -> RawSplits:
     """MNIST-1D generated offline with ``mnist1d.data.make_dataset`` (defaults: 4000/1000, length 40).
 
@@ -308,6 +332,8 @@ def load_mnist1d(root: Path, download: bool, **overrides: Any) -> RawSplits:
     unknown = sorted(set(overrides) - set(MNIST1D_OPTIONS))
     if unknown:
         raise ValueError(f"mnist1d options must be among {sorted(MNIST1D_OPTIONS)}, but got {unknown}.")
+    for key, value in overrides.items():
+        _check_mnist1d_option(key, value)
     args = {**MNIST1D_DEFAULTS, **overrides}
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
     path = root / f"mnist1d_{key}.npz"

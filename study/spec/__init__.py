@@ -14,6 +14,8 @@ from pydantic import ValidationError
 from study.spec import _yaml
 from study.spec._checks import (
     check_cross_fields,
+    check_data,
+    check_device,
     check_local_resources,
     check_unique_cells,
     error_message,
@@ -41,6 +43,7 @@ from study.spec._models import (
     TrainSpec,
     WandbSpec,
 )
+from study.spec._refusals import check_refusals
 from study.spec._values import Choices, Each, Grid, Ramp, Range
 
 __all__ = [
@@ -70,6 +73,8 @@ __all__ = [
     "MlflowSpec",
     "spec_hash",
     "check_local_resources",
+    "check_data",
+    "check_device",
     "error_message",
     "loc_path",
     "load_spec",
@@ -118,4 +123,5 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
         raise SpecError(f"{source}: {format_error(exc, text)}") from None
     check_cross_fields(spec, source)
     check_unique_cells(spec, source)
+    check_refusals(spec, source)
     return spec

@@ -5,6 +5,7 @@ combinations of fields, and the one-line error message of a pydantic ValidationE
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import yaml
@@ -15,7 +16,7 @@ from study import data, models
 from study import noise as noise_lib
 from study.robustness import corruptions
 from study.spec._models import SpecError, StudySpec, TrainSpec
-from study.spec._values import TAG_MARK, FieldError, Range
+from study.spec._values import TAG_MARK, FieldError, Range, Strict
 
 # Bounds on what one spec may expand to: far above any real study (the largest shipped spec has 216
 # cells, 3672 trials), low enough that a typo or an alias bomb fails here instead of filling the disk.
@@ -49,10 +50,17 @@ def yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
 _MESSAGES = {"missing": "missing (required)", "extra_forbidden": "unknown key"}
 
 
+def _model_names(cls: type = Strict) -> set[str]:
+    """Names of the spec's models: pydantic puts a union member's class name in error locations."""
+    return {n for sub in cls.__subclasses__() for n in (sub.__name__, *_model_names(sub))}
+
+
 def _is_tag(part: str) -> bool:
-    """A union member's or a constraint's name in a pydantic error location, not a spec key."""
-    plain_union = part in ("int", "float", "str", "bool") or part[:1].isupper()  # e.g. int | AdaptiveSeeds
-    return part.startswith(TAG_MARK) or "[" in part or part.startswith("constrained-") or plain_union
+    """A union member's or a constraint's name in a pydantic error location, not a spec key (a key
+    such as ``Alpha`` is kept: only the spec's own model names, e.g. int | AdaptiveSeeds, are dropped)."""
+    plain_union = part in ("int", "float", "str", "bool") or part in _model_names()
+    wrapper = re.match(r"^[a-z][a-z_-]*\[", part) is not None  # function-after[...], literal['all']
+    return part.startswith(TAG_MARK) or wrapper or part.startswith("constrained-") or plain_union
 
 
 def loc_path(err: ErrorDetails) -> tuple[str | int, ...]:
@@ -78,6 +86,13 @@ def error_message(err: ErrorDetails) -> str:
 
 def format_error(exc: ValidationError, text: str) -> str:
     errors = exc.errors()
+    # A union member whose type does not fit the value (`int` for a mapping) names the wrong field
+    # (final.seeds: {until: forever} is an AdaptiveSeeds with a bad `until`, not a bad integer).
+    fitting = [
+        e for e in errors
+        if not (e["type"].endswith("_type") and isinstance(e.get("input"), (dict, list)) and len(errors) > 1)
+    ]  # fmt: skip
+    errors = fitting or errors
     # A field whose own check failed (e.g. "low must be <= high") says more than a type error elsewhere.
     err = next((e for e in errors if e["type"] == "value_error"), None) or next(
         (e for e in errors if e["type"] == "extra_forbidden"), errors[0]
@@ -109,6 +124,7 @@ def check_local_resources(spec: StudySpec, source: str) -> None:
             f"{source}: resources.gpus_per_trial: a local run has {gpus} GPUs, but got "
             f"{res.gpus_per_trial:g} (allowed: 0 <= gpus_per_trial <= {gpus}, or a cluster via --address)"
         )
+    check_device(spec, source)
 
 
 def _check_options(source: str, path: str, given: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -196,11 +212,6 @@ def check_cross_fields(spec: StudySpec, source: str) -> None:
                 corruptions.validate_corruption(name, 1, kind=kind)
             except ValueError as exc:
                 raise SpecError(f"{source}: evaluate.corruptions.{i}: {exc}") from None
-    if spec.train.device == "cuda" and spec.resources.gpus_per_trial == 0:
-        raise SpecError(
-            f"{source}: train.device: 'cuda' needs resources.gpus_per_trial > 0 (Ray hides the GPUs "
-            "from trials that reserve none); set it (e.g. 0.25 packs 4 trials per GPU) or use device auto"
-        )
     for i, ns in enumerate(spec.noise):
         if ns.kind == "human" and noise_lib.CIFARN[ns.dataset_labels].dataset != spec.dataset.name:
             expected = noise_lib.CIFARN[ns.dataset_labels].dataset
@@ -244,3 +255,77 @@ def check_unique_cells(spec: StudySpec, source: str) -> None:
                     f"{source}: {field_path}: gives the noise setting {label!r} of {other} again "
                     "(a cell id names the setting: each must be distinct)"
                 )
+
+
+def _option_path(prefix: str, options: dict[str, Any], message: str) -> str:
+    """``prefix.<option>`` when the loader's / builder's message opens with one of the given options."""
+    for key in options:
+        if message.startswith(f"{key} ") or message.startswith(f"{key}:"):
+            return f"{prefix}.{key}"
+    return prefix
+
+
+def check_device(spec: StudySpec, source: str) -> None:
+    """``train.device`` names a device this machine has (a local run: a cluster's are unknown here)."""
+    import torch
+
+    device = spec.train.device
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            raise SpecError(
+                f"{source}: train.device: {device!r}, but this machine has {count} CUDA devices "
+                "(use device auto or cpu, or a cluster via --address)"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise SpecError(
+            f"{source}: train.device: 'mps', but this machine has no MPS device (use auto or cpu)"
+        )
+
+
+def check_data(spec: StudySpec, source: str, *, download: bool = False) -> None:
+    """Load the spec's dataset with its options and build every model and the student on it (meta
+    device: no weights), by the loader's and builders' own rules, before anything runs: option values,
+    missing files, a validation split left empty. Without ``download``, a dataset whose files are
+    missing but would be downloaded (``download: true``) is not loaded (its option values are then
+    checked when `study run` loads it).
+
+    Raises:
+        SpecError: one line naming the field.
+    """
+    import torch
+
+    d = spec.dataset
+    try:
+        bundle = data.load_dataset(d.name, root=d.root, download=download and d.download, **d.options)
+    except FileNotFoundError as exc:
+        if d.download and not download:
+            return
+        raise SpecError(f"{source}: dataset.root: {str(exc).splitlines()[0]}") from None
+    except ImportError as exc:
+        raise SpecError(f"{source}: dataset.name: {str(exc).splitlines()[0]}") from None
+    except (ValueError, TypeError) as exc:
+        msg = str(exc).splitlines()[0].rstrip(".")
+        raise SpecError(f"{source}: {_option_path('dataset.options', d.options, msg)}: {msg}") from None
+    except (OSError, RuntimeError) as exc:  # an offline download (URLError, torchvision's RuntimeError)
+        what = "download failed" if download and d.download else "cannot read the data"
+        reason = " ".join(str(getattr(exc, "reason", None) or exc).split())[:200]
+        raise SpecError(f"{source}: dataset: {d.name}: {what} ({reason})") from None
+    train, val = data.split_train_val(len(bundle.y_train), d.val_fraction, seed=spec.noise_seed)
+    if len(val) == 0 or len(train) == 0:
+        empty = "validation" if len(val) == 0 else "training"
+        raise SpecError(
+            f"{source}: dataset.val_fraction: {d.val_fraction:g} of {len(bundle.y_train)} training samples "
+            f"leaves the {empty} split empty"
+        )
+    built = [(f"models.{i}.options", m.name, m.options) for i, m in enumerate(spec.models)]
+    if spec.distill:
+        built.append(("distill.student_options", spec.distill.student, spec.distill.student_options))
+    for path, name, options in built:
+        try:
+            with torch.device("meta"):
+                models.create_model(name, bundle.input_shape, bundle.num_classes, **options)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            msg = str(exc).splitlines()[0].rstrip(".")
+            raise SpecError(f"{source}: {_option_path(path, options, msg)}: {msg}") from None

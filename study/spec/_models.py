@@ -194,7 +194,7 @@ class SearchSpec(Strict):
     sampler: str = "tpe"
     metric: str = "val_accuracy"
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1)  # numpy takes < 2**32; cells add up to 100000
     n_startup_trials: int = Field(4, ge=0)
     keep_checkpoints: bool = Field(
         False,
@@ -264,7 +264,7 @@ class EvaluateSpec(Strict):
         ),
     )
     corruptions: list[str] | Literal["all"] = Field(default_factory=list)
-    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], min_length=1)
     max_samples: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -292,7 +292,7 @@ class DistillSpec(Strict):
 class ResourcesSpec(Strict):
     # A trial runs on one node, so it can never take more than one machine has; above these bounds Ray
     # would keep it pending forever (what the local machine has is checked before a local run starts).
-    cpus_per_trial: float = Field(1.0, gt=0, le=1024)
+    cpus_per_trial: float = Field(1.0, ge=0.01, le=1024)  # Ray keeps 4 decimals: 1e-9 would be 0
     gpus_per_trial: float = Field(0.0, ge=0, le=16)
     # Trials of one cell trained together in one process as one batched model (study/trial/pack.py):
     # 1 = one trial per process; "auto" = the measured best for the model and device (pack_size).
@@ -356,7 +356,7 @@ class StudySpec(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v) or v in (".", "..") or len(v) > NAME_MAX:
+        if not _NAME_RE.fullmatch(v) or v in (".", "..") or len(v) > NAME_MAX:
             raise ValueError(
                 f"must be 1-{NAME_MAX} letters, digits, '_', '-' or '.' and not '.' or '..' "
                 f"(it names the results directory), but got {v[: NAME_MAX + 20]!r}"

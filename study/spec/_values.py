@@ -52,7 +52,33 @@ class Range(Strict):
             raise ValueError(f"low must be <= high, but got low={self.low}, high={self.high}")
         if self.log and self.low <= 0:
             raise ValueError(f"a log range needs low > 0, but got low={self.low}")
+        # What Optuna samples is what the trial gets: an int range is IntDistribution(low, high, step),
+        # a stepped one low + k * step. A bound that int() would truncate (lr {low: .001, high: .1,
+        # int: true} samples only 0) or a step wider than the range (one value) is refused here.
+        if self.int:
+            for key, v in (("low", self.low), ("high", self.high), ("step", self.step)):
+                if v is not None and v != int(v):
+                    raise ValueError(
+                        f"int: true needs whole numbers, but got {key}={v:g} (Optuna would sample "
+                        f"int({v:g}) = {int(v)})"
+                    )
+            if self.log and self.step not in (None, 1):
+                raise ValueError(f"log: true takes no step with int: true, but got step={self.step:g}")
+        if self.step is not None and self.high - self.low < self.step:
+            raise ValueError(
+                f"step {self.step:g} is wider than the range [{self.low:g}, {self.high:g}]: it samples only "
+                f"low; write the value, or a smaller step"
+            )
+        if self.int and self.low == self.high:
+            raise ValueError(f"an int range of one value ({self.low:g}); write the value instead")
         return self
+
+    def reachable(self) -> list[float]:
+        """The smallest and largest value Optuna can sample from this range."""
+        if self.step is None:
+            return [self.low, self.high]
+        top = self.low + math.floor((self.high - self.low) / self.step + 1e-9) * self.step
+        return [self.low, top]
 
 
 class Choices(Strict):
@@ -61,6 +87,21 @@ class Choices(Strict):
 
 class Grid(Strict):
     grid: list[Any] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Grid:
+        check_unique(self.grid, "grid")
+        return self
+
+
+def check_unique(values: list[Any], field: str) -> None:
+    """FieldError at ``field.i`` naming the first value listed twice (a duplicate runs the same thing
+    twice, or is silently dropped)."""
+    seen: list[Any] = []
+    for i, v in enumerate(values):
+        if any(v == w and isinstance(v, bool) == isinstance(w, bool) for w in seen):
+            raise FieldError((field, i), f"{v!r} is listed twice; list each value once")
+        seen.append(v)
 
 
 class Each(Strict):
@@ -142,7 +183,7 @@ ParamValue = Annotated[
 def endpoints(value: Any) -> list[Any]:
     """The concrete values a spec value can take at its extremes (for range validation)."""
     if isinstance(value, Range):
-        return [value.low, value.high]
+        return value.reachable()
     if isinstance(value, Choices):
         return list(value.choices)
     if isinstance(value, Grid):

@@ -14,6 +14,9 @@ import yaml
 
 # Nodes of the spec once aliases are expanded. The largest shipped spec has a few hundred.
 MAX_NODES = 20_000
+# Bytes of a spec file, checked before parsing (PyYAML takes minutes over a 10 MB file). The largest
+# shipped spec is under 2 KB.
+MAX_BYTES = 1_000_000
 
 
 class SpecYAMLError(ValueError):
@@ -62,9 +65,39 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
+# YAML 1.2 integers (decimal, 0o octal, 0x hex): YAML 1.1 also reads `1:30` as the sexagesimal 90,
+# `0b11` as 3 and `017` as 15, so `epochs: 1:30` would silently train 90 epochs.
+_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:int"]
+    for k, v in _Loader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    value = str(loader.construct_scalar(node))
+    if value.startswith("0o"):
+        return int(value[2:], 8)
+    if value.startswith("0x"):
+        return int(value[2:], 16)
+    return int(value, 10)  # "017" is 17, as in YAML 1.2
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def check_size(size: int) -> None:
+    """A spec over MAX_BYTES is refused before any parsing."""
+    if size > MAX_BYTES:
+        raise SpecYAMLError(
+            f"the spec is {size} bytes, more than the {MAX_BYTES} allowed (a spec lists values, not data)"
+        )
+
 
 def decode(data: bytes) -> str:
     """A spec file's bytes as text: UTF-8 (a BOM is allowed), else a one-line SpecYAMLError."""
+    check_size(len(data))
     if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
         raise SpecYAMLError("not UTF-8 text (UTF-16, or NUL bytes); save the spec as UTF-8")
     try:
@@ -94,6 +127,7 @@ def _count(value: Any, budget: int) -> int:
 
 def load(text: str) -> Any:
     """Parse a spec's text. Raises SpecYAMLError (one line, with the YAML line when known)."""
+    check_size(len(text.encode("utf-8", "surrogatepass")))
     try:
         raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:

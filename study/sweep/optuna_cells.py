@@ -44,29 +44,30 @@ def distributions(cell: Cell) -> dict[str, BaseDistribution]:
 
 
 def repair_journal(path: Path) -> str | None:
-    """Drop a journal's torn tail (a driver killed while appending); a note saying so, or None.
+    """Cut a journal at its first line that is not a complete JSON record; a note saying so, or None.
 
-    Optuna's JournalFileBackend skips a last line without a newline when reading, but the next append
-    glues its record onto that fragment, and from then on every read raises (JSONDecodeError). Each
-    append is fsynced, so damage from a crash is confined to the end: the trailing lines that are not
-    complete JSON records are cut off, after a copy of the file is kept beside it (`.damaged-<time>`).
-    Damage before the last complete record is not repaired (Optuna reports it as it is).
+    A torn tail (a driver killed while appending): Optuna's JournalFileBackend skips a last line without
+    a newline when reading, but the next append glues its record onto that fragment, and from then on
+    every read raises (JSONDecodeError). Bytes garbled mid-journal (a disk or a copy gone wrong) make
+    every read raise too. Either way the journal is cut before the first unreadable line (a copy of the
+    file is kept beside it, `.damaged-<time>`): records after it are dropped, not skipped, because
+    Optuna numbers trials by their order in the journal. Trials whose start was dropped are asked and
+    run again; trials whose end was dropped are told from their records (study/sweep/source.py).
     """
     if not path.exists():
         return None
     with path.open("rb") as f:
         data = f.read()
-    keep = len(data)
-    while keep > 0:
-        start = data.rfind(b"\n", 0, keep - 1) + 1  # the start of the last line within data[:keep]
-        line = data[start:keep]
-        if line.endswith(b"\n"):
-            try:
-                json.loads(line)
-                break
-            except ValueError:  # JSONDecodeError and UnicodeDecodeError
-                pass
-        keep = start
+    keep, lineno = 0, 0
+    while keep < len(data):
+        end = data.find(b"\n", keep)
+        if end < 0:
+            break  # no newline: a torn last line
+        try:
+            json.loads(data[keep : end + 1])
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            break
+        keep, lineno = end + 1, lineno + 1
     if keep == len(data):
         return None
     backup = path.with_name(f"{path.name}.damaged-{int(time.time())}")
@@ -75,10 +76,16 @@ def repair_journal(path: Path) -> str | None:
         f.truncate(keep)
         f.flush()
         os.fsync(f.fileno())
-    return (
-        f"{path.name}: dropped {len(data) - keep} bytes of an incomplete last record (a crash while "
-        f"writing); the damaged file is kept as {backup.name}"
-    )
+    dropped = len(data) - keep
+    later = data[keep:].count(b"\n")
+    if later <= 1:
+        what = "of an incomplete last record (a crash while writing)"
+    else:
+        what = (
+            f"from line {lineno + 1} on: unreadable bytes mid-journal; the {later} records from there "
+            "are dropped and the trials they described run again"
+        )
+    return f"{path.name}: dropped {dropped} bytes {what}; the damaged file is kept as {backup.name}"
 
 
 def make_sampler(spec: StudySpec, cell: Cell) -> optuna.samplers.BaseSampler:
@@ -186,7 +193,16 @@ class CellStudies:
 
     def tell_recorded(self, cell_id: str, frozen: optuna.trial.FrozenTrial, rec: dict[str, Any]) -> None:
         """Tell Optuna the outcome of a trial from its record (resume after a badly timed kill)."""
-        trial = optuna.Trial(self.studies[cell_id], frozen._trial_id)
+        study = self.studies[cell_id]
+        trial = optuna.Trial(study, frozen._trial_id)
+        # A journal cut after a damaged line may have lost the trial's params: the record has them.
+        cell = next((c for c in self.cells if c.cell_id == cell_id), None)
+        for name, dist in (distributions(cell) if cell is not None else {}).items():
+            if name not in frozen.params and name in (rec.get("params") or {}):
+                value = dist.to_internal_repr(rec["params"][name])
+                study._storage.set_trial_param(frozen._trial_id, name, value, dist)
+        if "trial_id" not in frozen.user_attrs and rec.get("trial_id"):
+            trial.set_user_attr("trial_id", rec["trial_id"])
         payload = rec.get("payload") or {}
         status = rec["status"]
         trial.set_user_attr("status", status)

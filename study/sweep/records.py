@@ -7,6 +7,8 @@ its key, config, sampled params, status, epoch rows and final payload (evaluatio
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -59,6 +61,16 @@ class TrialRecord:
         return self.__dict__.copy()
 
 
+class DiskFull(BaseException):
+    """A record could not be written for lack of space (ENOSPC, EDQUOT): the study stops, its manifest
+    says failed, and `study run` says so on one line. A BaseException, like KeyboardInterrupt, because
+    Ray Tune logs and ignores an Exception raised in its callbacks and would run on without records."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"no space left on the device writing {path} ({exc.strerror or exc})")
+        self.path = path
+
+
 class Records:
     """Per-trial JSON records in the results dir: the driver's durable memory across kills."""
 
@@ -73,20 +85,57 @@ class Records:
 
     def save_dict(self, rec: dict[str, Any]) -> None:
         path = self.path(rec["phase"], rec["key"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, default=str))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rec, default=str))
+            os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                raise DiskFull(path, exc) from None
+            raise
 
     def load(self, phase: str, key: str) -> dict[str, Any]:
         return json.loads(self.path(phase, key).read_text())
 
     def load_all(self, phase: str) -> dict[str, dict[str, Any]]:
+        """The phase's readable records by key (an unreadable one is left out: see ``repair``)."""
         out = {}
         for p in sorted((self.root / phase).glob("*.json")):
-            rec = json.loads(p.read_text())
-            out[rec["key"]] = rec
+            rec = _read(p)
+            if rec is not None:
+                out[rec["key"]] = rec
         return out
+
+    def repair(self) -> list[str]:
+        """Set aside every record that cannot be read (truncated, garbled: `<name>.json.damaged-<time>`)
+        and say what that means, one note per file: a final trial's runs again (it is not done); a search
+        trial's Optuna result still guides the search, but its row is missing from the tables."""
+        notes = []
+        for phase in ("search", "final"):
+            for p in sorted((self.root / phase).glob("*.json")):
+                if _read(p) is not None:
+                    continue
+                backup = p.with_name(f"{p.name}.damaged-{int(time.time())}")
+                os.replace(p, backup)
+                then = (
+                    "the trial runs again"
+                    if phase == "final"
+                    else "its Optuna result is kept, its row is missing from the tables"
+                )
+                notes.append(f"records/{phase}/{p.name}: unreadable, set aside as {backup.name}; {then}")
+        return notes
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """A record's content, or None when it cannot be read as one (a torn or garbled file)."""
+    try:
+        rec = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("key"), str) else None
 
 
 def _strength(regularizer: str, params: dict[str, Any]) -> tuple[str | None, float | None]:
@@ -238,3 +287,23 @@ def final_result(result: Any, *, node: str, started_at: float) -> dict[str, Any]
     value = result.best_value if result.best_value is not None else float("nan")
     payload = trial_payload(result, node=node, started_at=started_at)
     return {"final": json.dumps(payload), "objective": value, **test}
+
+
+class PhaseFailed(RuntimeError):
+    """Every trial of a phase failed: the study ran but has no result (exit code 1, manifest failed)."""
+
+
+def check_phases(out_dir: Path) -> None:
+    """PhaseFailed naming the phase and the first trial's error when every trial of a phase failed."""
+    records = Records(out_dir / "records")
+    for phase in ("search", "final"):
+        recs = list(records.load_all(phase).values())
+        if recs and all(r.get("status") == "failed" for r in recs):
+            errors = [str(r.get("error") or "").strip() for r in recs]
+            first = next((e for e in errors if e), "no error text")
+            lines = [ln.strip() for ln in first.splitlines() if ln.strip()]
+            # Ray's error text ends with the exception line; earlier lines are its traceback.
+            why = lines[-1] if lines else first
+            raise PhaseFailed(
+                f"every trial of the {phase} phase failed ({len(recs)} trials); the first: {why}"
+            )

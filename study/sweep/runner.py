@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from study.spec import StudySpec, check_local_resources, load_spec, parse_spec, spec_hash, with_seed
+from study.spec import (
+    StudySpec,
+    check_data,
+    check_local_resources,
+    load_spec,
+    parse_spec,
+    spec_hash,
+    with_seed,
+)
 from study.sweep.cells import expand_cells, planned_counts
 from study.sweep.context import StudyContext
 from study.sweep.live import LiveView, startup_line
 from study.sweep.lock import LockedError, ResultsLock
 from study.sweep.optuna_cells import CellStudies, repair_journal
-from study.sweep.records import write_tables
+from study.sweep.provenance import git_state, versions
+from study.sweep.records import Records, check_phases, write_tables
 from study.vocabulary import LOCK_FILE, LOCK_OWNER_FILE
 
 if TYPE_CHECKING:
@@ -29,42 +37,21 @@ class RunError(ValueError):
     """Bad input detected before any trial starts (exit code 2)."""
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("regstudy", "torch", "torchvision", "ray", "optuna", "pyarrow"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        res = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=cwd)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() if res.returncode == 0 else None
-
-
-def git_state(cwd: Path | None = None) -> dict[str, Any]:
-    """The commit the study was run from: ``git_sha`` / ``git_dirty`` of the user's working directory
-    (their specs, label files, own regularizers) when it is a git repository, else None; and
-    ``package_git_sha``, the regstudy checkout's commit (None for an installed wheel)."""
-    cwd = Path.cwd() if cwd is None else cwd
-    sha = _git(["rev-parse", "HEAD"], cwd) or None
-    dirty = _git(["status", "--porcelain", "--untracked-files=no"], cwd) if sha else None
-    return {
-        "git_sha": sha,
-        "git_dirty": None if dirty is None else bool(dirty),
-        "package_git_sha": _git(["rev-parse", "HEAD"], Path(__file__).parent) or None,
-    }
-
-
 def _write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, default=str)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+            raise
+        # A full disk: rewrite the file in place, in the blocks it already has (a status change
+        # grows a manifest by a few bytes), so that it still says how the run ended.
+        tmp.unlink(missing_ok=True)
+        with path.open("r+b") as f:
+            f.write(text.encode())
+            f.truncate()
 
 
 def check_out_dir(spec: StudySpec, out: Path, resume: bool) -> None:
@@ -109,7 +96,7 @@ def prepare_out_dir(spec: StudySpec, spec_text: str, out: Path, resume: bool) ->
         "phases": [],
         "planned": planned_counts(spec, cells),
         "cells": len(cells),
-        "versions": _versions(),
+        "versions": versions(),
         **git_state(),
         "schema_version": None,
     }
@@ -161,6 +148,8 @@ def run_study(
         spec = parse_spec(spec_text, source=str(spec_path))
     if address in (None, "local"):  # a local Ray gets this machine's CPUs/GPUs: more never schedules
         check_local_resources(spec, str(spec_path))
+        # The loader's and builders' rules, before Ray (a cluster's data may live on its workers only).
+        check_data(spec, str(spec_path), download=True)
     # Absolute: Ray Tune takes the storage path as a URI and refuses a relative one.
     out_dir = (Path(out) if out else Path("results") / spec.name).resolve()
     console = console or Console()
@@ -220,6 +209,7 @@ def _run(
     try:
         manifest = prepare_out_dir(spec, spec_text, out_dir, resume)
         note = repair_journal(out_dir / "optuna.journal")
+        damaged = Records(out_dir / "records").repair()
     except BaseException:
         tune_lib.shutdown(handle)
         raise
@@ -233,6 +223,7 @@ def _run(
         # The view reads the context, which tells the view of progress: the view is attached once both exist.
         ctx = StudyContext(spec, out_dir, studies, on_progress=lambda: None)
         ctx.notes.extend([note] if note else [])
+        ctx.notes.extend(damaged)
         with LiveView(spec, lambda: ctx, console, quiet) as view:
             ctx.on_progress = view
             if remote:
@@ -250,6 +241,7 @@ def _run(
 
             source = TrialSource(spec, list(ctx.cells.values()), studies, ctx, on_search_done=search_done)
             tune_lib.run_trials(spec, out_dir, ctx, source, slots)
+            check_phases(out_dir)
             tune_lib.run_post_phase(spec, ctx, slots, on_start=post_started, on_progress=view.post_progress)
         write_tables(spec, out_dir)
         status = "completed"
@@ -309,7 +301,6 @@ def _preflight(
         try:
             fs, base = storage_lib.open_storage(storage)
             remote = (fs, f"{base}/{spec.name}")
-            storage_lib.check_writable(fs, remote[1], storage)
         except storage_lib.StorageError as exc:
             raise RunError(str(exc)) from None
         if resume and not (out_dir / "manifest.json").exists():
@@ -317,6 +308,11 @@ def _preflight(
     check_out_dir(spec, out_dir, resume)  # refuse a foreign or existing study before starting Ray
     check_given_labels(spec)
     check_extras(spec)
+    if remote is not None:  # last: a refused run writes nothing there either
+        try:
+            storage_lib.check_writable(remote[0], remote[1], storage)
+        except storage_lib.StorageError as exc:
+            raise RunError(str(exc)) from None
     return remote
 
 
@@ -361,7 +357,7 @@ def check_given_labels(spec: StudySpec) -> None:
         bundle = data_lib.load_dataset(d.name, root=d.root, download=d.download, **d.options)
         for setting in settings:
             given_labels(setting, d, bundle)
-    except (noise_lib.LabelFileError, FileNotFoundError) as exc:
+    except (noise_lib.LabelFileError, FileNotFoundError, ValueError) as exc:
         raise RunError(str(exc).splitlines()[0]) from None
 
 

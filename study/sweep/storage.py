@@ -68,10 +68,13 @@ def check_writable(fs: pafs.FileSystem, base: str, uri: str) -> None:
     """Write and delete a probe object, so a wrong bucket, endpoint or permission fails before the study."""
     probe = f"{base}/.regstudy-probe-{uuid.uuid4().hex[:8]}"
     try:
+        created = fs.get_file_info(base).type == pafs.FileType.NotFound
         fs.create_dir(base, recursive=True)
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)
+        if created:  # the run creates it again when it writes there
+            fs.delete_dir(base)
     except OSError as exc:  # pyarrow raises OSError subclasses for S3 and filesystem errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"--storage {uri}: cannot write there ({first})") from None

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from study.spec import StudySpec  # noqa: E402
+from study.sweep import reaper as reaper_lib  # noqa: E402
 from study.sweep.context import StudyContext, TrialNames, post_jobs  # noqa: E402
 from study.sweep.net import check_tcp, trial_error_text  # noqa: E402
 from study.sweep.optuna_cells import CellStudies  # noqa: E402
@@ -182,6 +181,7 @@ class RayHandle:
     address: str
     temp_dir: str | None
     started_here: bool
+    reaper: Any = None  # a subprocess.Popen: kills this Ray if the driver dies without shutdown
 
 
 # The handle of the Ray this process runs on (set by init_ray): cluster_slots tells local from remote.
@@ -223,8 +223,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
     global _current_handle
     if address in (None, "local"):
         # Unix socket paths must stay short: a private dir directly under /tmp.
-        temp_dir = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
-        with _private_local_start():
+        with reaper_lib.watched_temp_dir("/tmp", "rs-") as (temp_dir, reaper), _private_local_start():
             ray.init(
                 address="local",
                 _temp_dir=temp_dir,
@@ -238,7 +237,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
                 logging_level="ERROR",
                 _node_ip_address="127.0.0.1",
             )
-        _current_handle = RayHandle("local", temp_dir, True)
+        _current_handle = RayHandle("local", temp_dir, True, reaper)
     else:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         _current_handle = RayHandle(address, None, False)
@@ -299,7 +298,7 @@ def cluster_slots(spec: StudySpec, handle: RayHandle | None = None) -> int:
     return slots
 
 
-def tracking_callbacks(spec: StudySpec) -> list[Callback]:
+def tracking_callbacks(spec: StudySpec, out_dir: Path) -> list[Callback]:
     """Ray Tune's own logger callbacks for the spec's ``tracking`` block (each imported only if asked)."""
     t = spec.tracking
     callbacks: list[Callback] = []
@@ -312,7 +311,8 @@ def tracking_callbacks(spec: StudySpec) -> list[Callback]:
 
         callbacks.append(
             MLflowLoggerCallback(
-                tracking_uri=t.mlflow.tracking_uri,
+                tracking_uri=t.mlflow.tracking_uri  # MLflow's default store, in out_dir rather than ./
+                or os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{out_dir}/mlflow.db"),
                 experiment_name=t.mlflow.experiment_name or spec.name,
                 tags={"study": spec.name},
             )
@@ -363,7 +363,7 @@ def run_trials(
             name=f"trials-{int(time.time())}",
             storage_path=ctx.tune_storage[0] if ctx.tune_storage else str(out / "ray"),
             storage_filesystem=ctx.tune_storage[1] if ctx.tune_storage else None,
-            callbacks=[TrialEnds(ctx), *tracking_callbacks(spec)],
+            callbacks=[TrialEnds(ctx), *tracking_callbacks(spec, out)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0,
         ),
@@ -410,7 +410,7 @@ def shutdown(handle: RayHandle) -> None:
     ray.shutdown()
     _current_handle = None  # nothing runs on it any more (cluster_slots must not read a stale one)
     if handle.started_here and handle.temp_dir:
-        shutil.rmtree(handle.temp_dir, ignore_errors=True)
+        reaper_lib.stop(handle.reaper, handle.temp_dir)  # Ray has stopped: nothing left to reap
 
 
 __all__ = ["CellStudies", "StudyContext", "init_ray", "run_trials", "run_post_phase",

@@ -101,7 +101,7 @@ def test_query_cli_bad_inputs_exit_2(tmp_path):
 
 
 def test_manifest_git_state_is_the_users_working_directory(tmp_path):
-    from study.sweep.runner import git_state
+    from study.sweep.provenance import git_state
 
     assert git_state(tmp_path)["git_sha"] is None  # not a repository
     env = {
