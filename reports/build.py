@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from study import vocabulary
 
-SCHEMA_VERSION = "1.1"  # 1.1: summary comparison columns, projections table
+SCHEMA_VERSION = "1.2"  # 1.1: summary comparison columns, projections table; 1.2: every reference
 SCHEMA_KEY = b"regstudy.schema_version"
 TABLES = ("trials", "epochs", "evals", "summary", "projections", "params")
 MANIFEST_STATUSES = vocabulary.MANIFEST_STATUSES
@@ -55,7 +55,7 @@ SCHEMAS: dict[str, dict[str, pa.DataType]] = {
         "mean": _F, "std": _F, "n": _I, "ci_low": _F, "ci_high": _F, "delta_vs_ce": _F, "reference": _S,
         "n_pairs": _I, "diff": _F, "diff_ci_low": _F, "diff_ci_high": _F, "effect_size_dz": _F, "p_value": _F,
         "p_adjusted": _F, "significant": _B, "best_params": _S, "best_strength": _F, "correction": _S,
-        "test": _S,
+        "test": _S, "n_above": _I, "n_below": _I, "p_adjusted_pairs": _F, "verdict": _S,
     },
 }  # fmt: skip
 
@@ -325,16 +325,18 @@ def load_study(out_dir: str | os.PathLike) -> Study:
 
 
 def build_summary(out_dir: str | os.PathLike, *, write: bool = True) -> pd.DataFrame:
-    """Compute the summary table (see ``reports.stats.summarize``) and write summary.parquet.
+    """Compute the summary table with every regularizer as the reference in turn (``reports.stats.
+    summarize(..., all_pairs=True)``: any ``--reference`` or pair is a filter of it) and write
+    summary.parquet. Called by the run, never by the report.
 
     Args:
         out_dir: results directory.
-        write: False computes without touching the directory (the CLI commits at the end).
+        write: False computes without touching the directory.
     """
     from reports.stats import summarize
 
     study = load_study(out_dir)
-    summary = summarize(study.trials, study.evals, study=study.name)
+    summary = summarize(study.trials, study.evals, study=study.name, all_pairs=True)
     if write:
         write_table(out_dir, "summary", summary)
     return summary

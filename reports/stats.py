@@ -6,7 +6,8 @@ cell has several trials for the same seed their values are averaged first.
 
 Comparisons (reports/compare.py): every cell is compared with the reference regularizer's cell
 (``ce`` by default; ``study report --reference NAME``) of the same dataset, model and noise setting,
-or with every other regularizer (``--all-pairs``), per (split, condition, severity, metric). Final
+per (split, condition, severity, metric); summary.parquet (``summarize(..., all_pairs=True)``, written
+by the run) holds one block of rows per reference, so any reference or pair is a filter of it. Final
 trials are paired by ``seed`` (the same seed means the same noisy labels and the same initialisation
 stream), so the test is the paired t-test (``scipy.stats.ttest_rel``: t = mean(d) / (sd(d) /
 sqrt(n)), n-1 degrees of freedom, two-sided), computed in vectorised form. Holm's step-down
@@ -14,7 +15,8 @@ correction runs within each family (dataset, model, noise setting, split, condit
 metric): the comparisons that answer one question ("which regularizers differ from the reference on
 this metric in this setting?"). Each comparison carries its effect size: the mean paired difference
 with its 95% t-interval and Cohen's d_z. ``delta_vs_ce`` stays the difference of means to the ce
-cell. ``significant`` is p_adjusted < alpha.
+cell. ``significant`` is p_adjusted < alpha; ``verdict`` (``verdicts``) is the word the report prints
+and ``mark`` the sign its tables print: the one place that decides what a comparison says.
 """
 
 from __future__ import annotations
@@ -39,13 +41,36 @@ from study.vocabulary import NON_CORRUPTION_CONDITIONS
 
 REFERENCE = "ce"
 TEST_NAME = "paired_t (scipy.stats.ttest_rel over seeds)"
-CORRECTION = correction_text(REFERENCE)
+CORRECTION = correction_text(False)
 SUMMARY_COLUMNS = [
     "study", "cell_id", "dataset", "model", "regularizer", "noise_setting", "noise_kind", "noise_rate",
     "split", "condition", "severity", "metric", "mean", "std", "n", "ci_low", "ci_high", "delta_vs_ce",
     "reference", "n_pairs", "diff", "diff_ci_low", "diff_ci_high", "effect_size_dz",
     "p_value", "p_adjusted", "significant", "best_params", "best_strength", "correction", "test",
+    "n_above", "n_below", "p_adjusted_pairs", "verdict",
 ]  # fmt: skip
+SIGNIFICANT, NOT_SIGNIFICANT, UNTESTED = "significant", "not significant", "untested"
+
+
+def verdicts(rows: pd.DataFrame, *, p_column: str = "p_adjusted", alpha: float = 0.05) -> pd.Series:
+    """The verdict word of each comparison row (``compare`` / ``summarize`` columns): "significant"
+    when ``p_column`` < alpha, "untested" below 2 paired seeds or without a p-value (identical values),
+    "" where the row compares nothing (a reference's own cell), else "not significant"."""
+    none = rows["reference"].isna() | (rows["regularizer"] == rows["reference"])
+    untested = (rows["n_pairs"].fillna(0) < 2) | rows["p_value"].isna()
+    word = np.select(
+        [none.to_numpy(), untested.to_numpy(), (rows[p_column] < alpha).fillna(False).to_numpy()],
+        ["", UNTESTED, SIGNIFICANT],
+        NOT_SIGNIFICANT,
+    )
+    return pd.Series(word, index=rows.index, dtype=object)
+
+
+def mark(verdict: str, p_adjusted: float) -> str:
+    """The sign a table cell carries after its difference: "*" significant, "**" at p_adj < 0.01."""
+    if verdict != SIGNIFICANT:
+        return ""
+    return "**" if p_adjusted < 0.01 else "*"
 
 
 def _json_default(v: Any) -> Any:
@@ -101,8 +126,10 @@ def summarize(
         study: value of the ``study`` column (default: the trials' own study column).
         alpha: significance level of the ``significant`` column.
         reference: the regularizer every other one is compared with (paired by seed; reports.compare).
-        all_pairs: compare every pair of regularizers of a group instead: one row per cell and other
-            regularizer (``reference`` names it), Holm over the unordered pairs.
+        all_pairs: every regularizer of a group as the reference in turn: one row per cell and
+            regularizer of its group (``reference`` names it; the reference's own cell has no
+            comparison), ``p_adjusted`` Holm over the regularizers vs that reference (as
+            ``reference=`` it gives), ``p_adjusted_pairs`` Holm over the unordered pairs.
 
     Returns:
         DataFrame with ``SUMMARY_COLUMNS``. Empty (zero rows) when no final trial completed.
@@ -134,10 +161,14 @@ def summarize(
 
     comp = compare(values, reference=None if all_pairs else reference, alpha=alpha)
     comp["severity"] = comp["severity"].astype(float).fillna(NOSEV)
-    agg = agg.merge(comp, on=[*GROUP, *KEYS, "regularizer"], how="left")
-    if not all_pairs:
+    if all_pairs:  # every cell once per regularizer of its group as the reference
+        refs = cells[[*GROUP, "regularizer"]].drop_duplicates().rename(columns={"regularizer": "reference"})
+        agg = agg.merge(refs, on=GROUP, how="left")
+    else:
         agg["reference"] = reference
+    agg = agg.merge(comp, on=[*GROUP, *KEYS, "regularizer", "reference"], how="left")
     agg["significant"] = agg["significant"].fillna(False).astype(bool)
+    agg["verdict"] = verdicts(agg, alpha=alpha)
 
     best = best_trials(trials)[["cell_id", "best_params", "strength"]].rename(
         columns={"strength": "best_strength"}
@@ -145,9 +176,10 @@ def summarize(
     agg = agg.merge(best, on="cell_id", how="left")
     agg["severity"] = agg["severity"].replace(NOSEV, np.nan)
     agg["study"] = study
-    agg["correction"] = correction_text(None if all_pairs else reference)
+    agg["correction"] = np.where(agg["p_value"].notna(), correction_text(all_pairs), None)
     agg["test"] = np.where(agg["p_value"].notna(), TEST_NAME, None)
-    agg = agg.sort_values(["dataset", "model", "noise_setting", "regularizer", *KEYS], kind="mergesort")
+    order = ["dataset", "model", "noise_setting", "reference", "regularizer", *KEYS]
+    agg = agg.sort_values(order, kind="mergesort")
     return agg[SUMMARY_COLUMNS].reset_index(drop=True)
 
 
@@ -169,13 +201,14 @@ def corruption_mask(evals: pd.DataFrame) -> pd.Series:
 
 
 def corruption_summary(
-    trials: pd.DataFrame, evals: pd.DataFrame, *, study: str | None = None
+    trials: pd.DataFrame, evals: pd.DataFrame, *, study: str | None = None, reference: str = REFERENCE
 ) -> pd.DataFrame:
     """Summary of each corruption's accuracy averaged over its severities, with the usual seed statistics.
 
     Per final trial and corruption, the accuracies at the severities present are averaged first; that
-    per-seed value then goes through `summarize` (mean, t-CI over seeds, delta and paired test vs the ce
-    cell, Holm within each corruption's family), so the CI covers the severity-averaged quantity itself.
+    per-seed value then goes through `summarize` (mean, t-CI over seeds, delta and paired test vs the
+    reference's cell, Holm within each corruption's family), so the CI covers the severity-averaged
+    quantity itself.
 
     Returns:
         `summarize` output (SUMMARY_COLUMNS) with condition = corruption name and severity NaN; zero rows
@@ -190,4 +223,4 @@ def corruption_summary(
         .reset_index()
         .assign(severity=np.nan)
     )
-    return summarize(trials, per_trial, study=study)
+    return summarize(trials, per_trial, study=study, reference=reference)

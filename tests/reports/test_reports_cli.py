@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from reports.build import SCHEMA_KEY, read_table
+from reports.build import SCHEMA_KEY, build_summary, load_study
+from reports.plots import write_plots
 from reports.synthetic import make_synthetic_study
 from study.cli import app
 
@@ -54,31 +55,54 @@ def test_query_numbers(frames_and_dir):
     assert rich.exit_code == 0 and str(len(frames["epochs"])) in rich.stdout
 
 
-def test_report_writes_summary_and_plots(frames_and_dir):
-    _, out = frames_and_dir
-    result = runner.invoke(app, ["report", str(out), "--format", "markdown", "--full"])
+def _finished(out):
+    """A synthetic study as a finished run leaves it: tables, summary.parquet (every reference), plots."""
+    make_synthetic_study(out, models=("mlp",), seeds=3, search_trials=5)
+    build_summary(out)
+    write_plots(load_study(out), out / "plots")
+    (out / "spec.yaml").write_text("name: synthetic\nsearch: {trials_per_cell: 5, sampler: tpe}\n")
+    return out
+
+
+def _state(path):
+    """Every file's hash and mtime, and every directory's mtime (a new file changes its directory's)."""
+    files = {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in path.rglob("*")
+             if p.is_file()}  # fmt: skip
+    return files, {p: p.stat().st_mtime_ns for p in [path, *path.rglob("*")] if p.is_dir()}
+
+
+def test_report_changes_no_file_of_the_study(tmp_path):
+    out = _finished(tmp_path / "study")
+    before = _state(out)
+    variants = [
+        [], ["--reference", "label_smoothing"], ["--all-pairs"], ["--compare", "maxsup:label_smoothing"],
+        ["--full"], ["--full", "--reference", "maxsup", "--all-pairs", "--compare", "ce:maxsup"],
+    ]  # fmt: skip
+    for fmt in ("rich", "markdown", "latex"):
+        for extra in variants:
+            result = runner.invoke(app, ["report", str(out), "--format", fmt, *extra])
+            assert result.exit_code == 0, (fmt, extra, result.output)
+            assert result.stdout.strip()
+    assert _state(out) == before
+
+
+def test_report_writes_plots_only_where_told(tmp_path):
+    out = _finished(tmp_path / "study")
+    before = _state(out)
+    result = runner.invoke(
+        app, ["report", str(out), "--plots", str(tmp_path / "figs"), "--reference", "maxsup"]
+    )
     assert result.exit_code == 0, result.output
-    assert "## Clean test accuracy" in result.stdout
-    assert result.stdout.index("## Findings") < result.stdout.index("## Clean test accuracy")
-    assert len(read_table(out, "summary")) > 0
-    pngs = sorted((out / "plots").glob("*.png"))
-    assert {p.name.split("_")[0] for p in pngs} == {
-        "accuracy",
-        "ece",
-        "forest",
-        "strength",
-        "reliability",
-        "curves",
-    }
+    assert _state(out) == before
+    pngs = sorted((tmp_path / "figs").glob("*.png"))
+    assert {p.name for p in pngs} == {p.name for p in (out / "plots").glob("*.png")}
     from PIL import Image
 
     for p in pngs:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with Image.open(p) as im:
             im.verify()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # temp files cleaned up
-    rich = runner.invoke(app, ["report", str(out), "--no-plots", "--full"])
-    assert rich.exit_code == 0 and "Calibration" in rich.stdout
+    # The old flag is still accepted and writes nothing.
+    assert runner.invoke(app, ["report", str(out), "--no-plots"]).exit_code == 0 and _state(out) == before
 
 
 def test_ls(frames_and_dir):

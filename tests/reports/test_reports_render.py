@@ -88,7 +88,8 @@ def test_markdown_and_latex(wide_study):
     row = next(line for line in md.splitlines() if line.startswith("| maxsup |"))
     assert row.count("|") == len(WIDE) + 2
     tex = render_latex(wide_study)
-    assert tex.count(r"\begin{tabular}") == md.count("### ") and r"label\_smoothing" in tex
+    # One tabular per table, plus the findings table.
+    assert tex.count(r"\begin{tabular}") == md.count("### ") + 1 and r"label\_smoothing" in tex
 
 
 def test_abbreviate():
@@ -138,14 +139,14 @@ def _expected_corruption_rows(study) -> dict[tuple[str, str], dict[str, str]]:
             running = max(running, min(1.0, (len(order) - i) * p[r]))
             adj[r] = running
         best = max(by_reg, key=lambda r: by_reg[r].mean())
-        for reg, v in by_reg.items():
+        for reg, v in by_reg.items():  # accuracy in %, differences in points
             half = sps.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-            mean = f"**{v.mean():.3f}**" if reg == best else f"{v.mean():.3f}"
+            mean = f"**{100 * v.mean():.1f}**" if reg == best else f"{100 * v.mean():.1f}"
             if reg == "ce":
-                cell = f"{mean} ± {half:.3f} (ref)"
+                cell = f"{mean} ± {100 * half:.1f} (ref)"
             else:
                 stars = "\\*\\*" if adj[reg] < 0.01 else "\\*" if adj[reg] < 0.05 else ""
-                cell = f"{mean} ± {half:.3f} ({v.mean() - ce.mean():+.3f}{stars})"
+                cell = f"{mean} ± {100 * half:.1f} ({100 * (v - ce).mean():+.1f}{stars})"
             out.setdefault((ns, reg), {})[cond] = cell
     return out
 
@@ -162,7 +163,7 @@ def test_per_corruption_tables_match_the_raw_rows(corruption_study):
             row = next(line for line in block if line.startswith(f"| {reg} |"))
             assert row == f"| {reg} | " + " | ".join(expected[ns, reg][c] for c in CORRUPTED) + " |"
     shot = expected["none", "maxsup"]["shot_noise"]  # the planted effect: large and marked significant
-    assert shot.startswith("**") and "(+0.1" in shot and shot.endswith("\\*)")
+    assert shot.startswith("**") and "(+1" in shot and shot.endswith("\\*)")
     # The per-severity rows and corruption_mean stay where they were; the section sits after Robustness.
     assert md.index("## Robustness") < md.index("## Corruption robustness") < md.index("## Feature geometry")
 
