@@ -232,11 +232,17 @@ def query(
     if csv:
         typer.echo(df.to_csv(index=False), nl=False)
     elif as_json:
-        typer.echo(df.to_json(orient="records", double_precision=15))
+        typer.echo(df.to_json(orient="records", double_precision=15, date_format="iso"))
+    elif not Console().is_terminal:  # piped: every row and every digit (a float's shortest exact form)
+        typer.echo(
+            df.to_string(index=False, float_format=lambda v: repr(float(v))) if len(df.columns) else ""
+        )
     else:
         limit = 200
         title = f"{len(df)} rows" + (f" (first {limit})" if len(df) > limit else "")
-        table = Table(*map(str, df.columns), title=title)
+        table = Table(title=title)
+        for col in map(str, df.columns):
+            table.add_column(col, overflow="fold")  # a narrow terminal wraps a value, never cuts it
         for row in df.head(limit).itertuples(index=False):
             table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
         Console().print(table)
@@ -260,10 +266,11 @@ def ls_(out_dir: Path = typer.Argument(Path("results"), metavar="DIR", help="Dir
     if not studies:
         Console().print(f"no studies (directories with manifest.json) under {out_dir}", highlight=False)
         return
-    table = Table("study", "status", "trials", "last modified", "path")
+    table = Table("study", "status", "trials", "last ran")
+    table.add_column("path", overflow="fold")
     for s in studies:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items())) or "-"
-        when = s["last_modified"]
+        when = s["last_ran"] or s["last_modified"]
         when = datetime.datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M") if when else "-"
         table.add_row(s["study"], s["status"], counts, when, s["path"])
     Console().print(table)

@@ -111,6 +111,44 @@ def test_ls(frames_and_dir):
     assert result.exit_code == 0 and "synthetic" in result.stdout and "completed" in result.stdout
 
 
+def test_ls_shows_when_the_study_last_ran_not_when_a_file_changed(tmp_path):
+    import datetime
+    import os
+
+    from reports.query import list_studies
+
+    out = tmp_path / "s"
+    make_synthetic_study(out, models=("mlp",), noise_settings=("none",), search_trials=2, seeds=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(started_at=1.70e9, resumed_at=1.71e9, ended_at=1.72e9, phases=[["running", 1.70e9]])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    os.utime(out / "trials.parquet", (1.8e9, 1.8e9))  # a file touched later (as reports used to)
+    (row,) = list_studies(tmp_path)
+    assert row["last_ran"] == 1.72e9 and row["last_modified"] == 1.8e9
+    shown = datetime.datetime.fromtimestamp(1.72e9).strftime("%Y-%m-%d %H:%M")
+    result = runner.invoke(app, ["ls", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0 and shown in result.stdout and "last ran" in result.stdout
+
+
+def test_query_prints_full_numbers_and_timestamps_when_piped(frames_and_dir):
+    frames, out = frames_and_dir
+    result = runner.invoke(
+        app, ["query", str(out), "select trial_id, value from evals order by trial_id, value"]
+    )
+    assert result.exit_code == 0, result.output  # CliRunner's stdout is a pipe, not a terminal
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(frames["evals"]) + 1 and "…" not in result.stdout
+    got = [float(line.split()[1]) for line in lines[1:]]
+    assert got == frames["evals"].sort_values(["trial_id", "value"])["value"].tolist()  # every digit
+    schema = pq.read_schema(out / "trials.parquet")
+    assert schema.field("started_at").type == pa.timestamp("us", tz="UTC")
+    sql = "select trial_id, started_at, typeof(started_at) as t from trials order by trial_id"
+    rows = json.loads(runner.invoke(app, ["query", str(out), sql, "--json"]).stdout)
+    assert {r["t"] for r in rows} == {"TIMESTAMP WITH TIME ZONE"}
+    seconds = [pd.Timestamp(r["started_at"]).timestamp() for r in rows]
+    assert seconds == pytest.approx(frames["trials"].sort_values("trial_id")["started_at"].tolist(), abs=1e-6)
+
+
 def _corrupt_truncated(d):
     data = (d / "evals.parquet").read_bytes()
     (d / "evals.parquet").write_bytes(data[: len(data) // 3])
