@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from reports.build import SCHEMA_KEY, build_summary, load_study
+from reports.build import SCHEMA_KEY, build_summary, load_study, read_table
 from reports.plots import write_plots
 from reports.synthetic import make_synthetic_study
 from study.cli import app
@@ -200,3 +200,52 @@ def test_schema_without_pyarrow_metadata_is_read(tmp_path):
     pq.write_table(pa.table({"trial_id": ["a"], "value": [1.0]}), tmp_path / "evals.parquet")
     result = runner.invoke(app, ["query", str(tmp_path), "select sum(value) as s from evals", "--json"])
     assert json.loads(result.stdout) == [{"s": 1.0}]
+
+
+TINY = """\
+name: tiny
+dataset: {name: mnist1d, options: {max_train: 600, max_test: 200}}
+models: [mlp]
+regularizers: {ce: {}, label_smoothing: {alpha: 0.2}, maxsup: {alpha: 0.2}}
+train: {epochs: 2, lr: 0.01}
+search: {trials_per_cell: 1, pruner: {kind: none}}
+final: {seeds: 2}
+evaluate: {attacks: [pgd_ce], eps: [0.1], max_samples: 100}
+"""
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_unchanged_by_every_report(tmp_path):
+    """The real path: `study run` writes summary.parquet (every reference) and the plots; no report
+    variant changes a byte or an mtime of what it left."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY)
+    out = tmp_path / "out"
+    env = {**os.environ, "REGSTUDY_CACHE": str(tmp_path / "cache")}
+    study_bin = str(Path(sys.executable).with_name("study"))
+    res = subprocess.run([study_bin, "run", str(spec), "--out", str(out), "--quiet"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Findings vs CE" in res.stdout
+    summary = read_table(out, "summary")
+    regs = {"ce", "label_smoothing", "maxsup"}
+    assert set(summary["reference"]) == regs and set(summary["regularizer"]) == regs
+    assert {p.name.split("_")[0] for p in (out / "plots").glob("*.png")} >= {
+        "accuracy",
+        "forest",
+        "reliability",
+    }
+    before = _state(out)
+    for fmt in ("rich", "markdown", "latex"):
+        for extra in (
+            [],
+            ["--full", "--reference", "maxsup", "--all-pairs", "--compare", "label_smoothing:ce"],
+        ):
+            result = runner.invoke(app, ["report", str(out), "--format", fmt, *extra])
+            assert result.exit_code == 0, result.output
+    assert _state(out) == before
