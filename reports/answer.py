@@ -136,13 +136,14 @@ def pairs_section(study: Study, pair: tuple[str, str] | None = None) -> Section:
     section = Section(
         title, found, chosen_configs(study.trials), realized_rates(study.trials), [],
         warnings(study.trials, study.evals, load_spec_dict(study.path)), wins=pair is not None,
+        first=pair[0] if pair else None,
     )  # fmt: skip
     section.notes = [
         _units(section.n),
         f"p: paired t-test, raw/Holm over the pairs of a setting and question{_attacks(study)}.",
     ]
     if names is not None:
-        section.notes.append(f"seeds: the paired seeds on which {names[0]} is better than {names[1]}.")
+        section.notes.append(f"k/n seeds: the paired seeds on which {names[0]} is better than {names[1]}.")
         missing = _missing_settings(study, pair)
         section.notes += [f"Not in both: {', '.join(missing)}"] if missing else []
     return section
@@ -155,10 +156,7 @@ def _missing_settings(study: Study, pair: tuple[str, str]) -> list[str]:
 
 
 def _line(f: Finding, n: int, wins: bool) -> str:
-    text = f.sentence(n=f.n != n, raw=wins)
-    if wins and f.b is not None and f.n:
-        text += f", better on {f.wins}/{f.n} seeds"
-    return text
+    return f.sentence(n=f.n != n, raw=wins, wins=wins)
 
 
 def _label(f: Finding) -> str:

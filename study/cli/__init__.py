@@ -59,10 +59,17 @@ def run(
         err.print("[yellow]interrupted: continue with --resume[/yellow]")
         raise typer.Exit(130) from None
     if not no_report:
+        from rich.markup import escape
+
         from reports.build import load_study
         from reports.plots import write_plots
 
-        write_plots(load_study(out_dir), out_dir / "plots")  # the run's figures; a report writes none
+        try:  # the run's figures (a report writes none); a figure that fails must not hide the findings
+            write_plots(load_study(out_dir), out_dir / "plots")
+        except Exception as exc:
+            err.print(
+                f"[red]error:[/red] plots: {escape(type(exc).__name__ + ': ' + str(exc))}", soft_wrap=True
+            )
         report(out_dir, fmt="rich", plots=None, no_plots=False, full=False, reference="ce", all_pairs=False,
                compare=None)  # fmt: skip
         if storage:
