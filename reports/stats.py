@@ -134,7 +134,8 @@ def summarize(
     Returns:
         DataFrame with ``SUMMARY_COLUMNS``. Empty (zero rows) when no final trial completed.
         ci_low/ci_high are NaN for n = 1; delta_vs_ce is 0 for CE cells and NaN without a CE cell;
-        p_value is NaN for CE cells, for fewer than 2 paired seeds, or identical paired values.
+        p_value is NaN on the reference's own row, for fewer than 2 paired seeds, or identical paired
+        values; ``verdict`` (``verdicts``) is "" on the reference's own row.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), but got {alpha}.")
