@@ -26,12 +26,15 @@ import pyarrow.parquet as pq
 
 from study import vocabulary
 
-SCHEMA_VERSION = "1.1"  # 1.1: summary comparison columns, projections table
+# 1.1: summary comparison columns, projections table; 1.2: summary for every reference, trial times as
+# timestamps
+SCHEMA_VERSION = "1.2"
 SCHEMA_KEY = b"regstudy.schema_version"
 TABLES = ("trials", "epochs", "evals", "summary", "projections", "params")
 MANIFEST_STATUSES = vocabulary.MANIFEST_STATUSES
 
 _S, _F, _I, _B = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+_T = pa.timestamp("us", tz="UTC")  # written from unix seconds (what the records hold)
 
 SCHEMAS: dict[str, dict[str, pa.DataType]] = {
     "trials": {
@@ -39,8 +42,8 @@ SCHEMAS: dict[str, dict[str, pa.DataType]] = {
         "regularizer": _S, "strength_param": _S, "strength": _F, "noise_kind": _S, "noise_rate": _F,
         "noise_mode": _S, "noise_setting": _S, "realized_noise_rate": _F, "noise_seed": _I, "seed": _I,
         "status": _S, "epochs": _I, "max_epochs": _I, "best_value": _F, "best_epoch": _I, "metric": _S,
-        "direction": _S, "wall_s": _F, "device": _S, "node": _S, "error": _S, "started_at": _F,
-        "ended_at": _F, "optuna_number": _I, "params_text": _S,
+        "direction": _S, "wall_s": _F, "device": _S, "node": _S, "error": _S, "started_at": _T,
+        "ended_at": _T, "optuna_number": _I, "params_text": _S,
     },
     "epochs": {"trial_id": _S, **{c: (_I if c == "epoch" else _F) for c in vocabulary.EPOCH_COLUMNS}},
     "projections": {"trial_id": _S, "cls": _I, "x": _F, "y": _F},
@@ -55,7 +58,7 @@ SCHEMAS: dict[str, dict[str, pa.DataType]] = {
         "mean": _F, "std": _F, "n": _I, "ci_low": _F, "ci_high": _F, "delta_vs_ce": _F, "reference": _S,
         "n_pairs": _I, "diff": _F, "diff_ci_low": _F, "diff_ci_high": _F, "effect_size_dz": _F, "p_value": _F,
         "p_adjusted": _F, "significant": _B, "best_params": _S, "best_strength": _F, "correction": _S,
-        "test": _S,
+        "test": _S, "n_above": _I, "n_below": _I, "p_adjusted_pairs": _F, "verdict": _S,
     },
 }  # fmt: skip
 
@@ -115,6 +118,9 @@ def _to_arrow(name: str, df: pd.DataFrame) -> pa.Table:
             typ = _infer_type(series)
         if typ == _S and series.dtype == object:
             series = series.map(lambda v: v if v is None or isinstance(v, str) or v != v else str(v))
+        if typ == _T and not pd.api.types.is_datetime64_any_dtype(series):
+            seconds = pd.to_numeric(series, errors="coerce")
+            series = pd.to_datetime((seconds * 1e6).round(), unit="us", utc=True)
         try:
             arrays.append(pa.array(series, type=typ, from_pandas=True))
         except (pa.ArrowException, TypeError, ValueError) as exc:
@@ -325,16 +331,18 @@ def load_study(out_dir: str | os.PathLike) -> Study:
 
 
 def build_summary(out_dir: str | os.PathLike, *, write: bool = True) -> pd.DataFrame:
-    """Compute the summary table (see ``reports.stats.summarize``) and write summary.parquet.
+    """Compute the summary table with every regularizer as the reference in turn (``reports.stats.
+    summarize(..., all_pairs=True)``: any ``--reference`` or pair is a filter of it) and write
+    summary.parquet. Called by the run, never by the report.
 
     Args:
         out_dir: results directory.
-        write: False computes without touching the directory (the CLI commits at the end).
+        write: False computes without touching the directory.
     """
     from reports.stats import summarize
 
     study = load_study(out_dir)
-    summary = summarize(study.trials, study.evals, study=study.name)
+    summary = summarize(study.trials, study.evals, study=study.name, all_pairs=True)
     if write:
         write_table(out_dir, "summary", summary)
     return summary

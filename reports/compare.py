@@ -7,12 +7,14 @@ initialisation stream, so they are paired by seed. For each pair of regularizers
 diff = mean(d), its 95% t-interval, Cohen's d_z = mean(d) / sd(d), and the paired t-test
 (``scipy.stats.ttest_rel``: t = mean(d) / (sd(d) / sqrt(n)), n - 1 df, two-sided). Holm's step-down
 correction runs within each family: the comparisons that answer one question in one setting (one
-group x split x condition x severity x metric), i.e. every regularizer against the reference, or every
-unordered pair in all-pairs mode (a pair is one test; both directions carry its p).
+group x split x condition x severity x metric), i.e. every regularizer against one reference
+(``p_adjusted``), or every unordered pair (``p_adjusted_pairs``: a pair is one test; both directions
+carry its p).
 
 Each comparison also carries its verdict (reports/verdicts.py): better / worse (the Holm-adjusted
 interval excludes 0), equivalent (the 90% interval inside the metric's margin), or undecided with the
 units it would need; and the probability of improvement P(A beats B) with a bootstrap interval.
+``verdict`` follows ``p_adjusted``; ``verdict_pairs`` (all pairs only) follows ``p_adjusted_pairs``.
 
 The unit of pairing is the seed while a study has one search replica per cell; with replicas (a
 ``replica`` column holding more than one value), it is the replica, its seeds averaged first, so the
@@ -32,9 +34,10 @@ KEYS = ["split", "condition", "severity", "metric"]
 GROUP = ["dataset", "model", "noise_setting"]
 CELL_COLS = ["cell_id", "dataset", "model", "regularizer", "noise_setting", "noise_kind", "noise_rate"]
 COMPARISON_COLUMNS = [
-    *GROUP, *KEYS, "regularizer", "reference", "n_pairs", "diff", "diff_ci_low", "diff_ci_high",
-    "effect_size_dz", "t", "p_value", "p_adjusted", "significant", "adj_ci_low", "adj_ci_high",
-    "verdict", "margin", "p_improve", "p_improve_low", "p_improve_high", "n_units", "units_needed",
+    *GROUP, *KEYS, "regularizer", "reference", "n_pairs", "n_above", "n_below", "diff", "diff_ci_low",
+    "diff_ci_high", "effect_size_dz", "t", "p_value", "p_adjusted", "p_adjusted_pairs", "significant",
+    "adj_ci_low", "adj_ci_high", "verdict", "verdict_pairs", "margin", "p_improve", "p_improve_low",
+    "p_improve_high", "n_units", "units_needed",
 ]  # fmt: skip
 # NaN severities (most metrics) as a finite sentinel: pandas merges/groupbys on NaN keys are fragile.
 NOSEV = -1.0e300
@@ -96,12 +99,16 @@ def compare(
     Args:
         values: ``per_seed`` output.
         reference: compare every regularizer with this one (rows: regularizer vs reference); None for
-            all pairs (rows in both directions, a pair's p counted once in its Holm family).
+            every ordered pair (each regularizer vs each other one).
         alpha: level of ``significant`` (p_adjusted < alpha) and of the better/worse verdicts.
         margins: equivalence margins per metric overriding ``study.vocabulary.margin_of``.
 
     Returns:
         COMPARISON_COLUMNS; severity NaN restored. Empty when no pair of cells shares a seed.
+        ``p_adjusted``: Holm over the regularizers compared with the row's reference (the family of
+        ``--reference``); ``p_adjusted_pairs`` (reference None only, else NaN): Holm over the unordered
+        pairs, a pair's p counted once and copied to both directions. ``n_above`` / ``n_below``: paired
+        seeds where the regularizer's value is above / below the reference's.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), but got {alpha}.")
@@ -114,9 +121,10 @@ def compare(
     if pairs.empty:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COMPARISON_COLUMNS})
     pairs = pairs.assign(d=pairs["value"] - pairs["ref_value"]).dropna(subset=["d"])
+    pairs = pairs.assign(above=pairs["d"] > 0, below=pairs["d"] < 0)
     keys = [*GROUP, *KEYS, "regularizer", "reference"]
-    grouped = pairs.groupby(keys, sort=False, observed=True)["d"]
-    d = grouped.agg(["mean", "std", "count"]).reset_index()
+    grouped = pairs.groupby(keys, sort=False, observed=True)
+    d = grouped["d"].agg(["mean", "std", "count"]).join(grouped[["above", "below"]].sum()).reset_index()
     n, sd = d["count"].to_numpy(dtype=float), d["std"].to_numpy(dtype=float)
     half = t_half_width(sd, n)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -125,6 +133,8 @@ def compare(
         dz = np.where(n >= 2, d["mean"].to_numpy() / sd, np.nan)
     out = d[keys].assign(
         n_pairs=d["count"].astype(int),
+        n_above=d["above"].astype(int),
+        n_below=d["below"].astype(int),
         diff=d["mean"],
         diff_ci_low=d["mean"] - half,
         diff_ci_high=d["mean"] + half,
@@ -132,18 +142,10 @@ def compare(
         t=np.where(n >= 2, t, np.nan),
         p_value=p,
     )
-    # One test per unordered pair in all-pairs mode: adjust over a < b, then copy to b vs a.
-    family = out if reference is not None else out[out["regularizer"] < out["reference"]]
-    adj = holm(family["p_value"], family[[*GROUP, *KEYS]])
-    out["p_adjusted"] = adj.reindex(out.index)
-    if reference is None:
-        mirror = out.loc[family.index, [*GROUP, *KEYS, "regularizer", "reference", "p_adjusted"]]
-        mirror = mirror.rename(columns={"regularizer": "reference", "reference": "regularizer"})
-        rest = out.index.difference(family.index)
-        back = out.loc[rest, keys].merge(mirror, on=keys, how="left")["p_adjusted"].to_numpy()
-        out.loc[rest, "p_adjusted"] = back
+    out["p_adjusted"] = holm(out["p_value"], out[[*GROUP, *KEYS, "reference"]])
+    out["p_adjusted_pairs"] = np.nan if reference is not None else _holm_pairs(out)
     out["significant"] = (out["p_adjusted"] < alpha).fillna(False).astype(bool)
-    out = _with_verdicts(out, sd, [g.to_numpy() for _, g in grouped], alpha, margins)
+    out = _with_verdicts(out, sd, [g.to_numpy() for _, g in grouped["d"]], alpha, margins)
     out["severity"] = out["severity"].replace(NOSEV, np.nan)
     return out[COMPARISON_COLUMNS].reset_index(drop=True)
 
@@ -151,17 +153,22 @@ def compare(
 def _with_verdicts(
     out: pd.DataFrame, sd: np.ndarray, diffs: list[np.ndarray], alpha: float, margins: dict[str, float] | None
 ) -> pd.DataFrame:
-    """Adds the Holm-adjusted interval, verdict, margin, probability of improvement and units needed."""
+    """Adds the Holm-adjusted interval, verdict (and verdict_pairs), margin, probability of improvement
+    and units needed."""
     metrics = out["metric"].to_numpy()
     better = np.array([getattr(vocab.METRIC_BY_NAME.get(m), "better", 0) for m in metrics], dtype=float)
     margin = np.array([vocab.margin_of(m, margins) for m in metrics], dtype=float)  # None -> NaN
     diff, n = out["diff"].to_numpy(dtype=float), out["n_pairs"].to_numpy(dtype=float)
     low, high = verdicts.holm_interval(diff, sd, n, out["p_value"], out["p_adjusted"], alpha)
     point, p_low, p_high = verdicts.probability_of_improvement(diffs, better)
+    pairs = out["p_adjusted_pairs"].to_numpy(dtype=float)
     return out.assign(
         adj_ci_low=low,
         adj_ci_high=high,
         verdict=verdicts.decide(diff, sd, n, out["p_adjusted"], margin, better, alpha),
+        verdict_pairs=np.where(
+            np.isnan(pairs), None, verdicts.decide(diff, sd, n, pairs, margin, better, alpha)
+        ),
         margin=margin,
         p_improve=point,
         p_improve_low=p_low,
@@ -171,6 +178,18 @@ def _with_verdicts(
     )
 
 
-def correction_text(reference: str | None) -> str:
-    scope = f"regularizers vs {reference}" if reference is not None else "all pairs of regularizers"
-    return f"holm within dataset/model/noise_setting/split/condition/severity/metric over {scope}"
+def _holm_pairs(out: pd.DataFrame) -> np.ndarray:
+    """Holm over the unordered pairs of each family (a < b adjusted, then copied to b vs a)."""
+    keys = [*GROUP, *KEYS, "regularizer", "reference"]
+    family = out[out["regularizer"] < out["reference"]]
+    adj = family.assign(p_adj=holm(family["p_value"], family[[*GROUP, *KEYS]]))
+    mirror = adj.rename(columns={"regularizer": "reference", "reference": "regularizer"})
+    both = pd.concat([adj[[*keys, "p_adj"]], mirror[[*keys, "p_adj"]]], ignore_index=True)
+    return out[keys].merge(both, on=keys, how="left")["p_adj"].to_numpy()
+
+
+def correction_text(pairs: bool = False) -> str:
+    """The summary's ``correction`` column: the Holm families of p_adjusted (and p_adjusted_pairs)."""
+    text = "holm within dataset/model/noise_setting/split/condition/severity/metric"
+    text += " over the regularizers vs the reference"
+    return text + ("; p_adjusted_pairs: over the unordered pairs of regularizers" if pairs else "")

@@ -1,32 +1,39 @@
-"""The report's answer: per (dataset, model, noise setting) and question, the best regularizer, its paired
-difference to the reference (or, when the reference is best, to the runner-up) with the 95% CI, n, p and
-Holm-adjusted p, and a plain verdict; then the warnings a reader needs to trust it.
+"""The report's answer, per (dataset, model, noise setting) and question: the best regularizer against the
+reference (against the runner-up when the reference is best) with both levels, the paired difference, its
+95% CI, n, p raw / Holm-adjusted and the verdict; per setting, the largest significant harm (a
+regularizer significantly worse than the reference on a question's metric); and the same lines for every
+pair of regularizers (``pair_findings``: ``--all-pairs``, ``--compare A:B``), Holm over the pairs.
 
-"Best" is the highest (or, for lower-is-better metrics, lowest) mean over final seeds; the test is the
-paired t-test against the reference, Holm-adjusted over all regularizers vs the reference
-(reports/compare.py), so picking the best mean does not shrink its p-value.
+"Best" is the highest (lower-is-better metrics: the lowest) mean over final seeds; the test is the paired
+t-test of reports/compare.py, Holm-adjusted over all regularizers vs the reference, so picking the best
+mean does not shrink its p-value. Robustness is answered at the largest attack eps by the strongest
+attack of each setting (the lowest mean accuracy over its regularizers), and by the corruption mean.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from reports.compare import GROUP, NOSEV, compare, per_seed
+from reports.compare import GROUP, KEYS, NOSEV, compare, per_seed
+from reports.stats import DIFFERENT, best_trials
 from study import vocabulary as vocab
 
-ATTACK_PREFERENCE = ("pgd_dlr", "pgd_ce", "fgsm", "transfer")  # strongest first, at the largest eps
+FLIPPED = {"better": "worse", "worse": "better", "higher": "lower", "lower": "higher"}
+KeyRow = tuple[str, str, tuple[str, str, float, str], int]  # (question, label, key, better)
+GREEK = {"alpha": "α", "beta": "β", "gamma": "γ", "lambda": "λ", "temperature": "T"}
 
 
 @dataclass
 class Finding:
+    """One comparison as the findings print it: ``a`` vs ``b`` on one question of one setting."""
+
     dataset: str
     model: str
     noise_setting: str
@@ -34,74 +41,98 @@ class Finding:
     label: str
     metric: str
     better: int
-    best: str
-    best_mean: float
-    other: str | None
-    diff: float  # best - other, in the metric's units
+    a: str  # the best regularizer; a harm's harmed one; a pair's first
+    a_level: float  # mean over final seeds
+    b: str | None  # None: the setting has one regularizer
+    b_level: float
+    diff: float  # a - b (paired seeds), in the metric's units
     ci_low: float
     ci_high: float
     n: int
     p: float
     p_adj: float
+    n_above: int = 0  # paired seeds where a's value is above b's
+    n_below: int = 0
+    verdict: str = ""
+    harm: bool = False
+    units_needed: float = math.nan  # units (seeds or replicas) that would decide an undecided verdict
 
     @property
-    def verdict(self) -> str:
-        if self.other is None:
-            return "only one regularizer"
-        if self.n < 2 or not math.isfinite(self.p):
-            return f"untested (n={self.n})"
-        return "significant" if self.p_adj < 0.05 else "not significant"
+    def group(self) -> tuple[str, str, str]:
+        return self.dataset, self.model, self.noise_setting
 
-    def sentence(self) -> str:
-        """ "LS > CE +4.1 [-8.1, +16.3] n=5 p=.21/.63 not significant" (differences in percentage points
-        for [0, 1] metrics; p raw / Holm-adjusted)."""
-        scale = 100.0 if self.metric in vocab.PERCENT_METRICS else 1.0
-        best = vocab.short_name(self.best)
-        if self.other is None:
-            return f"{best} {self.best_mean * scale:.3g}: {self.verdict}"
-        op = ">" if self.diff > 0 else "<" if self.diff < 0 else "="
-        d, lo, hi = (v * scale for v in (self.diff, self.ci_low, self.ci_high))
-        digits = 1 if scale == 100.0 else 3  # points with one decimal; other metrics (R²) with three
-        ci = f" [{lo:+.{digits}f}, {hi:+.{digits}f}]" if math.isfinite(lo) else ""
-        p = f" p={_p(self.p)}/{_p(self.p_adj)}" if math.isfinite(self.p) else ""
-        return f"{best} {op} {vocab.short_name(self.other)} {d:+.{digits}f}{ci} n={self.n}{p} {self.verdict}"
+    @property
+    def wins(self) -> int:
+        """Paired seeds on which ``a`` is better than ``b`` (in the metric's direction)."""
+        return self.n_above if self.better >= 0 else self.n_below
+
+    def levels(self) -> str:
+        """ "LS 65.5% vs CE 63.8%" """
+        a = f"{vocab.short_name(self.a)} {level_text(self.metric, self.a_level)}"
+        return (
+            a
+            if self.b is None
+            else f"{a} vs {vocab.short_name(self.b)} {level_text(self.metric, self.b_level)}"
+        )
+
+    def difference(self) -> str:
+        """ "+1.7 [-0.4, +3.8]": a - b in points for [0, 1] metrics, with its 95% CI."""
+        if self.b is None or not math.isfinite(self.diff):
+            return ""
+        ci = f" [{diff_text(self.metric, self.ci_low)}, {diff_text(self.metric, self.ci_high)}]"
+        return diff_text(self.metric, self.diff) + (ci if math.isfinite(self.ci_low) else "")
+
+    def p_values(self, *, raw: bool = True) -> str:
+        """ "p=.21/.63" (raw / Holm-adjusted; ``raw`` False: "p=.63", adjusted only); "" without a test."""
+        if not math.isfinite(self.p):
+            return ""
+        return f"p={p_text(self.p)}/{p_text(self.p_adj)}" if raw else f"p={p_text(self.p_adj)}"
+
+    def sentence(self, *, n: bool = True, raw: bool = True, wins: bool = False) -> str:
+        """ "LS 65.5% vs CE 63.8% +1.7 [-0.4, +3.8] n=5 p=.21/.63 not significant"; ``wins`` adds the
+        seeds on which a is better ("4/5 seeds") before the verdict."""
+        parts = [
+            self.levels(),
+            self.difference(),
+            f"n={self.n}" if n and self.b else "",
+            self.p_values(raw=raw),
+        ]
+        parts.append(f"{self.wins}/{self.n} seeds" if wins and self.b and self.n else "")
+        return " ".join(p for p in [*parts, self.verdict_text()] if p)
+
+    def verdict_text(self) -> str:
+        """The verdict; an undecided one with the units (seeds, or replicas) that would decide it
+        at the observed spread ("undecided n≈12")."""
+        if self.verdict == "undecided" and math.isfinite(self.units_needed):
+            return f"undecided n≈{self.units_needed:.0f}"
+        return self.verdict
 
 
-def _p(p: float) -> str:
-    """0.012 -> ".012", 3.8e-06 -> "4e-06": short p-values for one-line findings."""
-    return "1" if p >= 0.995 else f"{p:.2f}"[1:] if p >= 0.01 else f"{p:.0e}"
+def scale(metric: str) -> float:
+    """100 for [0, 1] metrics (shown in % and their differences in points), else 1."""
+    return 100.0 if metric in vocab.PERCENT_METRICS else 1.0
 
 
-def _key_rows(values: pd.DataFrame) -> list[tuple[str, str, tuple[str, str, float, str], int]]:
-    """(question, label, (split, condition, severity, metric), better) of the rows the findings use."""
-    out = []
-    present = values.drop_duplicates(["split", "condition", "severity", "metric"])
-    have = set(
-        zip(present["split"], present["condition"], present["severity"], present["metric"], strict=True)
-    )
-    by_name = vocab.METRIC_BY_NAME
-    for question in vocab.QUESTIONS:
-        if question == vocab.Q_ROBUSTNESS:
-            attacks = present[
-                (present["metric"] == "accuracy") & present["condition"].isin(ATTACK_PREFERENCE)
-            ]
-            if len(attacks):
-                eps = attacks["severity"].max()
-                cond = next(c for c in ATTACK_PREFERENCE if ("test", c, eps, "accuracy") in have)
-                out.append((question, f"{cond} ε{eps:g}", ("test", cond, eps, "accuracy"), vocab.HIGHER))
-            mean = present[present["condition"] == vocab.CORRUPTION_MEAN]
-            if len(mean):  # one row per trial (no severity) in the final evaluation; else the harshest
-                sev = mean["severity"].max()
-                out.append((question, "corruptions", ("test", vocab.CORRUPTION_MEAN, sev, "accuracy"), 1))
-            continue
-        name = vocab.FINDING_METRICS.get(question)
-        if name is None:
-            continue
-        m = by_name[name]
-        key = next((k for k in have if k[0] == m.split and k[1] == m.condition and k[3] == name), None)
-        if key is not None:
-            out.append((question, _short_label(name), key, m.better))
-    return out
+def level_text(metric: str, v: float) -> str:
+    if not math.isfinite(v):
+        return "-"
+    return f"{100 * v:.1f}%" if scale(metric) == 100.0 else f"{v:.3f}"
+
+
+def diff_text(metric: str, d: float) -> str:
+    """ "+1.7" points for [0, 1] metrics, "+0.012" otherwise (never "-0.0")."""
+    digits = 1 if scale(metric) == 100.0 else 3
+    shown = round(scale(metric) * d, digits) + 0.0
+    return f"{shown:+.{digits}f}"
+
+
+def p_text(p: float) -> str:
+    """0.012 -> ".01", 0.0042 -> ".004", 3.8e-06 -> "4e-06": short p-values for one-line findings."""
+    if not math.isfinite(p):
+        return "-"
+    if p >= 0.995:
+        return "1"
+    return f"{p:.2f}"[1:] if p >= 0.0095 else f"{p:.3f}"[1:] if p >= 0.00095 else f"{p:.0e}"
 
 
 def _short_label(metric: str) -> str:
@@ -109,201 +140,192 @@ def _short_label(metric: str) -> str:
             "student_accuracy": "distilled"}.get(metric, metric)  # fmt: skip
 
 
-def findings(
-    trials: pd.DataFrame, evals: pd.DataFrame, *, reference: str = "ce", alpha: float = 0.05
-) -> list[Finding]:
-    """One Finding per (dataset, model, noise setting) and question the study measured."""
-    values = per_seed(trials, evals)
-    if values.empty:
-        return []
-    comp = compare(values, reference=reference, alpha=alpha)
-    means = (
-        values.groupby([*GROUP, "split", "condition", "severity", "metric", "regularizer"], sort=False)[
-            "value"
-        ]
-        .mean()
-        .reset_index()
-    )
-    out: list[Finding] = []
-    for question, label, key, better in _key_rows(values):
-        split, cond, sev, metric = key
-        sub = means[(means["split"] == split) & (means["condition"] == cond) & (means["metric"] == metric)]
-        sub = sub[sub["severity"] == sev]
-        for (dataset, model, setting), grp in sub.groupby(GROUP, sort=False):
-            if metric == "memorisation_rate" and setting == "none":
-                continue
-            ranked = grp.assign(score=better * grp["value"]).sort_values("score", ascending=False)
-            best = ranked.iloc[0]["regularizer"]
-            others = [r for r in ranked["regularizer"] if r != best]
-            other = (
-                reference if best != reference and reference in others else (others[0] if others else None)
-            )
-            row = _comparison(comp, (dataset, model, setting), key, best, other, reference)
-            head = (dataset, model, setting, question, label, metric, better, best)
-            out.append(Finding(*head, float(ranked.iloc[0]["value"]), other, *row))
-    # Grouped by setting (clean first, then noise kinds in the vocabulary's order and by rate),
-    # questions in the vocabulary's order.
+def _key_rows(values: pd.DataFrame) -> list[KeyRow]:
+    """The rows the findings use: each question's metric; robustness: every attack at the largest eps
+    (one per setting is kept, see ``_answered``) and the corruption mean at its harshest level."""
+    out: list[KeyRow] = []
+    present = values.drop_duplicates(KEYS)
+    have = set(zip(*(present[c] for c in KEYS), strict=True))
+    for question in vocab.QUESTIONS:
+        if question == vocab.Q_ROBUSTNESS:
+            att = present[(present["metric"] == "accuracy") & present["condition"].isin(vocab.ATTACKS)]
+            if len(att):
+                eps = att["severity"].max()
+                for cond in (c for c in vocab.ATTACKS if ("test", c, eps, "accuracy") in have):
+                    out.append((question, cond, ("test", cond, eps, "accuracy"), vocab.HIGHER))
+            mean = present[present["condition"] == vocab.CORRUPTION_MEAN]
+            if len(mean):  # one row per trial (no severity) in the final evaluation; else the harshest
+                key = ("test", vocab.CORRUPTION_MEAN, mean["severity"].max(), "accuracy")
+                out.append((question, "corruption", key, vocab.HIGHER))
+            continue
+        name = vocab.FINDING_METRICS.get(question)
+        m = vocab.METRIC_BY_NAME.get(name or "")
+        key = next((k for k in have if m and (k[0], k[1], k[3]) == (m.split, m.condition, name)), None)
+        if m is not None and key is not None:
+            out.append((question, _short_label(m.name), key, m.better))
+    return out
+
+
+def _answered(values: pd.DataFrame) -> Iterator[tuple[tuple[str, str, str], KeyRow, dict[str, float]]]:
+    """(setting, key row, {regularizer: mean over seeds}) of every question a setting answers, settings
+    in report order (clean first, then noise kinds in the vocabulary's order and by rate)."""
+    means = values.groupby([*GROUP, *KEYS, "regularizer"], sort=False)["value"].mean().reset_index()
+    by_key = dict(iter(means.groupby(KEYS, sort=False)))
+    rows = _key_rows(values)
+    attacks = [r for r in rows if r[2][1] in vocab.ATTACKS]
+    strongest: dict[tuple, tuple[float, str]] = {}  # setting -> (mean accuracy over regularizers, attack)
+    for _, _, key, _ in attacks:
+        for group, grp in by_key[key].groupby(GROUP, sort=False):
+            strongest[group] = min(strongest.get(group, (math.inf, "")), (grp["value"].mean(), key[1]))
     kinds = list(vocab.NOISE_KINDS)
     settings = values.drop_duplicates(GROUP).assign(
         _k=lambda f: f["noise_kind"].map(lambda k: kinds.index(k) if k in kinds else len(kinds))
     )
     settings = settings.sort_values(["dataset", "model", "_k", "noise_rate", "noise_setting"])
-    order = {g: i for i, g in enumerate(zip(*(settings[c] for c in GROUP), strict=True))}
-    out.sort(key=lambda f: (order[(f.dataset, f.model, f.noise_setting)], vocab.QUESTIONS.index(f.question)))
-    return out
-
-
-def _comparison(
-    comp: pd.DataFrame, group: tuple, key: tuple, best: str, other: str | None, reference: str
-) -> tuple[float, float, float, int, float, float]:
-    """(diff, ci_low, ci_high, n, p, p_adj) of best - other from the comparisons vs the reference."""
-    nan = (math.nan, math.nan, math.nan, 0, math.nan, math.nan)
-    if other is None:
-        return nan
-    a, b, sign = (best, other, 1.0) if other == reference else (other, best, -1.0)
-    if b != reference:  # neither is the reference: no test in the reference family
-        return nan
-    split, cond, sev, metric = key
-    m = comp[
-        (comp["dataset"] == group[0]) & (comp["model"] == group[1]) & (comp["noise_setting"] == group[2])
-        & (comp["split"] == split) & (comp["condition"] == cond) & (comp["metric"] == metric)
-        & (comp["regularizer"] == a)
-        & (comp["severity"].isna() if sev == NOSEV else comp["severity"] == sev)
-    ]  # fmt: skip
-    if m.empty:
-        return nan
-    r = m.iloc[0]
-    lo, hi = sign * r["diff_ci_low"], sign * r["diff_ci_high"]
-    return sign * r["diff"], min(lo, hi), max(lo, hi), int(r["n_pairs"]), r["p_value"], r["p_adjusted"]
-
-
-def warnings(trials: pd.DataFrame, evals: pd.DataFrame, spec: dict[str, Any] | None) -> list[str]:
-    """What makes the findings less trustworthy: few seeds, a search "best" that is the only completed
-    trial of its cell or sits at the edge of its range, single outlier seeds (> 3 MAD from the others)."""
-    out = []
-    final = trials[(trials["phase"] == "final") & (trials["status"] == "completed")]
-    n = final.groupby("cell_id")["seed"].nunique()
-    if len(n) and n.min() < 3:
-        out.append(
-            f"{(n < 3).sum()} of {len(n)} cells have fewer than 3 seeds (n={n.min()}): t-intervals with "
-            f"{max(int(n.min()) - 1, 0)} df are wide; raise final.seeds"
-        )
-    search = trials[(trials["phase"] == "search") & (trials["status"] == "completed")]
-    planned = trials[trials["phase"] == "search"].groupby("cell_id").size()
-    single = [c for c, k in search.groupby("cell_id").size().items() if k == 1 and planned.get(c, 0) > 1]
-    if single:
-        what = "cell's best config is its" if len(single) == 1 else "cells' best configs are their"
-        out.append(f"{len(single)} {what} only completed search trial: {_few(single)}")
-    edge = _at_edge(trials, spec) if spec else []
-    if edge:
-        out.append(f"best config at the edge of its search range (widen it): {_few(edge)}")
-    if spec and _noisy_validation(spec) and (evals["metric"] == "ece_ts").any():
-        out.append(
-            "temperature scaling (T, ece_ts) was fitted on NOISY validation labels; set "
-            "dataset.clean_validation: true to fit it on clean ones"
-        )
-    outliers = _outlier_seeds(final, evals)
-    if outliers:
-        out.append(f"single-seed outliers (> 3 MAD from the other seeds): {_few(outliers)}")
-    return out
-
-
-def _noisy_validation(spec: dict[str, Any]) -> bool:
-    noise = spec.get("noise") or []
-    noisy = any(isinstance(n, dict) and n.get("kind", "none") != "none" for n in noise)
-    return noisy and not (spec.get("dataset") or {}).get("clean_validation", False)
-
-
-def _few(items: list[str], k: int = 3) -> str:
-    return ", ".join(items[:k]) + (f" (+{len(items) - k} more)" if len(items) > k else "")
-
-
-def _at_edge(trials: pd.DataFrame, spec: dict[str, Any]) -> list[str]:
-    """Cells whose best search value of a ranged hyperparameter lies in the outer 2% of its range."""
-    from reports.stats import best_trials
-
-    ranges: dict[tuple[str | None, str], dict] = {}
-    for name, value in (spec.get("train") or {}).items():
-        if isinstance(value, dict) and "low" in value:
-            ranges[(None, name)] = value
-    for reg, params in (spec.get("regularizers") or {}).items():
-        for name, value in (params or {}).items():
-            if isinstance(value, dict) and "low" in value:
-                ranges[(reg, name)] = value
-    out = []
-    for _, row in best_trials(trials).iterrows():
-        if row["phase"] != "search":
-            continue
-        params = json.loads(row["best_params"])
-        for (reg, name), r in ranges.items():
-            if (reg is not None and reg != row["regularizer"]) or name not in params:
+    for group in zip(*(settings[c] for c in GROUP), strict=True):
+        for row in rows:
+            question, _, key, _ = row
+            if key[3] == "memorisation_rate" and group[2] == "none":
                 continue
-            lo, hi, v = float(r["low"]), float(r["high"]), float(params[name])
-            if r.get("log") and lo > 0 and v > 0:
-                lo, hi, v = np.log(lo), np.log(hi), np.log(v)
-            if hi > lo and min(v - lo, hi - v) <= 0.02 * (hi - lo):
-                out.append(f"{row['cell_id']} {name}={params[name]:.3g}")
-    return out
+            if key[1] in vocab.ATTACKS and strongest.get(group, (0, ""))[1] != key[1]:
+                continue
+            sub = by_key[key]
+            grp = sub[
+                (sub["dataset"] == group[0]) & (sub["model"] == group[1]) & (sub["noise_setting"] == group[2])
+            ]
+            if len(grp):
+                yield group, row, dict(zip(grp["regularizer"], grp["value"], strict=True))
 
 
-def _outlier_seeds(final: pd.DataFrame, evals: pd.DataFrame) -> list[str]:
-    key = evals[
-        (evals["split"] == "test") & (evals["condition"] == "clean") & (evals["metric"] == "accuracy")
-    ]
-    v = key.merge(final[["trial_id", "cell_id", "seed"]], on="trial_id")
-    out = []
-    for cell, grp in v.groupby("cell_id"):
-        x = grp["value"].to_numpy()
-        if len(x) < 5:  # the MAD of 3 other seeds is itself too noisy: it flagged 1 in 4 seeds
-            continue
-        flagged = []
-        for i, seed in enumerate(grp["seed"]):
-            rest = np.delete(x, i)
-            mad = 1.4826 * np.median(np.abs(rest - np.median(rest)))
-            # > 3 MAD, and at least a point of accuracy: identical seeds make the MAD ~0.
-            if abs(x[i] - np.median(rest)) > max(3 * mad, 0.01):
-                flagged.append(f"{cell} seed {seed}")
-        if len(flagged) == 1:  # two or more "outliers" in one cell are its spread, not an outlier
-            out += flagged
-    return out
+def _index(comp: pd.DataFrame) -> dict[tuple, dict]:
+    """Comparison rows by (dataset, model, setting, split, condition, severity, metric, regularizer,
+    reference); severity NaN as NOSEV, as in the values."""
+    comp = comp.assign(severity=comp["severity"].astype(float).fillna(NOSEV))
+    cols = [*GROUP, *KEYS, "regularizer", "reference"]
+    return {tuple(r[c] for c in cols): r for r in comp.to_dict("records")}
 
 
-def load_spec_dict(out_dir: Path) -> dict[str, Any] | None:
-    """The study's spec.yaml as plain data (reports stay independent of the study package)."""
-    path = Path(out_dir) / "spec.yaml"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+def _finding(
+    head: tuple,
+    a: str,
+    b: str | None,
+    levels: dict[str, float],
+    comp: dict,
+    p_column: str,
+    harm: bool = False,
+) -> Finding:
+    """The Finding of a - b, from the comparison row (a vs b) or its mirror (b vs a) when present."""
+    row, sign = comp.get((*head[:7], a, b)), 1.0
+    if row is None and b is not None:
+        row, sign = comp.get((*head[:7], b, a)), -1.0
+    question, label, metric, better = head[7:]
+    base = (
+        *head[:3],
+        question,
+        label,
+        metric,
+        better,
+        a,
+        levels[a],
+        b,
+        levels.get(b, math.nan) if b else math.nan,
+    )
+    if row is None:
+        return Finding(*base, math.nan, math.nan, math.nan, 0, math.nan, math.nan, harm=harm)
+    lo, hi = sign * row["diff_ci_low"], sign * row["diff_ci_high"]
+    above, below = (row["n_above"], row["n_below"])[:: int(sign)]
+    verdict = row["verdict_pairs" if p_column == "p_adjusted_pairs" else "verdict"]
+    if sign < 0:  # the row is b vs a: its direction words turn round
+        verdict = FLIPPED.get(verdict, verdict)
+    return Finding(*base, sign * row["diff"], min(lo, hi), max(lo, hi), int(row["n_pairs"]), row["p_value"],
+                   row[p_column], int(above), int(below), verdict or "", harm=harm,
+                   units_needed=float(row["units_needed"]))  # fmt: skip
 
 
-def findings_lines(
-    found: list[Finding], warns: list[str], reference: str, realized: dict[str, float] | None = None
-) -> list[tuple[str, str]]:
-    """(kind, text) lines of the findings section: "title", "group", "line", "warning", "note".
-    `realized` maps a noise setting to its realised flip rate (shown next to the requested one)."""
-    lines = [("title", f"Findings: best regularizer per question, vs {vocab.short_name(reference)}")]
-    group = None
+def _with_verdicts(found: list[Finding]) -> list[Finding]:
+    """A setting with one regularizer says so instead of a verdict."""
     for f in found:
-        if (f.dataset, f.model, f.noise_setting) != group:
-            group = (f.dataset, f.model, f.noise_setting)
-            rate = (realized or {}).get(f.noise_setting)
-            shown = f" (realised {100 * rate:.1f}% flipped)" if rate and f.noise_setting != "none" else ""
-            lines.append(("group", f"{f.dataset} / {f.model}, noise {f.noise_setting}{shown}"))
-        lines.append(("line", f"  {f.label:<12} {f.sentence()}"))
-    if not found:
-        lines.append(("note", "  no completed final trials yet: nothing to compare"))
-    ref = vocab.short_name(reference)
-    lines.append(
-        ("note", f"Best mean over seeds vs {ref} (vs the runner-up when {ref} is best): paired difference "
-                 "[95% CI] (points for [0, 1] metrics), n seeds, p raw/Holm-adjusted")
-    )  # fmt: skip
-    lines += [("warning", f"Warning: {w}") for w in warns]
-    return lines
+        if f.b is None:
+            f.verdict = "only one regularizer"
+    return found
 
 
-def realized_rates(trials: pd.DataFrame) -> dict[str, float]:
-    """Mean realised noise rate of the final trials per noise setting."""
-    final = trials[(trials["phase"] == "final") & trials["realized_noise_rate"].notna()]
-    return final.groupby("noise_setting")["realized_noise_rate"].mean().to_dict() if len(final) else {}
+def findings(
+    trials: pd.DataFrame, evals: pd.DataFrame, *, reference: str = "ce", alpha: float = 0.05
+) -> list[Finding]:
+    """Per setting and question the best regularizer vs the reference (vs the runner-up when the
+    reference is best), then per setting its largest significant harm vs the reference (in points for
+    [0, 1] metrics) unless a line above already is that comparison."""
+    values = per_seed(trials, evals)
+    if values.empty:
+        return []
+    comp = compare(values, reference=reference, alpha=alpha)
+    index = _index(comp)
+    out: list[Finding] = []
+    harms: dict[tuple, tuple[float, Finding]] = {}
+    for group, (question, label, key, better), levels in _answered(values):
+        head = (*group, *key, question, label, key[3], better)
+        ranked = sorted(levels, key=lambda r: -better * levels[r])
+        best, others = ranked[0], ranked[1:]
+        other = reference if best != reference and reference in levels else (others[0] if others else None)
+        out.append(_finding(head, best, other, levels, index, "p_adjusted"))
+        for reg in others if best != reference else []:  # reference best: its runner-up is the line
+            row = index.get((*head[:7], reg, reference))
+            if reg == other or row is None or row["verdict"] not in DIFFERENT or row["diff"] * better >= 0:
+                continue
+            size = abs(row["diff"]) * scale(key[3])
+            if size > harms.get(group, (0.0, None))[0]:
+                harms[group] = (size, _finding(head, reg, reference, levels, index, "p_adjusted", harm=True))
+    for group, (_, harm) in harms.items():
+        last = max(i for i, f in enumerate(out) if f.group == group)
+        out.insert(last + 1, harm)
+    return _with_verdicts(out)
+
+
+def pair_findings(
+    trials: pd.DataFrame, evals: pd.DataFrame, *, pair: tuple[str, str] | None = None, alpha: float = 0.05
+) -> list[Finding]:
+    """Every pair of regularizers (the better mean first) per setting and question, or only ``pair``
+    (a, b) in that order at every setting that has both; p adjusted by Holm over the unordered pairs."""
+    values = per_seed(trials, evals)
+    if values.empty:
+        return []
+    keys = pd.DataFrame([k for _, _, k, _ in _key_rows(values)], columns=KEYS)
+    values = values.merge(keys, on=KEYS)  # the pairs' Holm families are per key: nothing else changes
+    index = _index(compare(values, reference=None, alpha=alpha))
+    out = []
+    for group, (question, label, key, better), levels in _answered(values):
+        head = (*group, *key, question, label, key[3], better)
+        if pair is not None:
+            todo = [pair] if set(pair) <= set(levels) else []
+        else:
+            ranked = sorted(levels, key=lambda r: -better * levels[r])
+            todo = list(itertools.combinations(ranked, 2))
+        out += [_finding(head, a, b, levels, index, "p_adjusted_pairs") for a, b in todo]
+    return _with_verdicts(out)
+
+
+def chosen_configs(trials: pd.DataFrame) -> dict[tuple[str, str, str, str], str]:
+    """(dataset, model, noise setting, regularizer) -> its final trials' configuration, shortly: the
+    regularizer's strength and the learning rate, e.g. "α 0.34 lr 0.012" ("" when neither was set)."""
+    best = best_trials(trials)
+    out = {}
+    for r in best.to_dict("records"):
+        params = json.loads(r["best_params"])
+        name = r.get("strength_param")
+        parts = []
+        if isinstance(name, str) and _number(params.get(name)) is not None:
+            parts.append(f"{GREEK.get(name, name)} {_number(params[name]):.2g}")
+        if _number(params.get("lr")) is not None:
+            parts.append(f"lr {_number(params['lr']):.2g}")
+        out[(r["dataset"], r["model"], r["noise_setting"], r["regularizer"])] = " ".join(parts)
+    return out
+
+
+def _number(v: object) -> float | None:
+    """A hyperparameter's value as a number (a schedule {start, ...}: its start), else None."""
+    if isinstance(v, dict):
+        v = v.get("start")
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None

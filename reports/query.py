@@ -152,6 +152,16 @@ def _driver_alive(study_dir: Path) -> bool | None:
     return False
 
 
+def last_ran(manifest: dict[str, Any]) -> float | None:
+    """When the study's run last did something (unix s), from its manifest: the latest of its start,
+    resume, phase changes and end. A report changes none of them."""
+    phases = manifest.get("phases")
+    times = [manifest.get(k) for k in ("started_at", "resumed_at", "ended_at")]
+    times += [p[1] for p in phases if isinstance(p, list) and len(p) == 2] if isinstance(phases, list) else []
+    found = [float(t) for t in times if isinstance(t, (int, float)) and not isinstance(t, bool)]
+    return max(found) if found else None
+
+
 def list_studies(root: str | os.PathLike) -> list[dict[str, Any]]:
     """Studies (dirs with manifest.json) at ``root`` or up to 2 levels below, sorted by path.
 
@@ -159,7 +169,8 @@ def list_studies(root: str | os.PathLike) -> list[dict[str, Any]]:
     "interrupted": its driver was killed (continue it with `study run --resume`).
 
     Returns:
-        One dict per study: study, path, status, trials ({status: count}), last_modified (unix s,
+        One dict per study: study, path, status, trials ({status: count}), last_ran (unix s: the
+        manifest's latest start, resume, phase change or end; None without one), last_modified (unix s,
         newest file in the directory).
 
     Raises:
@@ -185,6 +196,7 @@ def list_studies(root: str | os.PathLike) -> list[dict[str, Any]]:
             "path": str(d),
             "status": status,
             "trials": _status_counts(d / "trials.parquet") if (d / "trials.parquet").is_file() else {},
+            "last_ran": last_ran(manifest),
             "last_modified": max(f.stat().st_mtime for f in files) if files else None,
         })  # fmt: skip
     return out

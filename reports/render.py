@@ -21,9 +21,10 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
+from reports.answer import Section, design_line, sections, terminal_lines
 from reports.build import Study
-from reports.findings import findings, findings_lines, load_spec_dict, realized_rates, warnings
-from reports.stats import CORRECTION, REFERENCE, best_trials, corruption_mask, corruption_summary, summarize
+from reports.findings import scale
+from reports.stats import REFERENCE, best_trials, corruption_mask, corruption_summary, mark, summarize
 from study import vocabulary as vocab
 from study.vocabulary import HIGHER, NEITHER
 
@@ -46,7 +47,8 @@ _ABBREV = {**vocab.NOISE_KINDS, **vocab.ADVERSARIAL_MODES}
 
 @dataclass
 class Value:
-    """One table cell: a mean over seeds with its CI half-width, delta vs CE and significance."""
+    """One table cell: a mean over seeds with its CI half-width, the paired difference to the reference
+    and its mark (reports.stats.mark); ``scale`` 100 shows a [0, 1] metric in % (differences in points)."""
 
     mean: float
     half: float = math.nan
@@ -54,6 +56,13 @@ class Value:
     stars: str = ""
     is_ref: bool = False
     best: bool = False
+    scale: float = 1.0
+
+    def level(self, v: float) -> str:
+        return f"{self.scale * v:.1f}" if self.scale == 100.0 else _fmt(v)
+
+    def difference(self) -> str:
+        return f"{self.scale * self.delta:+.1f}" if self.scale == 100.0 else f"{self.delta:+.3f}"
 
 
 @dataclass
@@ -82,28 +91,26 @@ def _order_settings(df: pd.DataFrame) -> list[str]:
     return keys["noise_setting"].tolist()
 
 
-def _order_regs(regs) -> list[str]:
+def _order_regs(regs, first: str = REFERENCE) -> list[str]:
     regs = sorted(set(pd.unique(pd.Series(regs)).tolist()))
-    return ([REFERENCE] if REFERENCE in regs else []) + [r for r in regs if r != REFERENCE]
-
-
-def _stars(p: float) -> str:
-    return "**" if p < 0.01 else "*" if p < 0.05 else ""
+    return ([first] if first in regs else []) + [r for r in regs if r != first]
 
 
 def _value_table(
     question: str, title: str, sub: pd.DataFrame, regs: list[str], cols: list[str], better: int,
     column: str = "noise_setting",
 ) -> Table:  # fmt: skip
-    """Rows = regs, columns = values of the summary column `column` (noise settings unless told)."""
+    """Rows = regs (the reference first), columns = values of the summary column `column` (noise
+    settings unless told); each cell vs the summary rows' reference."""
     table = Table(question, title, cols, noise_columns=column == "noise_setting")
     by = {(r.regularizer, getattr(r, column)): r for r in sub.itertuples(index=False)}
     cells: dict[tuple[str, str], Value] = {}
     for (reg, ns), r in by.items():
         cells[reg, ns] = Value(
             mean=float(r.mean), half=float(r.ci_high - r.mean) if pd.notna(r.ci_high) else math.nan,
-            delta=float(r.delta_vs_ce) if pd.notna(r.delta_vs_ce) else math.nan,
-            stars=_stars(r.p_adjusted) if pd.notna(r.p_adjusted) else "", is_ref=reg == REFERENCE,
+            delta=float(r.diff) if pd.notna(r.diff) else math.nan,
+            stars=mark(r.verdict, r.p_adjusted) if isinstance(r.verdict, str) else "",
+            is_ref=reg == r.reference, scale=scale(r.metric),
         )  # fmt: skip
     if better != NEITHER:
         for ns in cols:
@@ -139,7 +146,7 @@ def _economics(trials: pd.DataFrame, regs: list[str]) -> Table:
 
 
 _TABLE_COLS = ["dataset", "model", "regularizer", "noise_setting", "split", "condition", "severity", "metric",
-               "mean", "ci_high", "delta_vs_ce", "p_adjusted"]  # fmt: skip
+               "mean", "ci_high", "reference", "diff", "p_adjusted", "verdict"]  # fmt: skip
 
 
 def _specs(
@@ -174,14 +181,14 @@ def _levels(severities: pd.Series) -> str:
     return ", ".join(map(str, levels))
 
 
-def _corruption_tables(study: Study) -> dict[tuple[str, str], list[Table]]:
+def _corruption_tables(study: Study, reference: str) -> dict[tuple[str, str], list[Table]]:
     """Per (dataset, model): one table per noise setting, rows = regularizers, columns = corruptions."""
     ev = study.evals[corruption_mask(study.evals)]
     final = study.trials[(study.trials["phase"] == "final") & (study.trials["status"] == "completed")]
     ev = ev.merge(final[["trial_id", "dataset", "model"]], on="trial_id")
     if ev.empty:
         return {}
-    summary = corruption_summary(study.trials, ev, study=study.name)
+    summary = corruption_summary(study.trials, ev, study=study.name, reference=reference)
     out: dict[tuple[str, str], list[Table]] = {}
     for (dataset, model), tr in study.trials.groupby(["dataset", "model"], sort=True):
         rows = ev[(ev["dataset"] == dataset) & (ev["model"] == model)]
@@ -190,7 +197,7 @@ def _corruption_tables(study: Study) -> dict[tuple[str, str], list[Table]]:
         names = pd.unique(rows["condition"]).tolist()  # the order the study evaluated them in
         what = f"accuracy per corruption, mean over severities {_levels(rows['severity'])}"
         sub = summary[(summary["dataset"] == dataset) & (summary["model"] == model)]
-        regs = _order_regs(tr["regularizer"])
+        regs = _order_regs(tr["regularizer"], reference)
         for ns in _order_settings(tr):
             cells = sub[sub["noise_setting"] == ns]
             if len(cells):
@@ -224,25 +231,33 @@ def _best_config(best: pd.DataFrame, regs: list[str], where: str) -> Table:
     return table
 
 
-def build_tables(study: Study, summary: pd.DataFrame | None = None) -> list[Table]:
-    """All report tables of a study: questions in order, then one table per (dataset, model) and metric.
+def build_tables(
+    study: Study, summary: pd.DataFrame | None = None, *, reference: str = REFERENCE
+) -> list[Table]:
+    """All report tables of a study, every difference and mark vs ``reference``: questions in order,
+    then one table per (dataset, model) and metric.
+
+    Args:
+        summary: ``summarize`` output to draw from (its rows with this reference are used; by default
+            computed from the study's trials and evals: the report never needs summary.parquet).
 
     Per-corruption tables are computed from ``study.evals`` (the summary keeps each severity apart); a
     study without corruption rows has no such section.
     """
     if summary is None:
-        summary = study.summary if study.summary is not None else summarize(study.trials, study.evals)
+        summary = summarize(study.trials, study.evals, reference=reference)
+    summary = summary[summary["reference"] == reference]
     # Index the summary once: filtering a 100k-row frame per table dominated the render time.
     keys = ["dataset", "model", "split", "condition", "metric"]
     index = dict(iter(summary[_TABLE_COLS].groupby(keys, sort=False))) if len(summary) else {}
     best_all = best_trials(study.trials)
     groups = [
-        (key, tr, _order_regs(tr["regularizer"]), _order_settings(tr))
+        (key, tr, _order_regs(tr["regularizer"], reference), _order_settings(tr))
         for key, tr in study.trials.groupby(["dataset", "model"], sort=True)
     ]
     tables: list[Table] = []
     questions = list(vocab.QUESTIONS)
-    per_corruption = _corruption_tables(study)
+    per_corruption = _corruption_tables(study, reference)
     for question in [*questions, "Search economics"]:
         for (dataset, model), tr, regs, cols in groups:
             where = f"{dataset} / {model}"
@@ -270,21 +285,22 @@ def build_tables(study: Study, summary: pd.DataFrame | None = None) -> list[Tabl
     return tables
 
 
-def header_lines(study: Study, *, tables: bool = True) -> list[str]:
-    """Report header: study, status, a warning for partial results and (with ``tables``) how to read
-    the tables."""
+def header_lines(study: Study, *, tables: bool = True, reference: str = REFERENCE) -> list[str]:
+    """Report header: study, status, its design (seed, search budget, seeds, pack size), a warning for
+    partial results and (with ``tables``) how to read the tables."""
     n = len(study.trials)
-    lines = [f"Study {study.name}: status {study.status}, {n} trials ({study.path})"]
+    lines = [f"Study {study.name}: status {study.status}, {n} trials", design_line(study)]
     if study.partial:
         lines.append("PARTIAL RESULTS: the study has not completed; numbers may change.")
     # Things the run wanted the reader to know, e.g. a cell with no final trials (manifest "notes").
     lines.extend(f"Note: {note}" for note in study.manifest.get("notes", []))
     if not tables:
         return lines
+    ref = vocab.short_name(reference)
     lines.append(
-        "Cells: mean ± 95% t-CI half-width over final-phase seeds; second value: difference to ce "
-        "(same dataset/model/noise). Paired t-test across seeds (scipy ttest_rel), "
-        f"correction: {CORRECTION}; * p_adj < 0.05, ** p_adj < 0.01. Bold: best in column."
+        "Tables: mean ± 95% t-CI half-width over final seeds, [0, 1] metrics in %; second value: paired "
+        f"difference to {ref} (points for [0, 1] metrics); paired t-test over seeds (scipy ttest_rel), "
+        f"Holm over the regularizers vs {ref}: * p_adj < 0.05, ** p_adj < 0.01. Bold: best in column."
     )
     return lines
 
@@ -298,13 +314,13 @@ def _rich_cell(c: Value | str | None) -> Text:
         return Text("-", style="dim")
     if isinstance(c, str):
         return Text(c)
-    out = Text(_fmt(c.mean), style="bold" if c.best else "")
+    out = Text(c.level(c.mean), style="bold" if c.best else "")
     if np.isfinite(c.half):
-        out.append(f"±{_fmt(c.half)}")
+        out.append(f"±{c.level(c.half)}")
     if c.is_ref:
         out.append("\nref", style="dim")
     elif np.isfinite(c.delta):
-        out.append(f"\n{c.delta:+.3f}{c.stars}", style="green" if c.stars else "dim")
+        out.append(f"\n{c.difference()}{c.stars}", style="green" if c.stars else "dim")
     return out
 
 
@@ -325,33 +341,44 @@ def _chunks(t: Table, width: int) -> list[list[int]]:
     return groups
 
 
-_STYLES = {"title": "bold", "group": "bold cyan", "line": "", "warning": "yellow", "note": "dim"}
+_STYLES = {
+    "title": "bold",
+    "group": "bold cyan",
+    "config": "dim",
+    "line": "",
+    "warning": "yellow",
+    "note": "dim",
+}
 
 
-def answer_lines(study: Study, reference: str = REFERENCE) -> list[tuple[str, str]]:
-    """The findings section (reports/findings.py) of a study."""
-    found = findings(study.trials, study.evals, reference=reference)
-    warns = warnings(study.trials, study.evals, load_spec_dict(study.path))
-    return findings_lines(found, warns, reference, realized_rates(study.trials))
+@dataclass(frozen=True)
+class Options:
+    """What a report shows: the findings vs ``reference`` (``all_pairs``: every pair; ``pair``: one pair
+    at every setting), then with ``full`` every table."""
+
+    full: bool = True
+    reference: str = REFERENCE
+    all_pairs: bool = False
+    pair: tuple[str, str] | None = None
+
+    def sections(self, study: Study) -> list[Section]:
+        return sections(study, self.reference, all_pairs=self.all_pairs, pair=self.pair)
 
 
 def render_rich(
-    study: Study,
-    console: Console,
-    summary: pd.DataFrame | None = None,
-    *,
-    full: bool = True,
-    reference: str = REFERENCE,
+    study: Study, console: Console, options: Options = Options(), summary: pd.DataFrame | None = None
 ) -> None:
-    """Print the header and the findings, then (``full``) all tables; a table too wide for the console
-    is split into several column groups."""
-    for i, line in enumerate(header_lines(study, tables=full)):
+    """Print the header and the findings, then (``options.full``) all tables; a table too wide for the
+    console is split into several column groups."""
+    full, reference = options.full, options.reference
+    for i, line in enumerate(header_lines(study, tables=full, reference=reference)):
         console.print(line, style="bold yellow" if "PARTIAL" in line else "bold" if i == 0 else "dim")
-    for kind, text in answer_lines(study, reference):
-        console.print(text, style=_STYLES[kind], highlight=False)
+    for section in options.sections(study):
+        for kind, text in terminal_lines(section):
+            console.print(text, style=_STYLES[kind], highlight=False)
     if not full:
         return
-    tables = build_tables(study, summary)
+    tables = build_tables(study, summary, reference=reference)
     question = None
     for t in tables:
         if t.question != question:

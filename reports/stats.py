@@ -6,7 +6,8 @@ cell has several trials for the same seed their values are averaged first.
 
 Comparisons (reports/compare.py): every cell is compared with the reference regularizer's cell
 (``ce`` by default; ``study report --reference NAME``) of the same dataset, model and noise setting,
-or with every other regularizer (``--all-pairs``), per (split, condition, severity, metric). Final
+per (split, condition, severity, metric); summary.parquet (``summarize(..., all_pairs=True)``, written
+by the run) holds one block of rows per reference, so any reference or pair is a filter of it. Final
 trials are paired by ``seed`` (the same seed means the same noisy labels and the same initialisation
 stream), so the test is the paired t-test (``scipy.stats.ttest_rel``: t = mean(d) / (sd(d) /
 sqrt(n)), n-1 degrees of freedom, two-sided), computed in vectorised form. Holm's step-down
@@ -14,7 +15,8 @@ correction runs within each family (dataset, model, noise setting, split, condit
 metric): the comparisons that answer one question ("which regularizers differ from the reference on
 this metric in this setting?"). Each comparison carries its effect size: the mean paired difference
 with its 95% t-interval and Cohen's d_z. ``delta_vs_ce`` stays the difference of means to the ce
-cell. ``significant`` is p_adjusted < alpha.
+cell. ``significant`` is p_adjusted < alpha; ``verdict`` (reports/verdicts.py: better / worse /
+equivalent / undecided) is the word the report prints and ``mark`` the sign its tables print.
 """
 
 from __future__ import annotations
@@ -39,15 +41,25 @@ from study.vocabulary import NON_CORRUPTION_CONDITIONS
 
 REFERENCE = "ce"
 TEST_NAME = "paired_t (scipy.stats.ttest_rel over seeds)"
-CORRECTION = correction_text(REFERENCE)
+CORRECTION = correction_text(False)
 SUMMARY_COLUMNS = [
     "study", "cell_id", "dataset", "model", "regularizer", "noise_setting", "noise_kind", "noise_rate",
     "split", "condition", "severity", "metric", "mean", "std", "n", "ci_low", "ci_high", "delta_vs_ce",
     "reference", "n_pairs", "diff", "diff_ci_low", "diff_ci_high", "effect_size_dz",
     "p_value", "p_adjusted", "significant", "adj_ci_low", "adj_ci_high", "verdict", "margin",
     "p_improve", "p_improve_low", "p_improve_high", "n_units", "units_needed",
-    "best_params", "best_strength", "correction", "test",
+    "best_params", "best_strength", "correction", "test", "n_above", "n_below", "p_adjusted_pairs",
+    "verdict_pairs",
 ]  # fmt: skip
+DIFFERENT = ("better", "worse", "higher", "lower")  # verdicts whose Holm-adjusted interval excludes 0
+
+
+def mark(verdict: object, p_adjusted: float) -> str:
+    """The sign a table cell carries after its difference: "*" when the verdict is a difference
+    (better / worse / higher / lower: p_adjusted < alpha), "**" at p_adjusted < 0.01."""
+    if verdict not in DIFFERENT:
+        return ""
+    return "**" if p_adjusted < 0.01 else "*"
 
 
 def _json_default(v: Any) -> Any:
@@ -103,13 +115,16 @@ def summarize(
         study: value of the ``study`` column (default: the trials' own study column).
         alpha: significance level of the ``significant`` column.
         reference: the regularizer every other one is compared with (paired by seed; reports.compare).
-        all_pairs: compare every pair of regularizers of a group instead: one row per cell and other
-            regularizer (``reference`` names it), Holm over the unordered pairs.
+        all_pairs: every regularizer of a group as the reference in turn: one row per cell and
+            regularizer of its group (``reference`` names it; the reference's own cell has no
+            comparison), ``p_adjusted`` Holm over the regularizers vs that reference (as
+            ``reference=`` it gives), ``p_adjusted_pairs`` Holm over the unordered pairs.
 
     Returns:
         DataFrame with ``SUMMARY_COLUMNS``. Empty (zero rows) when no final trial completed.
         ci_low/ci_high are NaN for n = 1; delta_vs_ce is 0 for CE cells and NaN without a CE cell;
-        p_value is NaN for CE cells, for fewer than 2 paired seeds, or identical paired values.
+        p_value is NaN on the reference's own row, for fewer than 2 paired seeds, or identical paired
+        values; ``verdict`` / ``verdict_pairs`` are None on the reference's own row.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), but got {alpha}.")
@@ -136,10 +151,15 @@ def summarize(
 
     comp = compare(values, reference=None if all_pairs else reference, alpha=alpha)
     comp["severity"] = comp["severity"].astype(float).fillna(NOSEV)
-    agg = agg.merge(comp, on=[*GROUP, *KEYS, "regularizer"], how="left")
-    if not all_pairs:
+    if all_pairs:  # every cell once per regularizer of its group as the reference
+        refs = cells[[*GROUP, "regularizer"]].drop_duplicates().rename(columns={"regularizer": "reference"})
+        agg = agg.merge(refs, on=GROUP, how="left")
+    else:
         agg["reference"] = reference
+    agg = agg.merge(comp, on=[*GROUP, *KEYS, "regularizer", "reference"], how="left")
     agg["significant"] = agg["significant"].fillna(False).astype(bool)
+    own = agg["reference"].isna() | (agg["regularizer"] == agg["reference"])
+    agg.loc[own, ["verdict", "verdict_pairs"]] = None  # the reference's own row compares nothing
 
     best = best_trials(trials)[["cell_id", "best_params", "strength"]].rename(
         columns={"strength": "best_strength"}
@@ -147,9 +167,10 @@ def summarize(
     agg = agg.merge(best, on="cell_id", how="left")
     agg["severity"] = agg["severity"].replace(NOSEV, np.nan)
     agg["study"] = study
-    agg["correction"] = correction_text(None if all_pairs else reference)
+    agg["correction"] = np.where(agg["p_value"].notna(), correction_text(all_pairs), None)
     agg["test"] = np.where(agg["p_value"].notna(), TEST_NAME, None)
-    agg = agg.sort_values(["dataset", "model", "noise_setting", "regularizer", *KEYS], kind="mergesort")
+    order = ["dataset", "model", "noise_setting", "reference", "regularizer", *KEYS]
+    agg = agg.sort_values(order, kind="mergesort")
     return agg[SUMMARY_COLUMNS].reset_index(drop=True)
 
 
@@ -171,13 +192,14 @@ def corruption_mask(evals: pd.DataFrame) -> pd.Series:
 
 
 def corruption_summary(
-    trials: pd.DataFrame, evals: pd.DataFrame, *, study: str | None = None
+    trials: pd.DataFrame, evals: pd.DataFrame, *, study: str | None = None, reference: str = REFERENCE
 ) -> pd.DataFrame:
     """Summary of each corruption's accuracy averaged over its severities, with the usual seed statistics.
 
     Per final trial and corruption, the accuracies at the severities present are averaged first; that
-    per-seed value then goes through `summarize` (mean, t-CI over seeds, delta and paired test vs the ce
-    cell, Holm within each corruption's family), so the CI covers the severity-averaged quantity itself.
+    per-seed value then goes through `summarize` (mean, t-CI over seeds, delta and paired test vs the
+    reference's cell, Holm within each corruption's family), so the CI covers the severity-averaged
+    quantity itself.
 
     Returns:
         `summarize` output (SUMMARY_COLUMNS) with condition = corruption name and severity NaN; zero rows
@@ -192,4 +214,4 @@ def corruption_summary(
         .reset_index()
         .assign(severity=np.nan)
     )
-    return summarize(trials, per_trial, study=study)
+    return summarize(trials, per_trial, study=study, reference=reference)

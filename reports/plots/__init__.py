@@ -3,18 +3,23 @@
 Values over seeds are drawn as the seeds themselves (dots) over their mean (line) and 95% t-CI (bars,
 only from 3 seeds: at n=2 the t quantile is 12.7 and the interval says nothing).
 
+[0, 1] metrics are drawn in % (differences in points), as the report prints them. Panels that are
+compared share their y axis; means are joined by a line only from 3 x values (two points make no trend).
+
 - accuracy_vs_noise_<dataset>_<model>.png, ece_vs_noise_...: clean test accuracy / ECE vs noise rate,
-  one panel per noise kind, one line per regularizer (rate 0 = the "none" setting).
+  one panel per noise kind (rate 0 = the "none" setting; a kind without a rate, human labels or a label
+  file, at its realised flip rate).
 - forest_<dataset>_<model>.png: paired difference to the reference regularizer (ce) per seed, mean
   and CI, per (noise setting, regularizer), one panel per metric (accuracy, ECE, NLL).
 - accuracy_vs_eps_...: accuracy under each attack vs eps (eps 0 = clean), rows: noise settings.
 - accuracy_vs_severity_...: accuracy averaged over the corruptions vs severity (0 = clean).
-- strength_...: validation value of the search trials vs each regularizer's own strength parameter;
-  completed trials filled, pruned trials hollow (their value is a partial-budget value).
+- strength_...: validation value of the search trials vs each regularizer's own strength parameter,
+  coloured by learning rate; completed trials filled, pruned trials hollow (their value is a
+  partial-budget value); the chosen configuration ringed, its strength and lr written out.
 - reliability_...: reliability diagram per (noise setting, regularizer), the evaluation's 15 bins and
   its confidence == 1.0 bin, pooled over seeds, with the share of samples per bin and the ECE.
 - curves_...: validation accuracy vs epoch of every search trial, pruned trials red.
-- projection_...: penultimate features on the plane of three class templates.
+- projection_...: penultimate features on the plane of three class templates, one scale for all panels.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 from pathlib import Path
 
 from reports.build import Study
+from reports.caveats import realized_rates
 from reports.plots._calibration import bin_geometry, pooled_bins, reliability
 from reports.plots._common import colors, per_seed, save, slug
 from reports.plots._effects import forest, paired_differences, vs_eps, vs_noise, vs_severity
@@ -45,6 +51,7 @@ def write_plots(
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     seeds = per_seed(study)
+    realized = realized_rates(study.trials)
     for (dataset, model), tr in study.trials.groupby(["dataset", "model"], sort=True):
         regs = _order_regs(tr["regularizer"])
         if reference in regs:
@@ -52,8 +59,9 @@ def write_plots(
         cols, where, name = colors(regs), f"{dataset}/{model}", slug(dataset, model)
         settings = _order_settings(tr)
         ps = seeds[(seeds["dataset"] == dataset) & (seeds["model"] == model)]
-        save(vs_noise(ps, "accuracy", regs, cols, where), out / f"accuracy_vs_noise_{name}.png", written)
-        save(vs_noise(ps, "ece", regs, cols, where), out / f"ece_vs_noise_{name}.png", written)
+        for metric in ("accuracy", "ece"):
+            fig = vs_noise(ps, metric, regs, cols, where, realized)
+            save(fig, out / f"{metric}_vs_noise_{name}.png", written)
         if reference in regs:
             fig = forest(ps, regs, cols, settings, where, reference)
             save(fig, out / f"forest_{name}.png", written)

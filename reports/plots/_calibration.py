@@ -19,6 +19,7 @@ from study.vocabulary import BIN_METRIC_PREFIX, CLEAN
 
 # Width of the conf == 1.0 bar, as a fraction of a regular bin: visible, but clearly not a range.
 TOP_BIN_WIDTH = 0.5
+OVER_COLOR, UNDER_COLOR = "C3", "#9ad0a0"  # over-confidence (translucent red), under-confidence (green)
 
 
 def pooled_bins(ps: pd.DataFrame) -> pd.DataFrame:
@@ -82,22 +83,22 @@ def _draw_cell(ax, axc, g: pd.DataFrame, n_bins: int) -> None:
         bottom=acc[over],
         width=width[over],
         align="edge",
-        color="C3",
+        color=OVER_COLOR,
         alpha=0.4,
         lw=0,
         label="over-confidence gap",
     )
-    # Under-confidence lies inside the accuracy bar: white hatching keeps the bar readable.
+    # Under-confidence lies inside the accuracy bar: an opaque colour of its own over that part (its
+    # legend swatch is the colour drawn); hatching means one thing only, the confidence = 1.0 bin.
     ax.bar(
         left[under],
         (acc - conf)[under],
         bottom=conf[under],
         width=width[under],
         align="edge",
-        facecolor="none",
-        edgecolor="w",
-        hatch="\\\\",
-        lw=0,
+        color=UNDER_COLOR,
+        edgecolor="k",
+        lw=0.5,
         label="under-confidence gap",
     )
     ax.hlines(conf[filled], left[filled], (left + width)[filled], colors="k", lw=1.2, label="mean confidence")

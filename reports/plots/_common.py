@@ -17,28 +17,48 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from reports.build import Study  # noqa: E402
 from reports.stats import t_half_width  # noqa: E402
+from study.vocabulary import PERCENT_METRICS  # noqa: E402
 
 # A t interval over fewer seeds is mostly the t quantile (12.7 at n=2): drawn, it hides the data.
 MIN_SEEDS_FOR_CI = 3
 CELL = ["dataset", "model", "regularizer", "noise_setting", "noise_kind", "noise_rate"]
+MIN_POINTS_FOR_LINE = 3
 
 
 def slug(*parts: str) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(p)) for p in parts)
 
 
-def grid(n: int, w: float = 4.0, h: float = 3.2, cols: int = 3) -> tuple[Figure, list[Axes]]:
+def grid(
+    n: int, w: float = 4.0, h: float = 3.2, cols: int = 3, sharey: bool | str = False
+) -> tuple[Figure, list[Axes]]:
+    """``n`` panels in rows of ``cols``; ``sharey``: one y axis for panels that are compared."""
     cols = max(min(n, cols), 1)
     rows = -(-max(n, 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False, sharey=sharey)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
+    for ax in axes.flat[:n]:
+        ax.yaxis.set_tick_params(labelleft=True)  # shared axes keep their labels: panels are read alone
     return fig, list(axes.flat)
 
 
-def panels(rows: int, cols: int, w: float, h: float) -> tuple[Figure, np.ndarray]:
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+def panels(
+    rows: int, cols: int, w: float, h: float, sharey: bool | str = False, layout: str | None = None
+) -> tuple[Figure, np.ndarray]:
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(w * cols, h * rows), squeeze=False, sharey=sharey, layout=layout
+    )
     return fig, axes
+
+
+def in_points(ps: pd.DataFrame) -> pd.DataFrame:
+    """Per-seed values with [0, 1] metrics in % (the report's one unit: differences in points)."""
+    return ps.assign(value=ps["value"] * ps["metric"].map(lambda m: 100.0 if m in PERCENT_METRICS else 1.0))
+
+
+def unit(metric: str) -> str:
+    return " (%)" if metric in PERCENT_METRICS else ""
 
 
 def save(fig: Figure | None, path: Path, written: list[Path]) -> None:
@@ -82,8 +102,10 @@ def mean_ci(values: pd.Series) -> tuple[float, float, int]:
 
 
 def seeds_panel(ax: Axes, d: pd.DataFrame, x: str, regs: list[str], cols: dict[str, tuple]) -> int:
-    """Per regularizer: every seed as a small dot, the mean as a line, the t-CI as error bars (only from
-    MIN_SEEDS_FOR_CI seeds). Returns the smallest number of seeds of a drawn point (0: nothing drawn)."""
+    """Per regularizer: every seed as a small dot, the mean as a marker, the t-CI as error bars (only from
+    MIN_SEEDS_FOR_CI seeds); means joined by a line only from MIN_POINTS_FOR_LINE x values (a line
+    through two points draws a trend nobody measured). Returns the smallest number of seeds of a drawn
+    point (0: nothing drawn)."""
     xs = np.sort(d[x].dropna().unique())
     step = float(np.min(np.diff(xs))) if len(xs) > 1 else 1.0
     fewest = 0
@@ -104,6 +126,7 @@ def seeds_panel(ax: Axes, d: pd.DataFrame, x: str, regs: list[str], cols: dict[s
             ms=4,
             capsize=3,
             lw=1.4,
+            ls="-" if len(xv) >= MIN_POINTS_FOR_LINE else "none",
             label=reg,
         )
         fewest = int(n.min()) if not fewest else min(fewest, int(n.min()))

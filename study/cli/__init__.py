@@ -36,7 +36,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted study in --out."),
     max_concurrent: int | None = typer.Option(None, "--max-concurrent", min=1, help="Trials at once."),
     quiet: bool = typer.Option(False, "--quiet", help="Plain log lines instead of the live view."),
-    no_report: bool = typer.Option(False, "--no-report", help="Skip the report at the end."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip the plots and the report at the end."),
     storage: str | None = typer.Option(
         None, "--storage", help="Mirror results to s3://bucket/prefix or a shared path (and resume from it)."
     ),
@@ -73,7 +73,19 @@ def run(
         err.print(Text.assemble(("error:", "red"), msg), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     if not no_report:
-        report(out_dir, fmt="rich", no_plots=False, full=False, reference="ce", all_pairs=False)
+        from rich.markup import escape
+
+        from reports.build import load_study
+        from reports.plots import write_plots
+
+        try:  # the run's figures (a report writes none); a figure that fails must not hide the findings
+            write_plots(load_study(out_dir), out_dir / "plots")
+        except Exception as exc:
+            err.print(
+                f"[red]error:[/red] plots: {escape(type(exc).__name__ + ': ' + str(exc))}", soft_wrap=True
+            )
+        report(out_dir, fmt="rich", plots=None, no_plots=False, full=False, reference="ce", all_pairs=False,
+               compare=None)  # fmt: skip
         if storage:
             from study.sweep.runner import sync_storage
 
@@ -156,62 +168,53 @@ def validate(
 def report(
     out_dir: Path = typer.Argument(..., metavar="DIR", help="Results directory of a study."),
     fmt: str = typer.Option("rich", "--format", help="rich | markdown | latex"),
-    no_plots: bool = typer.Option(False, "--no-plots", help="Do not write plots/*.png."),
+    plots: Path | None = typer.Option(
+        None, "--plots", help="Also write the figures (PNG) to this directory (the run writes DIR/plots)."
+    ),
+    no_plots: bool = typer.Option(
+        False, "--no-plots", hidden=True, help="Accepted; the report writes no plot."
+    ),
     full: bool = typer.Option(False, "--full", help="Every table after the findings."),
     reference: str = typer.Option("ce", "--reference", help="Regularizer the others are compared with."),
-    all_pairs: bool = typer.Option(
-        False, "--all-pairs", help="summary.parquet compares every pair of regularizers (Holm over pairs)."
+    all_pairs: bool = typer.Option(False, "--all-pairs", help="Findings for every pair (Holm over pairs)."),
+    compare: str | None = typer.Option(
+        None, "--compare", metavar="A:B", help="A vs B at every setting (levels, difference, p, seed wins)."
     ),
 ) -> None:
-    """Render the report of a results directory: findings first (--full: every table); writes
-    summary.parquet and plots/*.png."""
-    import os
-    import shutil
-    import tempfile
-
-    from reports.build import ResultsError, load_study, write_table
-    from reports.stats import summarize
+    """Render the report of a results directory: findings first (--full: every table). Reads only: no
+    file of the study changes (--plots writes figures where it is told)."""
+    from reports.build import ResultsError, load_study
 
     if fmt not in ("rich", "markdown", "latex"):
         _bad_input(f"--format must be rich, markdown or latex, but got {fmt!r}")
     try:
         study = load_study(out_dir)
-        regs = sorted(study.trials["regularizer"].dropna().unique())
-        if regs and reference not in regs:
-            allowed = ", ".join(regs)
-            _bad_input(f"--reference must be a regularizer of the study ({allowed}), but got {reference!r}")
-        # The tables show one comparison per cell (vs the reference); --all-pairs widens the file.
-        study.summary = summarize(study.trials, study.evals, study=study.name, reference=reference)
-        summary_out = study.summary
-        if all_pairs:
-            summary_out = summarize(study.trials, study.evals, study=study.name, all_pairs=True)
     except ResultsError as exc:
         _bad_input(str(exc))
-    # Nothing in the directory changes until everything has been computed: plots go to a temp dir
-    # (removed on failure), then summary.parquet and the PNGs are moved in with os.replace.
-    tmp = None
+    regs = sorted(study.trials["regularizer"].dropna().unique())
+    named = [("--reference", reference)]
+    pair = tuple(compare.split(":")) if compare is not None else None
+    if pair is not None:
+        if len(pair) != 2 or pair[0] == pair[1]:
+            _bad_input(f"--compare must be A:B with two different regularizers, but got {compare!r}")
+        named += [("--compare", r) for r in pair]
+    for option, name in named:
+        if regs and name not in regs:
+            _bad_input(f"{option} must name a regularizer of the study ({', '.join(regs)}), but got {name!r}")
     try:
         from reports.export import render_latex, render_markdown
-        from reports.render import render_rich
+        from reports.render import Options, render_rich
 
+        options = Options(full=full, reference=reference, all_pairs=all_pairs, pair=pair)
         if fmt == "rich":
-            render_rich(study, Console(), full=full, reference=reference)
+            render_rich(study, Console(), options)
         else:
-            render = render_markdown if fmt == "markdown" else render_latex
-            typer.echo(render(study, full=full, reference=reference))
-        written = []
-        if not no_plots:
+            typer.echo((render_markdown if fmt == "markdown" else render_latex)(study, options))
+        if plots is not None:
             from reports.plots import write_plots
 
-            tmp = Path(tempfile.mkdtemp(dir=study.path, prefix=".plots-"))
-            written = write_plots(study, tmp, reference=reference)
-        write_table(study.path, "summary", summary_out)
-        if written:
-            (study.path / "plots").mkdir(exist_ok=True)
-            for png in written:
-                os.replace(png, study.path / "plots" / png.name)
-        done = f"wrote {study.path / 'summary.parquet'} and {len(written)} plots"
-        err.print(done, style="dim", highlight=False)
+            written = write_plots(study, plots, reference=reference)
+            err.print(f"wrote {len(written)} plots to {plots}", style="dim", highlight=False)
     except ResultsError as exc:
         _bad_input(str(exc))
     except Exception as exc:  # runtime failure: one line, exit 1
@@ -219,9 +222,6 @@ def report(
 
         err.print(Text.assemble(("error:", "red"), f" {type(exc).__name__}: {exc}"), soft_wrap=True)
         raise typer.Exit(1) from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @app.command()
@@ -254,11 +254,17 @@ def query(
     if csv:
         typer.echo(df.to_csv(index=False), nl=False)
     elif as_json:
-        typer.echo(df.to_json(orient="records", double_precision=15))
+        typer.echo(df.to_json(orient="records", double_precision=15, date_format="iso"))
+    elif not Console().is_terminal:  # piped: every row and every digit (a float's shortest exact form)
+        typer.echo(
+            df.to_string(index=False, float_format=lambda v: repr(float(v))) if len(df.columns) else ""
+        )
     else:
         limit = 200
         title = f"{len(df)} rows" + (f" (first {limit})" if len(df) > limit else "")
-        table = Table(*(escape(str(c)) for c in df.columns), title=title)
+        table = Table(title=title)
+        for col in map(str, df.columns):
+            table.add_column(escape(col), overflow="fold")  # a narrow terminal wraps a value, never cuts it
         for row in df.head(limit).itertuples(index=False):  # values are data, not rich markup
             table.add_row(*(f"{v:.6g}" if isinstance(v, float) else escape(str(v)) for v in row))
         Console(emoji=False).print(table)
@@ -284,10 +290,11 @@ def ls_(out_dir: Path = typer.Argument(Path("results"), metavar="DIR", help="Dir
             f"no studies (directories with manifest.json) under {escape(str(out_dir))}", highlight=False
         )
         return
-    table = Table("study", "status", "trials", "last modified", "path")
+    table = Table("study", "status", "trials", "last ran")
+    table.add_column("path", overflow="fold")
     for s in studies:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items())) or "-"
-        when = s["last_modified"]
+        when = s["last_ran"] or s["last_modified"]
         when = datetime.datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M") if when else "-"
         table.add_row(*(escape(str(v)) for v in (s["study"], s["status"], counts, when, s["path"])))
     Console(emoji=False).print(table)

@@ -198,6 +198,7 @@ def _run(
     console: Console,
     remote: tuple[Any, str] | None,
 ) -> None:
+    from reports.build import build_summary
     from study.sweep import tune as tune_lib
     from study.sweep.source import TrialSource
 
@@ -244,6 +245,7 @@ def _run(
             check_phases(out_dir)
             tune_lib.run_post_phase(spec, ctx, slots, on_start=post_started, on_progress=view.post_progress)
         write_tables(spec, out_dir)
+        build_summary(out_dir)  # every reference and pair, once: `study report` only reads
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"

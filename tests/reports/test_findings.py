@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from reports.caveats import realized_rates, warnings
 from reports.compare import compare, per_seed
-from reports.findings import findings, warnings
+from reports.findings import findings
 from reports.stats import summarize
 
 SEEDS = [1, 2, 3, 4, 5, 6]
@@ -43,12 +44,17 @@ def test_findings_name_the_planted_winner_with_its_ci_and_the_null_is_not_signif
                              "symmetric:0.4": {"ce": 0.0, "maxsup": 0.002}})  # fmt: skip
     found = {(f.noise_setting, f.metric): f for f in findings(trials, evals)}
     win = found[("none", "accuracy")]
-    assert win.best == "label_smoothing" and win.other == "ce" and win.n == len(SEEDS)
+    assert win.a == "label_smoothing" and win.b == "ce" and win.n == len(SEEDS)
     assert win.ci_low < 0.05 < win.ci_high and win.ci_low > 0
-    assert win.verdict == "significant" and win.sentence().startswith("LS > CE +")
+    levels = evals.merge(trials, on="trial_id").groupby(["noise_setting", "regularizer"])["value"].mean()
+    assert (win.a_level, win.b_level) == pytest.approx(
+        (levels["none", "label_smoothing"], levels["none", "ce"])
+    )
+    head = f"LS {100 * win.a_level:.1f}% vs CE {100 * win.b_level:.1f}% +{100 * win.diff:.1f} ["
+    assert win.verdict == "better" and win.sentence().startswith(head)
     null = found[("symmetric:0.4", "accuracy")]
-    assert null.verdict == "not significant" and null.ci_low < 0 < null.ci_high
-    assert null.sentence().endswith(" not significant")
+    assert null.verdict in ("undecided", "equivalent") and null.ci_low < 0 < null.ci_high
+    assert null.sentence().endswith(null.verdict_text())
 
 
 def test_all_pairs_equal_scipy_ttest_rel_and_holm():
@@ -69,7 +75,7 @@ def test_all_pairs_equal_scipy_ttest_rel_and_holm():
     for _, r in comp.iterrows():
         key = tuple(sorted((r["regularizer"], r["reference"])))
         assert r["p_value"] == pytest.approx(raw[key], rel=1e-9)
-        assert r["p_adjusted"] == pytest.approx(adj[key], rel=1e-9)
+        assert r["p_adjusted_pairs"] == pytest.approx(adj[key], rel=1e-9)
         d = values[r["regularizer"]].to_numpy() - values[r["reference"]].to_numpy()
         assert r["diff"] == pytest.approx(d.mean()) and r["effect_size_dz"] == pytest.approx(
             d.mean() / d.std(ddof=1)
@@ -89,9 +95,16 @@ def test_any_reference_in_the_summary():
     # delta_vs_ce keeps its meaning whatever the reference.
     assert row["delta_vs_ce"] == pytest.approx(ms["maxsup"].mean() - ms["ce"].mean())
     pairs = summarize(trials, evals, all_pairs=True)
-    assert len(pairs) == 6 and set(zip(pairs.regularizer, pairs.reference, strict=True)) == {
-        (a, b) for a in ms.columns for b in ms.columns if a != b
+    # Every cell once per reference (its own cell included, with no comparison): any reference is a filter.
+    assert len(pairs) == 9 and set(zip(pairs.regularizer, pairs.reference, strict=True)) == {
+        (a, b) for a in ms.columns for b in ms.columns
     }
+    assert pairs[pairs.regularizer == pairs.reference]["p_value"].isna().all()
+    pairs_only = ["p_adjusted_pairs", "verdict_pairs", "correction"]
+    same = pairs[pairs.reference == "label_smoothing"].drop(columns=pairs_only)
+    pd.testing.assert_frame_equal(
+        same.reset_index(drop=True), by_ls.drop(columns=pairs_only).reset_index(drop=True)
+    )
 
 
 def test_warnings_for_few_seeds_and_outlier_seeds():
@@ -105,11 +118,11 @@ def test_warnings_for_few_seeds_and_outlier_seeds():
 
 
 def test_findings_lines_show_the_realised_noise_rate():
-    from reports.findings import findings_lines, realized_rates
+    from reports.answer import Section, terminal_lines
 
     trials, evals = planted({"symmetric:0.4": {"ce": 0.0, "maxsup": 0.01}})
     trials["realized_noise_rate"] = np.where(trials["seed"] % 2 == 0, 0.39, 0.41)
     rates = realized_rates(trials)
     assert rates == {"symmetric:0.4": pytest.approx(0.40)}
-    lines = findings_lines(findings(trials, evals), [], "ce", rates)
+    lines = terminal_lines(Section("t", findings(trials, evals), {}, rates))
     assert ("group", "d / m, noise symmetric:0.4 (realised 40.0% flipped)") in lines

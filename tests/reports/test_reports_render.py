@@ -12,8 +12,9 @@ from scipy import stats as sps
 
 from reports.build import build_summary, load_study, write_table
 from reports.export import render_latex, render_markdown
-from reports.render import abbreviate, build_tables, render_rich
+from reports.render import Options, abbreviate, build_tables, render_rich
 from reports.synthetic import make_synthetic_study
+from study import vocabulary as vocab
 
 WIDE = (
     "none",
@@ -88,7 +89,8 @@ def test_markdown_and_latex(wide_study):
     row = next(line for line in md.splitlines() if line.startswith("| maxsup |"))
     assert row.count("|") == len(WIDE) + 2
     tex = render_latex(wide_study)
-    assert tex.count(r"\begin{tabular}") == md.count("### ") and r"label\_smoothing" in tex
+    # One tabular per table, plus the findings table.
+    assert tex.count(r"\begin{tabular}") == md.count("### ") + 1 and r"label\_smoothing" in tex
 
 
 def test_abbreviate():
@@ -121,33 +123,69 @@ def corruption_study(tmp_path_factory):
     return study
 
 
-def _expected_corruption_rows(study) -> dict[tuple[str, str], dict[str, str]]:
-    """Markdown cells per (noise setting, regularizer) and corruption, from the raw rows: mean over
-    severities per seed, then mean ± t-CI over seeds, delta vs ce, paired t-test + Holm over regularizers."""
-    ev = study.evals.merge(study.trials[study.trials.phase == "final"], on="trial_id")
-    ev = ev[ev.condition.isin(CORRUPTED)]
-    per_seed = ev.groupby(["noise_setting", "regularizer", "condition", "seed"])["value"].mean()
+def _holm(p: dict) -> dict:
+    """Holm step-down by hand: ascending p, multiplier m - k, running max, capped at 1."""
+    order = sorted(p, key=p.get)
+    adj, running = {}, 0.0
+    for i, key in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * p[key]))
+        adj[key] = running
+    return adj
+
+
+def _expected_cells(per_seed, column: str, reference: str = "ce", lower: bool = False) -> dict:
+    """Markdown cells per (noise setting, regularizer) and value of ``column``, from per-seed values
+    (index noise_setting, regularizer, column, seed): mean ± t-CI in %, the paired difference to the
+    reference in points, its marks from scipy's paired t-test + Holm over the regularizers vs it."""
     out: dict[tuple[str, str], dict[str, str]] = {}
-    for (ns, cond), s in per_seed.groupby(level=["noise_setting", "condition"]):
+    for (ns, col), s in per_seed.groupby(level=["noise_setting", column]):
         by_reg = {reg: v.droplevel([0, 1, 2]).sort_index() for reg, v in s.groupby(level="regularizer")}
-        ce = by_reg["ce"]
-        p = {r: sps.ttest_rel(v.values, ce.values).pvalue for r, v in by_reg.items() if r != "ce"}
-        order = sorted(p, key=p.get)  # Holm step-down over the regularizers compared with ce
-        adj, running = {}, 0.0
-        for i, r in enumerate(order):
-            running = max(running, min(1.0, (len(order) - i) * p[r]))
-            adj[r] = running
-        best = max(by_reg, key=lambda r: by_reg[r].mean())
-        for reg, v in by_reg.items():
+        ref = by_reg[reference]
+        adj = _holm(
+            {r: sps.ttest_rel(v.values, ref.values).pvalue for r, v in by_reg.items() if r != reference}
+        )
+        best = (min if lower else max)(by_reg, key=lambda r: by_reg[r].mean())
+        for reg, v in by_reg.items():  # [0, 1] metrics in %, differences in points
             half = sps.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-            mean = f"**{v.mean():.3f}**" if reg == best else f"{v.mean():.3f}"
-            if reg == "ce":
-                cell = f"{mean} ± {half:.3f} (ref)"
+            mean = f"**{100 * v.mean():.1f}**" if reg == best else f"{100 * v.mean():.1f}"
+            if reg == reference:
+                cell = f"{mean} ± {100 * half:.1f} (ref)"
             else:
                 stars = "\\*\\*" if adj[reg] < 0.01 else "\\*" if adj[reg] < 0.05 else ""
-                cell = f"{mean} ± {half:.3f} ({v.mean() - ce.mean():+.3f}{stars})"
-            out.setdefault((ns, reg), {})[cond] = cell
+                cell = f"{mean} ± {100 * half:.1f} ({100 * (v - ref).mean() + 0.0:+.1f}{stars})"
+            out.setdefault((ns, reg), {})[col] = cell
     return out
+
+
+def _expected_corruption_rows(study) -> dict[tuple[str, str], dict[str, str]]:
+    """Per-corruption cells from the raw rows: mean over severities per seed, then as _expected_cells."""
+    ev = study.evals.merge(study.trials[study.trials.phase == "final"], on="trial_id")
+    ev = ev[ev.condition.isin(CORRUPTED)]
+    return _expected_cells(
+        ev.groupby(["noise_setting", "regularizer", "condition", "seed"])["value"].mean(), "condition"
+    )
+
+
+@pytest.mark.parametrize("reference", ["label_smoothing", "maxsup"])
+@pytest.mark.parametrize("metric", ["accuracy", "ece"])
+def test_reference_tables_and_marks_equal_the_paired_tests_against_it(wide_study, reference, metric):
+    md = render_markdown(wide_study, Options(reference=reference))
+    final = wide_study.trials[wide_study.trials.phase == "final"][
+        ["trial_id", "noise_setting", "regularizer", "seed"]
+    ]
+    ev = wide_study.evals.merge(final, on="trial_id")
+    ev = ev[(ev.metric == metric) & (ev.condition == "clean") & (ev.split == "test") & ev.severity.isna()]
+    per_seed = ev.groupby(["noise_setting", "regularizer", "metric", "seed"])["value"].mean()
+    expected = _expected_cells(per_seed, "metric", reference, lower=metric == "ece")
+    title = f"### mnist1d / mlp: {'ECE' if metric == 'ece' else 'accuracy'}"
+    block = md.split(title + "\n", 1)[1].strip().split("\n\n", 1)[0].splitlines()
+    settings = block[0].strip("| ").split(" | ")[1:]
+    regs = [line.split(" | ")[0].strip("| ") for line in block[2:]]
+    assert regs[0] == reference and len(regs) == 4  # the reference's row first
+    for line in block[2:]:
+        reg, *cells = line.strip("| ").split(" | ")
+        assert cells == [expected[ns, reg][metric] for ns in settings], (reg, settings)
+    assert f"paired difference to {vocab.short_name(reference)}" in md.split("## ", 1)[0]
 
 
 def test_per_corruption_tables_match_the_raw_rows(corruption_study):
@@ -162,7 +200,7 @@ def test_per_corruption_tables_match_the_raw_rows(corruption_study):
             row = next(line for line in block if line.startswith(f"| {reg} |"))
             assert row == f"| {reg} | " + " | ".join(expected[ns, reg][c] for c in CORRUPTED) + " |"
     shot = expected["none", "maxsup"]["shot_noise"]  # the planted effect: large and marked significant
-    assert shot.startswith("**") and "(+0.1" in shot and shot.endswith("\\*)")
+    assert shot.startswith("**") and "(+1" in shot and shot.endswith("\\*)")
     # The per-severity rows and corruption_mean stay where they were; the section sits after Robustness.
     assert md.index("## Robustness") < md.index("## Corruption robustness") < md.index("## Feature geometry")
 

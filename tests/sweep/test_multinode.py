@@ -222,7 +222,7 @@ def test_losing_the_worker_node_mid_study_loses_and_duplicates_no_trial(cluster)
     # Retried trials resume from their checkpoint: every epoch exactly once, none lost.
     assert (trials["status"] == "completed").all() and (trials["epochs"] == trials["max_epochs"]).all()
     # Nothing ends on a dead node: whatever ended after the kill ran (or was retried) on the head.
-    late = trials[trials["ended_at"] > killed_at + 1.0]
+    late = trials[trials["ended_at"] > pd.Timestamp(killed_at + 1.0, unit="s", tz="UTC")]
     assert len(late) >= 1 and (late["node"] == cluster.net.ip["a"]).all(), late[["node", "ended_at"]]
     # Tune saw the trial on the lost node fail, and retried it (max_failures: 2) instead of giving up.
     errors = [p.read_text() for p in (cluster.out / "ray").rglob("error.txt")]
