@@ -11,7 +11,15 @@ import pandas as pd
 
 from reports.build import Study
 from reports.caveats import load_spec_dict, realized_rates, warnings
-from reports.findings import Finding, chosen_configs, findings, level_text, pair_findings
+from reports.findings import (
+    Finding,
+    chosen_configs,
+    findings,
+    has_matched,
+    level_text,
+    matched_findings,
+    pair_findings,
+)
 from study import vocabulary as vocab
 
 VERDICTS_NOTE = "better/worse: Holm CI excludes 0; equivalent: 90% CI in ±margin; n≈k would decide"
@@ -69,7 +77,24 @@ def sections(
     (``--all-pairs``), else the findings vs ``reference``."""
     out = [pairs_section(study, pair)] if pair is not None else []
     out += [pairs_section(study)] if all_pairs else []
-    return out or [findings_section(study, reference)]
+    if out:
+        return out
+    matched = [matched_section(study)] if has_matched(study.trials) else []
+    return [findings_section(study, reference), *matched]
+
+
+def matched_section(study: Study) -> Section:
+    """Every pair of regularizers at each matched strength (``alpha: {each: [...]}``)."""
+    section = Section(
+        "Matched strengths: each pair at each value, the better mean first", matched_findings(
+            study.trials, study.evals), chosen_configs(study.trials), realized_rates(study.trials), [], [],
+    )  # fmt: skip
+    section.notes = [
+        _units(section.n, _replicated(study)),
+        f"p: paired t-test, raw/Holm over the pairs at one value{_attacks(study)}.",
+        VERDICTS_NOTE,
+    ]
+    return section
 
 
 def design_line(study: Study) -> str:

@@ -56,6 +56,7 @@ class Finding:
     verdict: str = ""
     harm: bool = False
     units_needed: float = math.nan  # units (seeds or replicas) that would decide an undecided verdict
+    strength_ratio: float = math.nan  # the two sides' strengths' ratio, when more than 2x apart
 
     @property
     def group(self) -> tuple[str, str, str]:
@@ -104,8 +105,10 @@ class Finding:
         """The verdict; an undecided one with the units (seeds, or replicas) that would decide it
         at the observed spread ("undecided n≈12")."""
         if self.verdict == "undecided" and math.isfinite(self.units_needed):
-            return f"undecided n≈{self.units_needed:.0f}"
-        return self.verdict
+            word = f"undecided n≈{self.units_needed:.0f}"
+        else:
+            word = self.verdict
+        return word + (f" (strengths {self.strength_ratio:.0f}x apart)" if self.strength_ratio > 2 else "")
 
 
 def scale(metric: str) -> float:
@@ -279,7 +282,7 @@ def findings(
     for group, (_, harm) in harms.items():
         last = max(i for i, f in enumerate(out) if f.group == group)
         out.insert(last + 1, harm)
-    return _with_verdicts(out)
+    return _strength_gaps(_with_verdicts(out), trials)
 
 
 def pair_findings(
@@ -287,6 +290,10 @@ def pair_findings(
 ) -> list[Finding]:
     """Every pair of regularizers (the better mean first) per setting and question, or only ``pair``
     (a, b) in that order at every setting that has both; p adjusted by Holm over the unordered pairs."""
+    if pair is not None and not {"@"} & set("".join(pair)) and has_matched(trials):
+        regs = set(trials["regularizer"].dropna())
+        if not set(pair) <= regs:  # two names run at matched strengths: contrast them at each value
+            return matched_findings(trials, evals, pair=pair, alpha=alpha)
     values = per_seed(trials, evals)
     if values.empty:
         return []
@@ -302,24 +309,101 @@ def pair_findings(
             ranked = sorted(levels, key=lambda r: -better * levels[r])
             todo = list(itertools.combinations(ranked, 2))
         out += [_finding(head, a, b, levels, index, "p_adjusted_pairs") for a, b in todo]
-    return _with_verdicts(out)
+    return _strength_gaps(_with_verdicts(out), trials)
+
+
+def arm_parts(regularizer: str) -> tuple[str, str]:
+    """ "label_smoothing@alpha=0.1" -> ("label_smoothing", "alpha=0.1"); a plain name -> (name, "")."""
+    base, _, variant = regularizer.partition("@")
+    return base, variant
+
+
+def matched_findings(
+    trials: pd.DataFrame, evals: pd.DataFrame, *, pair: tuple[str, str] | None = None, alpha: float = 0.05
+) -> list[Finding]:
+    """Regularizers at matched strengths (``alpha: {each: [...]}``): at each matched value, every pair of
+    regularizers run at it (the better mean first), or only ``pair`` (two regularizer names without a
+    value) in that order; per setting and question, the values in increasing order. Holm runs over the
+    pairs at one value, setting and question."""
+    values = per_seed(trials, evals)
+    if values.empty:
+        return []
+    parts = values["regularizer"].map(arm_parts)
+    values = values.assign(_variant=[v for _, v in parts], _base=[b for b, _ in parts])
+    values = values[values["_variant"] != ""]
+    keys = pd.DataFrame([k for _, _, k, _ in _key_rows(values)], columns=KEYS)
+    values = values.merge(keys, on=KEYS)
+    out: list[tuple[tuple, Finding]] = []
+    for variant, sub in values.groupby("_variant", sort=False):
+        sub = sub.drop(columns=["_variant", "_base"])
+        index = _index(compare(sub, reference=None, alpha=alpha))
+        for rank, (group, (question, label, key, better), levels) in enumerate(_answered(sub)):
+            head = (*group, *key, question, label, key[3], better)
+            arms = {arm_parts(r)[0]: r for r in levels}
+            if pair is not None:
+                todo = [(arms[pair[0]], arms[pair[1]])] if set(pair) <= set(arms) else []
+            else:
+                ranked = sorted(levels, key=lambda r: -better * levels[r])
+                todo = list(itertools.combinations(ranked, 2))
+            number = float(variant.split("=")[-1]) if variant.count("=") == 1 else 0.0
+            for a, b in todo:
+                out.append(
+                    (
+                        (group, question, number, variant, rank),
+                        _finding(head, a, b, levels, index, "p_adjusted_pairs"),
+                    )
+                )
+    order = {g: i for i, g in enumerate(dict.fromkeys(f.group for _, f in out))}
+    questions = list(vocab.QUESTIONS)
+    out.sort(key=lambda kf: (order[kf[1].group], questions.index(kf[0][1]), kf[0][2], kf[0][3]))
+    return _with_verdicts([f for _, f in out])
+
+
+def has_matched(trials: pd.DataFrame) -> bool:
+    """Whether the study ran regularizers at matched strengths (arms named ``name@param=value``)."""
+    return bool(trials["regularizer"].dropna().str.contains("@", regex=False).any())
 
 
 def chosen_configs(trials: pd.DataFrame) -> dict[tuple[str, str, str, str], str]:
     """(dataset, model, noise setting, regularizer) -> its final trials' configuration, shortly: the
-    regularizer's strength and the learning rate, e.g. "α 0.34 lr 0.012" ("" when neither was set)."""
-    best = best_trials(trials)
+    regularizer's strength and the learning rate, e.g. "α 0.34 lr 0.012" ("" when neither was set);
+    with search replicas the range over the replicas' choices ("α 0.01-0.34 lr 0.009-0.02")."""
+    best = best_trials(trials, per_replica=True)
     out = {}
-    for r in best.to_dict("records"):
-        params = json.loads(r["best_params"])
-        name = r.get("strength_param")
-        parts = []
-        if isinstance(name, str) and _number(params.get(name)) is not None:
-            parts.append(f"{GREEK.get(name, name)} {_number(params[name]):.2g}")
-        if _number(params.get("lr")) is not None:
-            parts.append(f"lr {_number(params['lr']):.2g}")
-        out[(r["dataset"], r["model"], r["noise_setting"], r["regularizer"])] = " ".join(parts)
+    for key, rows in best.groupby(["dataset", "model", "noise_setting", "regularizer"], sort=False):
+        chosen: dict[str, list[float]] = {}
+        for r in rows.to_dict("records"):
+            params, name = json.loads(r["best_params"]), r.get("strength_param")
+            for shown, value in ((GREEK.get(name, name), params.get(name)), ("lr", params.get("lr"))):
+                if isinstance(shown, str) and _number(value) is not None:
+                    chosen.setdefault(shown, []).append(_number(value))
+        out[key] = " ".join(f"{k} {_span(v)}" for k, v in chosen.items())
     return out
+
+
+def _span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.2g}" if f"{lo:.2g}" == f"{hi:.2g}" else f"{lo:.2g}-{hi:.2g}"
+
+
+def chosen_strengths(trials: pd.DataFrame) -> dict[tuple[str, str, str, str], float]:
+    """(dataset, model, noise setting, regularizer) -> the strength its final trials ran at (the median
+    over search replicas); regularizers without a strength are left out."""
+    best = best_trials(trials, per_replica=True)
+    best = best[best["strength"].notna() & (best["strength"].astype(float) > 0)]
+    med = best.groupby(["dataset", "model", "noise_setting", "regularizer"])["strength"].median()
+    return {k: float(v) for k, v in med.items()}
+
+
+def _strength_gaps(found: list[Finding], trials: pd.DataFrame) -> list[Finding]:
+    """Marks the findings whose two sides ran at strengths more than 2x apart (a contrast of
+    strength as much as of method)."""
+    strengths = chosen_strengths(trials)
+    for f in found:
+        sa, sb = strengths.get((*f.group, f.a)), strengths.get((*f.group, f.b or ""))
+        if sa is not None and sb is not None and max(sa, sb) > 2 * min(sa, sb):
+            f.strength_ratio = max(sa, sb) / min(sa, sb)
+    return found
 
 
 def _number(v: object) -> float | None:

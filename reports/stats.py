@@ -66,8 +66,9 @@ def _json_default(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else str(v)
 
 
-def best_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: its best completed search trial (by best_value and direction).
+def best_trials(trials: pd.DataFrame, *, per_replica: bool = False) -> pd.DataFrame:
+    """One row per cell (``per_replica``: per cell and search replica): its best completed search
+    trial (by best_value and direction).
 
     Cells without a completed search trial fall back to their first completed final trial (a cell
     with nothing to tune, e.g. CE at fixed hyperparameters). Adds a ``best_params`` JSON column of
@@ -76,11 +77,13 @@ def best_trials(trials: pd.DataFrame) -> pd.DataFrame:
     done = trials[(trials["status"] == "completed")]
     search = done[(done["phase"] == "search") & done["best_value"].notna()]
     score = np.where(search["direction"] == "minimize", -search["best_value"], search["best_value"])
-    search = search.assign(_score=score).sort_values(["cell_id", "_score"], ascending=[True, False])
-    best = search.drop_duplicates("cell_id")
-    rest = done[(done["phase"] == "final") & ~done["cell_id"].isin(best["cell_id"])].drop_duplicates(
-        "cell_id"
+    unit = ["cell_id", "replica"] if per_replica and "replica" in trials.columns else ["cell_id"]
+    search = search.assign(_score=score).sort_values(
+        [*unit, "_score"], ascending=[True] * len(unit) + [False]
     )
+    best = search.drop_duplicates(unit)
+    final = done[done["phase"] == "final"]
+    rest = final[~final.set_index(unit).index.isin(best.set_index(unit).index)].drop_duplicates(unit)
     best = pd.concat([best.drop(columns="_score"), rest], ignore_index=True)
     pcols = [c for c in best.columns if c.startswith("param_")]
     best["best_params"] = [

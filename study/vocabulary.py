@@ -207,4 +207,8 @@ REGULARIZER_SHORT = {
 
 
 def short_name(regularizer: str) -> str:
-    return REGULARIZER_SHORT.get(regularizer, regularizer)
+    """ "label_smoothing" -> "LS"; an arm at a matched strength "label_smoothing@alpha=0.1" -> "LS@α=0.1"."""
+    base, at, variant = regularizer.partition("@")
+    for name, letter in (("alpha", "α"), ("beta", "β"), ("gamma", "γ")):
+        variant = variant.replace(f"{name}=", f"{letter}=")
+    return REGULARIZER_SHORT.get(base, base) + at + variant

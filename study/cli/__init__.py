@@ -198,9 +198,14 @@ def report(
         if len(pair) != 2 or pair[0] == pair[1]:
             _bad_input(f"--compare must be A:B with two different regularizers, but got {compare!r}")
         named += [("--compare", r) for r in pair]
+    # --compare also takes the name of regularizers run at matched strengths (contrasted at each value).
+    bases = sorted({r.partition("@")[0] for r in regs if "@" in r} - set(regs))
     for option, name in named:
-        if regs and name not in regs:
-            _bad_input(f"{option} must name a regularizer of the study ({', '.join(regs)}), but got {name!r}")
+        allowed = regs + bases if option == "--compare" else regs
+        if allowed and name not in allowed:
+            _bad_input(
+                f"{option} must name a regularizer of the study ({', '.join(allowed)}), but got {name!r}"
+            )
     try:
         from reports.export import render_latex, render_markdown
         from reports.render import Options, render_rich

@@ -126,3 +126,46 @@ def test_findings_lines_show_the_realised_noise_rate():
     assert rates == {"symmetric:0.4": pytest.approx(0.40)}
     lines = terminal_lines(Section("t", findings(trials, evals), {}, rates))
     assert ("group", "d / m, noise symmetric:0.4 (realised 40.0% flipped)") in lines
+
+
+def test_matched_strengths_contrast_each_pair_at_each_value_against_scipy_and_holm():
+    """Arms at matched strengths (name@alpha=v): each value is its own family of pairs; the names
+    (`--compare label_smoothing:maxsup`) select one pair at every value, in increasing order."""
+    from reports.findings import matched_findings, pair_findings
+
+    regs = {"ce": 0.0, "label_smoothing@alpha=0.1": 0.0, "maxsup@alpha=0.1": 0.03,
+            "label_smoothing@alpha=0.3": 0.0, "maxsup@alpha=0.3": 0.0}  # fmt: skip
+    trials, evals = planted({"symmetric:0.4": regs})
+    found = matched_findings(trials, evals)
+    assert len(found) == 2 and (found[0].a, found[0].b) == ("maxsup@alpha=0.1", "label_smoothing@alpha=0.1")
+    assert {found[1].a, found[1].b} == {"maxsup@alpha=0.3", "label_smoothing@alpha=0.3"}  # no ce: no pair
+    values = evals.merge(trials, on="trial_id").pivot_table(
+        index="seed", columns="regularizer", values="value"
+    )
+    for f in found:
+        d = (values[f.a] - values[f.b]).to_numpy()
+        assert f.diff == pytest.approx(d.mean())
+        # one pair per value: Holm over one comparison leaves p unchanged
+        assert f.p == pytest.approx(stats.ttest_rel(values[f.a], values[f.b]).pvalue) and f.p_adj == f.p
+    assert found[0].verdict == "better" and found[0].b_level < found[0].a_level
+    assert found[1].verdict != "better"
+    named = pair_findings(trials, evals, pair=("label_smoothing", "maxsup"))
+    assert [(f.a, f.b) for f in named] == [
+        ("label_smoothing@alpha=0.1", "maxsup@alpha=0.1"),
+        ("label_smoothing@alpha=0.3", "maxsup@alpha=0.3"),
+    ]
+    assert named[0].verdict == "worse" and named[0].diff == pytest.approx(-found[0].diff)
+
+
+def test_a_finding_says_when_its_two_strengths_are_more_than_2x_apart():
+    trials, evals = planted({"none": {"label_smoothing": 0.05, "maxsup": 0.0}})
+    strength = trials["regularizer"].map({"label_smoothing": 0.34, "maxsup": 0.005})
+    trials = trials.assign(strength=strength, strength_param="alpha", phase="final")
+    from reports.findings import pair_findings
+
+    (f,) = pair_findings(trials, evals)
+    assert f.strength_ratio == pytest.approx(0.34 / 0.005)
+    assert f.verdict_text().endswith("(strengths 68x apart)")
+    trials = trials.assign(strength=trials["regularizer"].map({"label_smoothing": 0.2, "maxsup": 0.1}))
+    (f,) = pair_findings(trials, evals)
+    assert "apart" not in f.verdict_text()
