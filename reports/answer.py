@@ -22,7 +22,7 @@ from reports.findings import (
 )
 from study import vocabulary as vocab
 
-VERDICTS_NOTE = "better/worse: Holm CI excludes 0; equivalent: 90% CI in ±margin; n≈k would decide"
+VERDICTS_NOTE = "better/worse: Holm CI excludes 0; equivalent: 90% CI in ±margin; n≈k to decide"
 HARM_LABELS = {"accuracy": "acc.", "corruption": "corr.", "memorised": "mem.", "distilled": "dist."}
 
 
@@ -39,6 +39,7 @@ class Section:
     warnings: list[str] = field(default_factory=list)
     wins: bool = False  # show each line's seed wins (--compare)
     first: str | None = None  # the regularizer named first in a setting's configurations
+    chosen_label: str = "chosen"  # "chosen (median)": the median of the search replicas' choices
 
     @property
     def n(self) -> int:
@@ -88,6 +89,7 @@ def matched_section(study: Study) -> Section:
     section = Section(
         "Matched strengths: each pair at each value, the better mean first", matched_findings(
             study.trials, study.evals), chosen_configs(study.trials), realized_rates(study.trials), [], [],
+        chosen_label=_chosen_label(study),
     )  # fmt: skip
     section.notes = [
         _units(section.n, _replicated(study)),
@@ -105,16 +107,19 @@ def design_line(study: Study) -> str:
     parts = [f"seed {spec.get('seed', study.manifest.get('seed', 0))}"]  # a study's seed defaults to 0
     t = study.trials
     unit = ["cell_id", "replica"] if "replica" in t.columns and t["replica"].nunique() > 1 else ["cell_id"]
-    replicas = f"{t['replica'].nunique()} replicas x " if len(unit) > 1 else ""
+    replicas = f"{t['replica'].nunique()} replicas x " if len(unit) > 1 else ""  # of search + final seeds
     search = t[t["phase"] == "search"].groupby(unit).size()
     how = [str(v) for v in _kinds(spec.get("search")) if v]
     if len(search):
         parts.append(f"{replicas}search {_span(search)} trials" + (f" ({', '.join(how)})" if how else ""))
     final = t[(t["phase"] == "final") & (t["status"] == "completed")].groupby(unit)["seed"].nunique()
     if len(final):
-        parts.append(f"{_span(final)} seeds" + ("/replica" if replicas else "/cell"))
+        seeds = f"{_span(final)} seed" + ("" if _span(final) == "1" else "s")
+        parts[-1] += f" + {seeds}" if replicas and len(search) else ""
+        parts += [] if replicas and len(search) else [f"{seeds}/cell"]
     pack = (spec.get("resources") or {}).get("trials_per_process", 1)
-    parts.append(f"packs of {pack}" if pack not in (1, None) else "one trial per process")
+    packs = f"packs of {pack}" if pack not in (1, None) else "one trial per process"
+    parts.append("auto packs" if pack == "auto" else packs)
     return "Design: " + "; ".join(parts)
 
 
@@ -133,13 +138,17 @@ def _span(counts: pd.Series) -> str:
 
 
 def _units(n: int, replicated: bool = False) -> str:
-    word = "replicas (seeds averaged)" if replicated else "seeds"
+    word = "replicas" if replicated else "seeds"
     seeds = f"n={n} {word}" if n else f"final {word}"
     return f"Levels: mean of {seeds}, % for [0, 1] metrics; A - B: points [95% CI]."
 
 
 def _replicated(study: Study) -> bool:
     return "replica" in study.trials.columns and study.trials["replica"].nunique() > 1
+
+
+def _chosen_label(study: Study) -> str:
+    return "chosen (median)" if _replicated(study) else "chosen"
 
 
 def _attacks(study: Study) -> str:
@@ -153,6 +162,7 @@ def findings_section(study: Study, reference: str) -> Section:
     section = Section(
         f"Findings vs {ref}", found, chosen_configs(study.trials), realized_rates(study.trials), [],
         warnings(study.trials, study.evals, load_spec_dict(study.path)), first=reference,
+        chosen_label=_chosen_label(study),
     )  # fmt: skip
     section.notes = [
         f"Best mean vs {ref} (runner-up if {ref} is best); harm: the largest significant loss.",
@@ -170,7 +180,7 @@ def pairs_section(study: Study, pair: tuple[str, str] | None = None) -> Section:
     section = Section(
         title, found, chosen_configs(study.trials), realized_rates(study.trials), [],
         warnings(study.trials, study.evals, load_spec_dict(study.path)), wins=pair is not None,
-        first=pair[0] if pair else None,
+        first=pair[0] if pair else None, chosen_label=_chosen_label(study),
     )  # fmt: skip
     section.notes = [
         _units(section.n, _replicated(study)),
@@ -205,7 +215,8 @@ def terminal_lines(section: Section) -> list[tuple[str, str]]:
     n = section.n
     for group, found in section.groups():
         lines.append(("group", section.heading(group)))
-        lines.append(("config", f"  chosen: {section.chosen(group, _regs(found, section.first))}"))
+        chosen = section.chosen(group, _regs(found, section.first))
+        lines.append(("config", f"  {section.chosen_label}: {chosen}"))
         for f in found:
             lines.append(("line", f"  {_label(f):<{width}} {_line(f, n, section.wins)}"))
     if not section.found:

@@ -18,26 +18,32 @@ def warnings(trials: pd.DataFrame, evals: pd.DataFrame, spec: dict[str, Any] | N
     trial of its cell or sits at the edge of its range, single outlier seeds (> 3 MAD from the others)."""
     out = []
     final = trials[(trials["phase"] == "final") & (trials["status"] == "completed")]
-    n = final.groupby("cell_id")["seed"].nunique()
+    # The unit of a comparison: the seed, or with search replicas the replica (reports/compare.py).
+    replicated = "replica" in trials.columns and trials["replica"].nunique() > 1
+    unit, units = ("replica", "replicas") if replicated else ("seed", "seeds")
+    n = final.groupby("cell_id")[unit].nunique()
     if len(n) and n.min() < 3:
+        raise_it = "search.replicas" if replicated else "final.seeds"
         out.append(
-            f"{(n < 3).sum()} of {len(n)} cells have fewer than 3 seeds (n={n.min()}): t-intervals with "
-            f"{max(int(n.min()) - 1, 0)} df are wide; raise final.seeds"
+            f"{(n < 3).sum()} of {len(n)} cells have fewer than 3 {units} (n={n.min()}): t-intervals with "
+            f"{max(int(n.min()) - 1, 0)} df are wide; raise {raise_it}"
         )
+    by = ["cell_id", "replica"] if replicated else ["cell_id"]
     search = trials[(trials["phase"] == "search") & (trials["status"] == "completed")]
-    planned = trials[trials["phase"] == "search"].groupby("cell_id").size()
-    single = [c for c, k in search.groupby("cell_id").size().items() if k == 1 and planned.get(c, 0) > 1]
+    planned = trials[trials["phase"] == "search"].groupby(by).size()
+    single = [
+        "/".join(map(str, c if isinstance(c, tuple) else (c,)))
+        for c, k in search.groupby(by).size().items()
+        if k == 1 and planned.get(c, 0) > 1
+    ]
     if single:
-        what = "cell's best config is its" if len(single) == 1 else "cells' best configs are their"
+        what = "search's best config is its" if len(single) == 1 else "searches' best configs are their"
         out.append(f"{len(single)} {what} only completed search trial: {_few(single)}")
     edge = _at_edge(trials, spec) if spec else []
     if edge:
         out.append(f"best config at the edge of its search range (widen it): {_few(edge)}")
     if spec and _noisy_validation(spec) and (evals["metric"] == "ece_ts").any():
-        out.append(
-            "temperature scaling (T, ece_ts) was fitted on NOISY validation labels; set "
-            "dataset.clean_validation: true to fit it on clean ones"
-        )
+        out.append("T, ece_ts fitted on NOISY val. labels (dataset.clean_validation: true)")
     outliers = _outlier_seeds(final, evals)
     if outliers:
         out.append(f"single-seed outliers (> 3 MAD from the other seeds): {_few(outliers)}")
@@ -72,7 +78,7 @@ def _at_edge(trials: pd.DataFrame, spec: dict[str, Any]) -> list[str]:
             continue
         params = json.loads(row["best_params"])
         for (reg, name), r in ranges.items():
-            if (reg is not None and reg != row["regularizer"]) or name not in params:
+            if (reg is not None and reg != row["regularizer"].partition("@")[0]) or name not in params:
                 continue
             lo, hi, v = float(r["low"]), float(r["high"]), float(params[name])
             if r.get("log") and lo > 0 and v > 0:

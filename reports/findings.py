@@ -119,14 +119,22 @@ def scale(metric: str) -> float:
 def level_text(metric: str, v: float) -> str:
     if not math.isfinite(v):
         return "-"
-    return f"{100 * v:.1f}%" if scale(metric) == 100.0 else f"{v:.3f}"
+    return f"{100 * v:.1f}%" if scale(metric) == 100.0 else _no_lead_zero(f"{v:.3f}")
 
 
 def diff_text(metric: str, d: float) -> str:
     """ "+1.7" points for [0, 1] metrics, "+0.012" otherwise (never "-0.0")."""
     digits = 1 if scale(metric) == 100.0 else 3
     shown = round(scale(metric) * d, digits) + 0.0
-    return f"{shown:+.{digits}f}"
+    return _no_lead_zero(f"{shown:+.{digits}f}") if digits == 3 else f"{shown:+.{digits}f}"
+
+
+def _no_lead_zero(text: str) -> str:
+    """ "0.152" -> ".152", "-0.013" -> "-.013" (a one-line finding keeps to 80 columns)."""
+    for sign in ("", "+", "-"):
+        if text.startswith(sign + "0."):
+            return sign + text[len(sign) + 1 :]
+    return text
 
 
 def p_text(p: float) -> str:
@@ -272,7 +280,9 @@ def findings(
         best, others = ranked[0], ranked[1:]
         other = reference if best != reference and reference in levels else (others[0] if others else None)
         out.append(_finding(head, best, other, levels, index, "p_adjusted"))
-        for reg in others if best != reference else []:  # reference best: its runner-up is the line
+        for reg in ranked:  # the reference's line is best vs reference, or reference vs runner-up
+            if reg == reference:
+                continue
             row = index.get((*head[:7], reg, reference))
             if reg == other or row is None or row["verdict"] not in DIFFERENT or row["diff"] * better >= 0:
                 continue
@@ -367,7 +377,7 @@ def has_matched(trials: pd.DataFrame) -> bool:
 def chosen_configs(trials: pd.DataFrame) -> dict[tuple[str, str, str, str], str]:
     """(dataset, model, noise setting, regularizer) -> its final trials' configuration, shortly: the
     regularizer's strength and the learning rate, e.g. "α 0.34 lr 0.012" ("" when neither was set);
-    with search replicas the range over the replicas' choices ("α 0.01-0.34 lr 0.009-0.02")."""
+    with search replicas the median of the replicas' choices."""
     best = best_trials(trials, per_replica=True)
     out = {}
     for key, rows in best.groupby(["dataset", "model", "noise_setting", "regularizer"], sort=False):
@@ -377,13 +387,12 @@ def chosen_configs(trials: pd.DataFrame) -> dict[tuple[str, str, str, str], str]
             for shown, value in ((GREEK.get(name, name), params.get(name)), ("lr", params.get("lr"))):
                 if isinstance(shown, str) and _number(value) is not None:
                     chosen.setdefault(shown, []).append(_number(value))
-        out[key] = " ".join(f"{k} {_span(v)}" for k, v in chosen.items())
+        out[key] = " ".join(f"{k} {_median(v)}" for k, v in chosen.items())
     return out
 
 
-def _span(values: list[float]) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:.2g}" if f"{lo:.2g}" == f"{hi:.2g}" else f"{lo:.2g}-{hi:.2g}"
+def _median(values: list[float]) -> str:
+    return f"{float(np.median(values)):.2g}"
 
 
 def chosen_strengths(trials: pd.DataFrame) -> dict[tuple[str, str, str, str], float]:

@@ -173,7 +173,8 @@ def test_the_quickstart_findings_fit_an_80x40_screen(tmp_path):
     lines = _screen(out)
     assert len(lines) <= 40 and max(map(len, lines)) <= 80, "\n".join(lines)
     text = "\n".join(lines)
-    assert "Design: seed 0; search 4 trials (tpe, median); 4 seeds/cell; packs of auto" in text
-    # LS's calibration cost on clean labels is the harm of that setting, in points with both levels.
-    assert re.search(r"harm ECE +LS \d+\.\d% vs CE \d+\.\d% \+\d+\.\d \[", text)
-    assert text.count("  chosen: CE lr ") == 3
+    assert "Design: seed 0; 4 replicas x search 3 trials (tpe, median) + 1 seed; auto packs" in text
+    # LS's calibration cost on clean labels is the harm of that setting, in points with both levels,
+    # and decided (worse) even though CE is the best on ECE there.
+    assert re.search(r"harm ECE +LS \d+\.\d% vs CE \d+\.\d% \+\d+\.\d \[.*\] p=\S+ worse", text)
+    assert text.count("  chosen (median): CE lr ") == 3 and "mean of n=4 replicas" in text
