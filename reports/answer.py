@@ -86,10 +86,10 @@ def sections(
 
 def matched_section(study: Study) -> Section:
     """Every pair of regularizers at each matched strength (``alpha: {each: [...]}``)."""
+    found = matched_findings(study.trials, study.evals, margins=study.margins)
     section = Section(
-        "Matched strengths: each pair at each value, the better mean first", matched_findings(
-            study.trials, study.evals), chosen_configs(study.trials), realized_rates(study.trials), [], [],
-        chosen_label=_chosen_label(study),
+        "Matched strengths: each pair at each value, the better mean first", found,
+        chosen_configs(study.trials), realized_rates(study.trials), chosen_label=_chosen_label(study),
     )  # fmt: skip
     section.notes = [
         _units(section.n, _replicated(study)),
@@ -158,7 +158,7 @@ def _attacks(study: Study) -> str:
 
 def findings_section(study: Study, reference: str) -> Section:
     ref = vocab.short_name(reference)
-    found = findings(study.trials, study.evals, reference=reference)
+    found = findings(study.trials, study.evals, reference=reference, margins=study.margins)
     section = Section(
         f"Findings vs {ref}", found, chosen_configs(study.trials), realized_rates(study.trials), [],
         warnings(study.trials, study.evals, load_spec_dict(study.path)), first=reference,
@@ -174,7 +174,7 @@ def findings_section(study: Study, reference: str) -> Section:
 
 
 def pairs_section(study: Study, pair: tuple[str, str] | None = None) -> Section:
-    found = pair_findings(study.trials, study.evals, pair=pair)
+    found = pair_findings(study.trials, study.evals, pair=pair, margins=study.margins)
     names = None if pair is None else tuple(vocab.short_name(r) for r in pair)
     title = "Findings: every pair, the better mean first" if names is None else f"{names[0]} vs {names[1]}"
     section = Section(

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from study import vocabulary
 
@@ -286,6 +287,16 @@ class Study:
     def status(self) -> str:
         return str(self.manifest.get("status", "unknown"))
 
+    @property
+    def margins(self) -> dict[str, float]:
+        """The spec's equivalence margins per metric (``margins:``; validated by `study run`)."""
+        try:
+            spec = yaml.safe_load((self.path / "spec.yaml").read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            return {}
+        margins = spec.get("margins") if isinstance(spec, dict) else None
+        return {str(k): float(v) for k, v in margins.items()} if isinstance(margins, dict) else {}
+
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """Parse ``path/manifest.json``; {} if absent, ResultsError if unreadable."""
@@ -342,7 +353,7 @@ def build_summary(out_dir: str | os.PathLike, *, write: bool = True) -> pd.DataF
     from reports.stats import summarize
 
     study = load_study(out_dir)
-    summary = summarize(study.trials, study.evals, study=study.name, all_pairs=True)
+    summary = summarize(study.trials, study.evals, study=study.name, all_pairs=True, margins=study.margins)
     if write:
         write_table(out_dir, "summary", summary)
     return summary

@@ -262,7 +262,12 @@ def _with_verdicts(found: list[Finding]) -> list[Finding]:
 
 
 def findings(
-    trials: pd.DataFrame, evals: pd.DataFrame, *, reference: str = "ce", alpha: float = 0.05
+    trials: pd.DataFrame,
+    evals: pd.DataFrame,
+    *,
+    reference: str = "ce",
+    alpha: float = 0.05,
+    margins: dict[str, float] | None = None,
 ) -> list[Finding]:
     """Per setting and question the best regularizer vs the reference (vs the runner-up when the
     reference is best), then per setting its largest significant harm vs the reference (in points for
@@ -270,7 +275,7 @@ def findings(
     values = per_seed(trials, evals)
     if values.empty:
         return []
-    comp = compare(values, reference=reference, alpha=alpha)
+    comp = compare(values, reference=reference, alpha=alpha, margins=margins)
     index = _index(comp)
     out: list[Finding] = []
     harms: dict[tuple, tuple[float, Finding]] = {}
@@ -296,20 +301,25 @@ def findings(
 
 
 def pair_findings(
-    trials: pd.DataFrame, evals: pd.DataFrame, *, pair: tuple[str, str] | None = None, alpha: float = 0.05
+    trials: pd.DataFrame,
+    evals: pd.DataFrame,
+    *,
+    pair: tuple[str, str] | None = None,
+    alpha: float = 0.05,
+    margins: dict[str, float] | None = None,
 ) -> list[Finding]:
     """Every pair of regularizers (the better mean first) per setting and question, or only ``pair``
     (a, b) in that order at every setting that has both; p adjusted by Holm over the unordered pairs."""
     if pair is not None and not {"@"} & set("".join(pair)) and has_matched(trials):
         regs = set(trials["regularizer"].dropna())
         if not set(pair) <= regs:  # two names run at matched strengths: contrast them at each value
-            return matched_findings(trials, evals, pair=pair, alpha=alpha)
+            return matched_findings(trials, evals, pair=pair, alpha=alpha, margins=margins)
     values = per_seed(trials, evals)
     if values.empty:
         return []
     keys = pd.DataFrame([k for _, _, k, _ in _key_rows(values)], columns=KEYS)
     values = values.merge(keys, on=KEYS)  # the pairs' Holm families are per key: nothing else changes
-    index = _index(compare(values, reference=None, alpha=alpha))
+    index = _index(compare(values, reference=None, alpha=alpha, margins=margins))
     out = []
     for group, (question, label, key, better), levels in _answered(values):
         head = (*group, *key, question, label, key[3], better)
@@ -329,7 +339,12 @@ def arm_parts(regularizer: str) -> tuple[str, str]:
 
 
 def matched_findings(
-    trials: pd.DataFrame, evals: pd.DataFrame, *, pair: tuple[str, str] | None = None, alpha: float = 0.05
+    trials: pd.DataFrame,
+    evals: pd.DataFrame,
+    *,
+    pair: tuple[str, str] | None = None,
+    alpha: float = 0.05,
+    margins: dict[str, float] | None = None,
 ) -> list[Finding]:
     """Regularizers at matched strengths (``alpha: {each: [...]}``): at each matched value, every pair of
     regularizers run at it (the better mean first), or only ``pair`` (two regularizer names without a
@@ -346,7 +361,7 @@ def matched_findings(
     out: list[tuple[tuple, Finding]] = []
     for variant, sub in values.groupby("_variant", sort=False):
         sub = sub.drop(columns=["_variant", "_base"])
-        index = _index(compare(sub, reference=None, alpha=alpha))
+        index = _index(compare(sub, reference=None, alpha=alpha, margins=margins))
         for rank, (group, (question, label, key, better), levels) in enumerate(_answered(sub)):
             head = (*group, *key, question, label, key[3], better)
             arms = {arm_parts(r)[0]: r for r in levels}

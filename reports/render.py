@@ -245,7 +245,7 @@ def build_tables(
     study without corruption rows has no such section.
     """
     if summary is None:
-        summary = summarize(study.trials, study.evals, reference=reference)
+        summary = summarize(study.trials, study.evals, reference=reference, margins=study.margins)
     summary = summary[summary["reference"] == reference]
     # Index the summary once: filtering a 100k-row frame per table dominated the render time.
     keys = ["dataset", "model", "split", "condition", "metric"]

@@ -109,6 +109,7 @@ def summarize(
     alpha: float = 0.05,
     reference: str = REFERENCE,
     all_pairs: bool = False,
+    margins: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Summary table: one row per cell and (split, condition, severity, metric).
 
@@ -122,6 +123,7 @@ def summarize(
             regularizer of its group (``reference`` names it; the reference's own cell has no
             comparison), ``p_adjusted`` Holm over the regularizers vs that reference (as
             ``reference=`` it gives), ``p_adjusted_pairs`` Holm over the unordered pairs.
+        margins: equivalence margins per metric (the spec's ``margins:``) over the vocabulary's.
 
     Returns:
         DataFrame with ``SUMMARY_COLUMNS``. Empty (zero rows) when no final trial completed.
@@ -152,7 +154,7 @@ def summarize(
     agg = agg.merge(ce_mean, on=["ce_cell", *KEYS], how="left")
     agg["delta_vs_ce"] = agg["mean"] - agg["ce_mean"]
 
-    comp = compare(values, reference=None if all_pairs else reference, alpha=alpha)
+    comp = compare(values, reference=None if all_pairs else reference, alpha=alpha, margins=margins)
     comp["severity"] = comp["severity"].astype(float).fillna(NOSEV)
     if all_pairs:  # every cell once per regularizer of its group as the reference
         refs = cells[[*GROUP, "regularizer"]].drop_duplicates().rename(columns={"regularizer": "reference"})

@@ -16,9 +16,11 @@ def spec_hash(spec: StudySpec) -> str:
     """Hash of the resolved spec (defaults filled in), stable across key order and formatting.
 
     Left out: ``tracking`` (where runs are logged), ``search.keep_checkpoints`` (what stays on disk) and
-    ``resources.trials_per_process`` (how trials share processes): none changes a result.
+    ``resources.trials_per_process`` (how trials share processes), ``margins`` (how verdicts read the
+    results): none changes a result.
     """
-    leave_out = {"tracking": True, "search": {"keep_checkpoints"}, "resources": {"trials_per_process"}}
+    leave_out = {"tracking": True, "search": {"keep_checkpoints"}, "resources": {"trials_per_process"},
+                 "margins": True}  # fmt: skip
     dump = spec.model_dump(mode="json", exclude=leave_out)
     if dump["search"]["replicas"] == 1:  # likewise for search replicas
         dump["search"].pop("replicas")

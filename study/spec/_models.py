@@ -28,7 +28,7 @@ from study.spec._values import (
     endpoints,
     resolve_pack_size,
 )
-from study.vocabulary import SEARCH_METRICS
+from study.vocabulary import METRIC_BY_NAME, SEARCH_METRICS
 
 # The search metrics and their directions (read by the trial layer and the sweep too).
 METRICS = SEARCH_METRICS
@@ -221,8 +221,9 @@ class SearchSpec(Strict):
 
 class AdaptiveSeeds(Strict):
     """Seeds added in rounds: every cell starts with `min`; after each round, a cell whose key
-    comparison (test accuracy vs the reference cell of its group, paired by seed) has a 95% CI that
-    still straddles zero gets one more seed (and so does its reference), until decided or `max`."""
+    comparison (test accuracy vs the reference cell of its group, paired by seed) is still undecided
+    (95% CI straddles zero, 90% CI not inside +-margin) gets one more seed (and so does its
+    reference), until decided or `max`."""
 
     min: int = Field(3, ge=2)
     max: int = Field(10, ge=2)
@@ -352,6 +353,16 @@ class StudySpec(Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_failures: int = Field(1, ge=0)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    # Equivalence margins per metric, in its units (0.01 = 1 point of accuracy): a comparison whose 90%
+    # interval lies inside +-margin is "equivalent" (study/vocabulary.py has the defaults).
+    margins: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=dict)
+
+    @field_validator("margins")
+    @classmethod
+    def _margins(cls, v: dict[str, float]) -> dict[str, float]:
+        for metric in v:
+            _one_of(metric, METRIC_BY_NAME, "metric")
+        return v
 
     @field_validator("name")
     @classmethod

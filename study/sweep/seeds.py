@@ -1,9 +1,12 @@
 """How many final seeds each cell gets: a fixed number, or adaptive rounds until its key comparison is
 decided (``final: {seeds: {min, max, until: decided}}``).
 
-Ray Tune's Repeater only averages a fixed number of repeats; here, after each round, a cell whose paired
-95% CI of (its test accuracy - its reference cell's), over the seeds both have, still straddles zero gets
-one more seed, and so does the reference cell, until the CI excludes zero or the cell has ``max`` seeds.
+Ray Tune's Repeater only averages a fixed number of repeats; here, after each round, a cell whose
+comparison (its test accuracy - its reference cell's, paired over the seeds both have) is still
+undecided gets one more seed, and so does the reference cell, until it is decided or the cell has
+``max`` seeds. Decided as the report's verdicts (reports/verdicts.py): different when the 95% CI excludes
+zero, equivalent when the 90% CI lies inside +-margin (the spec's ``margins.accuracy``, else the
+vocabulary's).
 Why each cell stopped is recorded (the manifest's ``final_seeds``). Ray-free.
 """
 
@@ -16,6 +19,7 @@ import numpy as np
 
 from study.spec import AdaptiveSeeds, StudySpec
 from study.sweep.cells import Cell
+from study.vocabulary import margin_of
 
 
 class SeedPlan:
@@ -26,6 +30,7 @@ class SeedPlan:
             spec.final.seeds if isinstance(spec.final.seeds, AdaptiveSeeds) else None
         )
         self.count = {c.cell_id: spec.final.first_seeds for c in cells}
+        self.margin = margin_of("accuracy", spec.margins) or 0.0
         self.reasons: dict[str, str] = {}
         # A cell's reference is the reference regularizer's cell of the same data, model, noise and
         # search replica.
@@ -78,6 +83,9 @@ class SeedPlan:
         ci = f"accuracy diff {100 * d.mean():+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}], n={len(d)}"
         if len(d) >= 2 and (lo > 0 or hi < 0):
             return f"decided: {ci}"
+        lo90, hi90 = _paired_ci(d, level=0.90)
+        if len(d) >= 2 and -self.margin < lo90 and hi90 < self.margin:
+            return f"equivalent: {ci}, 90% CI within ±{100 * self.margin:.1f} pts"
         if n_wanted >= self.adaptive.max:
             return f"max seeds: {ci} still includes 0"
         return None
@@ -86,10 +94,10 @@ class SeedPlan:
         return {cid: {"seeds": n, "stopped": self.reasons.get(cid, "fixed")} for cid, n in self.count.items()}
 
 
-def _paired_ci(d: np.ndarray) -> tuple[float, float]:
+def _paired_ci(d: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     if len(d) < 2:
         return -math.inf, math.inf
     from scipy import stats  # here: every trial process imports this module (via tune.py), ~0.8 s
 
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    half = stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
     return float(d.mean() - half), float(d.mean() + half)

@@ -81,3 +81,22 @@ def test_cli_seed_out_of_range_is_bad_input(tmp_path):
     )
     assert res.returncode == 2 and "--seed" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_margins_are_checked_kept_out_of_the_hash_and_read_by_the_report(tmp_path):
+    """`margins: {metric: value}` in the metric's units; an unknown metric or a non-positive value is one
+    line naming the field; margins change how verdicts read results, not the results: not in the hash."""
+    from reports.build import Study
+    from study.spec import spec_hash
+
+    base = parse_spec(SPEC)
+    wide = parse_spec(SPEC + "margins: {accuracy: 0.05, ece: 0.02}\n")
+    assert wide.margins == {"accuracy": 0.05, "ece": 0.02} and spec_hash(wide) == spec_hash(base)
+    for bad, needle in (("{acc: 0.05}", "unknown metric 'acc'"), ("{accuracy: 0}", "greater than 0"),
+                        ("{accuracy: .nan}", "finite")):  # fmt: skip
+        with pytest.raises(SpecError, match=r"margins") as err:
+            parse_spec(SPEC + f"margins: {bad}\n")
+        assert needle in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "spec.yaml").write_text(SPEC + "margins: {accuracy: 0.05}\n")
+    study = Study(tmp_path, "s", {}, *(None,) * 4, False)
+    assert study.margins == {"accuracy": 0.05}

@@ -266,9 +266,14 @@ def test_a_spec_with_nothing_to_search_skips_the_search_phase(tmp_path):
     assert all(not studies.trials(c.cell_id) for c in cells)  # nothing asked of Optuna
 
 
-@pytest.mark.parametrize(("effect", "expected"), [(0.10, 3), (0.0, 6)])
-def test_adaptive_seeds_stop_when_decided_and_go_to_max_on_a_null(tmp_path, effect, expected):
-    """Large planted effect: decided after the first round (min seeds). Null: seeds until max."""
+@pytest.mark.parametrize(
+    ("effect", "spread", "expected", "stopped"),
+    [(0.10, 0.005, 3, "decided"), (0.0, 0.05, 6, "max seeds"), (0.0, 0.0005, 3, "equivalent")],
+)
+def test_adaptive_seeds_stop_when_decided_or_equivalent(tmp_path, effect, spread, expected, stopped):
+    """Large planted effect: decided after the first round (min seeds). Null with a spread of 5 points
+    (much more than the 1-point accuracy margin): seeds until max. Null with a tiny spread: the 90% CI
+    lies inside +-1 point after the first round: equivalent, which decides it too."""
     import numpy as np
 
     source, ctx = _fixed_params_source(tmp_path, "{min: 3, max: 6, until: decided}")
@@ -285,7 +290,7 @@ def test_adaptive_seeds_stop_when_decided_and_go_to_max_on_a_null(tmp_path, effe
                 rec = ctx.by_tune_id[tid]
                 seed = rec.index
                 acc = seed_effect[seed] + (effect if "label_smoothing" in rec.cell_id else 0.0)
-                acc += rng.normal(0, 0.005)
+                acc += rng.normal(0, spread)
                 rec.payload = {"status": "completed", "best_value": acc, "epoch_rows": [],
                                "eval_rows": [{"split": "test", "condition": "clean", "severity": None,
                                               "metric": "accuracy", "value": acc}]}  # fmt: skip
@@ -299,7 +304,7 @@ def test_adaptive_seeds_stop_when_decided_and_go_to_max_on_a_null(tmp_path, effe
     assert all(s == list(range(1, expected + 1)) for s in seeds.values()), seeds
     record = source.seeds.record()
     ls = next(c for c in record if "label_smoothing" in c)
-    assert record[ls]["stopped"].startswith("decided" if effect else "max seeds")
+    assert record[ls]["stopped"].startswith(stopped), record[ls]
     assert record[ls]["seeds"] == expected
 
 
