@@ -51,7 +51,7 @@ def verdicts_of(out: Path) -> pd.DataFrame:
     evals = pd.read_parquet(out / "evals.parquet")
     evals = evals[(evals["split"].isin(["test", "train"])) & evals["metric"].isin(METRICS)]
     comp = compare(per_seed(trials, evals), reference=None)
-    comp = comp[comp["regularizer"] < comp["reference"]]
+    comp = comp[comp["regularizer"] < comp["reference"]].assign(verdict=lambda c: c["verdict_pairs"])
     return comp[[*GROUP, "condition", "severity", "metric", "regularizer", "reference", "verdict", "diff"]]
 
 

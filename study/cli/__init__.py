@@ -5,6 +5,8 @@ Exit codes: 0 ok, 1 runtime failure, 2 bad input (spec, arguments, results dir).
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 from pathlib import Path
 from typing import NoReturn
 
@@ -17,6 +19,8 @@ app = typer.Typer(
     help="Label-smoothing-family regularizer studies: sweep, evaluate, report.",
 )
 err = Console(stderr=True)
+if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack: why a run is stuck
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _bad_input(message: str) -> NoReturn:

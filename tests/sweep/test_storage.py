@@ -121,12 +121,13 @@ def test_study_writes_to_s3_and_resumes_from_it_after_ctrl_c(tmp_path, s3_env):
     gate = tmp_path / "gate"
     gate_env = studygate.arm(gate, records=str(first / "records" / "search" / "*.json"), after=3)
     cmd = [STUDY_BIN, "run", str(spec), "--storage", "s3://bucket/prefix", "--quiet", "--no-report"]
+    stderr = (tmp_path / "stderr").open("w")
     proc = subprocess.Popen(
         [*cmd, "--out", str(first)],
         env={**os.environ, **gate_env},
         start_new_session=True,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
     )
     fs, _ = open_storage("s3://bucket/prefix")
     remote_records = "bucket/prefix/s3study/records/search"
@@ -144,8 +145,16 @@ def test_study_writes_to_s3_and_resumes_from_it_after_ctrl_c(tmp_path, s3_env):
         # Ctrl-C (SIGINT to the driver): the study stops, says so, and can be resumed (test_tune
         # covers SIGKILL).
         proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=120)
+        try:  # the interrupted driver mirrors the results dir to S3 before it exits: slow when busy
+            rc = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired as exc:
+            proc.send_signal(signal.SIGUSR1)  # the CLI's faulthandler: every thread's stack to stderr
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+            stacks = (tmp_path / "stderr").read_text()[-6000:]
+            raise AssertionError(f"no exit 300 s after Ctrl-C:\n{stacks}") from exc
     finally:
+        stderr.close()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind in the driver's session
     studygate.release(gate)
