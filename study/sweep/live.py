@@ -108,6 +108,7 @@ class LiveView:
         self.names = short_names([c.cell_id for c in cells])
         self.metric, self.maximize = spec.search.metric, spec.search.direction == "maximize"
         self.post: tuple[int, int] | None = None  # (done, total) once the post phase has started
+        self.post_t0: float | None = None
 
     def __enter__(self) -> LiveView:
         if not self.quiet:
@@ -154,6 +155,8 @@ class LiveView:
     def post_progress(self, done: int, total: int, kind: str = "", key: str = "", error: str = "") -> None:
         """The post phase (transfer attacks, distillation): `done` of `total` jobs finished."""
         self.post = (done, total)
+        if self.post_t0 is None:
+            self.post_t0 = self.clock()
         if self.quiet:
             if not done:
                 line = f"post phase: {total} jobs (transfer attacks, distillation)"
@@ -201,11 +204,29 @@ class LiveView:
         return t
 
     def caption(self, recs: list[Any]) -> str:
+        """Trials ended, epochs trained, elapsed time and the ETA (``eta``); in the post phase its jobs."""
         done = sum(1 for r in recs if r.ended_at is not None)
         total = self.planned["search"] + self.planned["final"]
-        elapsed = self.clock() - self.t0
-        eta = _fmt_s(elapsed / done * (total - done)) if done and self.post is None else "-"
-        text = f"{done}/{total} trials ended, {_fmt_s(elapsed)} elapsed, ETA {eta}"
-        if self.post is not None:
-            text += f", post phase {self.post[0]}/{self.post[1]} jobs"
-        return text
+        trained = sum(len(r.epoch_rows) for r in recs)
+        text = f"{done}/{total} trials ended, {trained} epochs, {_fmt_s(self.clock() - self.t0)} elapsed"
+        if self.post is None:
+            return text + f", ETA {self.eta(recs)}"
+        post_done, post_total = self.post
+        took = self.clock() - (self.post_t0 or self.clock())
+        post_eta = _fmt_s(took / post_done * (post_total - post_done)) if post_done else "-"
+        return text + f", post {post_done}/{post_total} jobs, ETA {post_eta}"
+
+    def eta(self, recs: list[Any]) -> str:
+        """Time left from measured durations, never from elapsed time: the epochs still to train
+        (running trials' remaining epochs + trials not started x their epochs; pruning can only make it
+        shorter) x the mean measured seconds per epoch / the trials training at once (pack members
+        count one each: a pack's epoch trains all of them)."""
+        walls = [r["wall_s"] for rec in recs for r in rec.epoch_rows if r.get("wall_s")]
+        if not walls:
+            return "-"
+        epochs = {"search": self.spec.train.epochs, "final": self.spec.final.epochs or self.spec.train.epochs}
+        running = [r for r in recs if r.ended_at is None]
+        left = sum(max(epochs.get(r.phase, 0) - len(r.epoch_rows), 0) for r in running)
+        for phase, n in epochs.items():
+            left += max(self.planned[phase] - sum(1 for r in recs if r.phase == phase), 0) * n
+        return _fmt_s(sum(walls) / len(walls) * left / max(len(running), 1))

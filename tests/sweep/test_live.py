@@ -84,6 +84,8 @@ def test_table_best_follows_the_direction_and_fits_80_columns(tmp_path):
     ls = _ls_trials(source, ctx)
     clock.now += 30
     for tid, v in zip(ls, (0.9, 0.4, 0.7), strict=True):
+        for epoch in (1, 2):  # each epoch took 1.5 s
+            ctx.epoch_result(tid, {"epoch": epoch, "objective": v, "val_nll": v, "wall_s": 1.5})
         _end(source, ctx, tid, v)
     console.print(view.table())
     text = console.export_text()
@@ -92,8 +94,13 @@ def test_table_best_follows_the_direction_and_fits_80_columns(tmp_path):
     assert row.split()[-2] == "0.4000"  # the minimum, not the maximum 0.9
     assert re.search(r"│ s ls asym:0\.4 +│ +\d", text)  # short cell names
     assert all(len(ln) <= 80 for ln in text.splitlines())
-    # 3 of 16 trials (2 ce + 6 ls search, 2 x 4 final) ended in 30 s: 13 more take 130 s.
-    assert "3/16 trials ended, 30s elapsed, ETA 2m10s" in text
+    # 3 of 16 trials (2 ce + 6 ls search, 2 x 4 final) ended after 6 epochs of 1.5 s each. Left: the
+    # asked trials still running (no epoch yet) and those not asked, 2 epochs each = 26 epochs x 1.5 s,
+    # over the trials training at once (the ETA never divides elapsed time).
+    running = sum(1 for r in ctx.by_tune_id.values() if r.ended_at is None)
+    eta = round(26 * 1.5 / max(running, 1))
+    shown = f"{eta // 60}m{eta % 60:02d}s" if eta >= 60 else f"{eta}s"
+    assert f"3/16 trials ended, 6 epochs, 30s elapsed, ETA {shown}" in text, text
 
 
 def test_the_clock_ticks_without_trial_events(tmp_path):
@@ -162,3 +169,14 @@ def test_manifest_status_follows_the_phases(tmp_path):
     assert times == sorted(times)
     resumed = prepare_out_dir(spec, SPEC, out, resume=True)
     assert resumed["status"] == "running" and resumed["phases"][-1][0] == "running"
+
+
+def test_post_phase_shows_its_jobs_and_an_eta_from_their_pace(tmp_path):
+    _, _, view, console, clock = _setup(tmp_path, quiet=False)
+    view.post_progress(0, 10)
+    console.print(view.table())
+    assert "post 0/10 jobs, ETA -" in console.export_text()
+    clock.now += 20  # 4 jobs in 20 s: 5 s each, 6 left
+    view.post_progress(4, 10, "distill", "k|mnist1d/cnn1d/ce/none|1")
+    console.print(view.table())
+    assert "post 4/10 jobs, ETA 30s" in console.export_text()
