@@ -39,8 +39,10 @@ def run_seed(spec: Path, out: Path, seed: int) -> float:
     cmd = [STUDY_BIN, "run", str(spec), "--seed", str(seed), "--out", str(out), "--quiet", "--no-report"]
     if out.exists():
         cmd.append("--resume")
+    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    with (out.parent / f"{out.name}.log").open("a") as log:  # the run's lines, apart from the table
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     return time.perf_counter() - t0
 
 

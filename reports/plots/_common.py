@@ -77,10 +77,14 @@ def colors(regs: list[str]) -> dict[str, tuple]:
 
 
 def per_seed(study: Study) -> pd.DataFrame:
-    """One value per (cell, split, condition, severity, metric, seed) of the completed final trials
-    (several trials of one seed averaged, as reports.stats does), with the cell's columns."""
+    """One value per (cell, split, condition, severity, metric, unit) of the completed final trials, with
+    the cell's columns. The unit (column ``seed``) is the seed, or with search replicas the replica, its
+    seeds averaged: the unit of the report's comparisons (reports.compare.per_seed); ``unit_name``
+    says which."""
     t = study.trials
-    final = t[(t["phase"] == "final") & (t["status"] == "completed")][["trial_id", "seed", *CELL]]
+    replicated = "replica" in t.columns and t["replica"].nunique() > 1
+    final = t[(t["phase"] == "final") & (t["status"] == "completed")]
+    final = final[["trial_id", *CELL]].assign(seed=final["replica" if replicated else "seed"].to_numpy())
     ev = study.evals.merge(final, on="trial_id")
     if ev.empty:
         return pd.DataFrame(columns=[*CELL, "split", "condition", "severity", "metric", "seed", "value"])
@@ -88,7 +92,7 @@ def per_seed(study: Study) -> pd.DataFrame:
     keys = [*CELL, "split", "condition", "severity", "metric", "seed"]
     out = ev.groupby(keys, sort=False, observed=True)["value"].mean().reset_index()
     out["severity"] = out["severity"].replace(-1.0, np.nan)
-    return out
+    return out.assign(unit_name="replicas" if replicated else "seeds")
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float, int]:
@@ -134,10 +138,12 @@ def seeds_panel(ax: Axes, d: pd.DataFrame, x: str, regs: list[str], cols: dict[s
     return fewest
 
 
-def seeds_note(n: int) -> str:
+def seeds_note(n: int, d: pd.DataFrame | None = None) -> str:
+    """The legend's note on the dots and bars; ``d`` (per_seed rows) names the unit: seeds or replicas."""
+    units = str(d["unit_name"].iloc[0]) if d is not None and len(d) and "unit_name" in d else "seeds"
     if 0 < n < MIN_SEEDS_FOR_CI:
-        return f"n={n} seeds: no CI drawn (too few seeds)"
-    return f"n>={n} seeds, bars: 95% t-CI" if n else ""
+        return f"n={n} {units}: no CI drawn (too few {units})"
+    return f"n>={n} {units}, bars: 95% t-CI" if n else ""
 
 
 def kinds_in(settings: pd.DataFrame, order: tuple[str, ...]) -> list[str]:

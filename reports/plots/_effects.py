@@ -56,7 +56,7 @@ def vs_noise(
         )
         ax.set(xlabel=f"{kind} {what}", ylabel=f"test {_label(metric)}{unit(metric)}")
         ax.set_title(f"{title}: {kind}", fontsize=10)
-    axes[0].legend(fontsize=8, title=seeds_note(fewest), title_fontsize=7)
+    axes[0].legend(fontsize=8, title=seeds_note(fewest, ps), title_fontsize=7)
     return fig
 
 
@@ -80,7 +80,7 @@ def vs_eps(ps: pd.DataFrame, regs: list[str], cols: dict, settings: list[str], t
             fewest = min(fewest, n) if fewest and n else fewest or n
             ax.set(xlabel=f"{attack} eps", ylabel="test accuracy (%)" if j == 0 else None)
             ax.set_title(f"{ns}: {attack}", fontsize=9)
-    axes[0, 0].legend(fontsize=7, title=seeds_note(fewest), title_fontsize=7)
+    axes[0, 0].legend(fontsize=7, title=seeds_note(fewest, ps), title_fontsize=7)
     fig.suptitle(f"{title}: accuracy under attack (eps 0 = clean)", fontsize=10)
     return fig
 
@@ -107,7 +107,7 @@ def vs_severity(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # severities are levels 1..5
         ax.set(xlabel="corruption severity (0 = clean)", ylabel="test accuracy (%), mean over corruptions")
         ax.set_title(f"{title}: {ns}", fontsize=10)
-    axes[0].legend(fontsize=8, title=seeds_note(fewest), title_fontsize=7)
+    axes[0].legend(fontsize=8, title=seeds_note(fewest, ps), title_fontsize=7)
     return fig
 
 
@@ -165,5 +165,5 @@ def forest(
         points = " (points)" if unit(metric) else ""
         ax.set_xlabel(f"{_label(metric)} - {reference}{points}{hint}", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
-    fig.suptitle(f"{title}: paired difference to {reference} per seed; {seeds_note(fewest)}", fontsize=9)
+    fig.suptitle(f"{title}: paired difference to {reference} per unit; {seeds_note(fewest, ps)}", fontsize=9)
     return fig

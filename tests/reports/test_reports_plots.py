@@ -229,3 +229,26 @@ def test_write_plots_writes_each_figure(study4, tmp_path):
     }
     assert all((tmp_path / n).stat().st_size > 0 for n in names)
     assert isinstance(per_seed(study4), pd.DataFrame)
+
+
+def test_with_search_replicas_the_plots_unit_is_the_replica(tmp_path):
+    """The real quickstart (4 replicas x 1 seed): each dot is a replica, as in the report's tests."""
+    import shutil
+    from pathlib import Path
+
+    from reports.build import load_study
+    from reports.compare import per_seed as report_units
+    from reports.plots._common import per_seed, seeds_note
+
+    src = Path(__file__).parent / "data" / "quickstart"
+    shutil.copytree(src, tmp_path / "q")
+    study = load_study(tmp_path / "q")
+    ps = per_seed(study)
+    clean = ps[(ps["metric"] == "ece") & (ps["condition"] == "clean") & (ps["split"] == "test")]
+    assert clean.groupby(["regularizer", "noise_setting"])["seed"].nunique().eq(4).all()
+    want = report_units(study.trials, study.evals)
+    want = want[(want["metric"] == "ece") & (want["condition"] == "clean") & (want["split"] == "test")]
+    merged = clean.merge(want, on=["regularizer", "noise_setting", "seed"], suffixes=("", "_report"))
+    assert len(merged) == len(clean) and np.allclose(merged["value"], merged["value_report"])
+    assert seeds_note(4, ps) == "n>=4 replicas, bars: 95% t-CI"
+    assert seeds_note(2, ps.assign(unit_name="seeds")) == "n=2 seeds: no CI drawn (too few seeds)"
