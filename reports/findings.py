@@ -372,15 +372,14 @@ def matched_findings(
                 todo = list(itertools.combinations(ranked, 2))
             number = float(variant.split("=")[-1]) if variant.count("=") == 1 else 0.0
             for a, b in todo:
-                out.append(
-                    (
-                        (group, question, number, variant, rank),
-                        _finding(head, a, b, levels, index, "p_adjusted_pairs"),
-                    )
-                )
+                found = _finding(head, a, b, levels, index, "p_adjusted_pairs")
+                out.append(((group, label, number, variant, rank), found))
+    # Settings in report order; within one, each question's lines in report order, at every value.
     order = {g: i for i, g in enumerate(dict.fromkeys(f.group for _, f in out))}
-    questions = list(vocab.QUESTIONS)
-    out.sort(key=lambda kf: (order[kf[1].group], questions.index(kf[0][1]), kf[0][2], kf[0][3]))
+    first: dict[tuple, int] = {}
+    for (group, label, _, _, rank), _ in out:
+        first[(group, label)] = min(first.get((group, label), rank), rank)
+    out.sort(key=lambda kf: (order[kf[1].group], first[(kf[0][0], kf[0][1])], kf[0][2], kf[0][3]))
     return _with_verdicts([f for _, f in out])
 
 
@@ -399,7 +398,9 @@ def chosen_configs(trials: pd.DataFrame) -> dict[tuple[str, str, str, str], str]
         chosen: dict[str, list[float]] = {}
         for r in rows.to_dict("records"):
             params, name = json.loads(r["best_params"]), r.get("strength_param")
-            for shown, value in ((GREEK.get(name, name), params.get(name)), ("lr", params.get("lr"))):
+            matched = "@" in key[3]  # the arm's name already says its strength
+            strength = () if matched else ((GREEK.get(name, name), params.get(name)),)
+            for shown, value in (*strength, ("lr", params.get("lr"))):
                 if isinstance(shown, str) and _number(value) is not None:
                     chosen.setdefault(shown, []).append(_number(value))
         out[key] = " ".join(f"{k} {_median(v)}" for k, v in chosen.items())
