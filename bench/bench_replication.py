@@ -95,7 +95,8 @@ def main() -> None:
         f"{vocab.short_name(a)} vs {vocab.short_name(b)}"
         for a, b in zip(shown["regularizer"], shown["reference"], strict=True)
     ]
-    shown["where"] = shown["noise_setting"] + " " + shown["condition"]
+    severity = [f" s{v:g}" if v != -1 else "" for v in shown["severity"]]
+    shown["where"] = shown["noise_setting"] + " " + shown["condition"] + severity
     cols = ["where", "metric", "pair", *seeds, "contradiction"]
     print("Decided in at least one run:\n")
     print(_markdown(shown[cols]) if len(shown) else "(none)")

@@ -145,13 +145,18 @@ def compare(
     out["p_adjusted"] = holm(out["p_value"], out[[*GROUP, *KEYS, "reference"]])
     out["p_adjusted_pairs"] = np.nan if reference is not None else _holm_pairs(out)
     out["significant"] = (out["p_adjusted"] < alpha).fillna(False).astype(bool)
-    out = _with_verdicts(out, sd, [g.to_numpy() for _, g in grouped["d"]], alpha, margins)
+    out = _with_verdicts(out, sd, [g.to_numpy() for _, g in grouped["d"]], alpha, margins, reference is None)
     out["severity"] = out["severity"].replace(NOSEV, np.nan)
     return out[COMPARISON_COLUMNS].reset_index(drop=True)
 
 
 def _with_verdicts(
-    out: pd.DataFrame, sd: np.ndarray, diffs: list[np.ndarray], alpha: float, margins: dict[str, float] | None
+    out: pd.DataFrame,
+    sd: np.ndarray,
+    diffs: list[np.ndarray],
+    alpha: float,
+    margins: dict[str, float] | None,
+    all_pairs: bool,
 ) -> pd.DataFrame:
     """Adds the Holm-adjusted interval, verdict (and verdict_pairs), margin, probability of improvement
     and units needed."""
@@ -166,9 +171,8 @@ def _with_verdicts(
         adj_ci_low=low,
         adj_ci_high=high,
         verdict=verdicts.decide(diff, sd, n, out["p_adjusted"], margin, better, alpha),
-        verdict_pairs=np.where(
-            np.isnan(pairs), None, verdicts.decide(diff, sd, n, pairs, margin, better, alpha)
-        ),
+        # A NaN p (identical paired values) is no difference, and can still be equivalent.
+        verdict_pairs=verdicts.decide(diff, sd, n, pairs, margin, better, alpha) if all_pairs else None,
         margin=margin,
         p_improve=point,
         p_improve_low=p_low,
