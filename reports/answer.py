@@ -40,6 +40,7 @@ class Section:
     wins: bool = False  # show each line's seed wins (--compare)
     first: str | None = None  # the regularizer named first in a setting's configurations
     chosen_label: str = "chosen"  # "chosen (median)": the median of the search replicas' choices
+    unit: str = "seeds"  # what a paired unit is: seeds, or search replicas
 
     @property
     def n(self) -> int:
@@ -181,6 +182,7 @@ def pairs_section(study: Study, pair: tuple[str, str] | None = None) -> Section:
         title, found, chosen_configs(study.trials), realized_rates(study.trials), [],
         warnings(study.trials, study.evals, load_spec_dict(study.path)), wins=pair is not None,
         first=pair[0] if pair else None, chosen_label=_chosen_label(study),
+        unit="replicas" if _replicated(study) else "seeds",
     )  # fmt: skip
     section.notes = [
         _units(section.n, _replicated(study)),
@@ -188,7 +190,8 @@ def pairs_section(study: Study, pair: tuple[str, str] | None = None) -> Section:
         VERDICTS_NOTE,
     ]
     if names is not None:
-        section.notes.append(f"k/n seeds: the paired seeds on which {names[0]} is better than {names[1]}.")
+        unit = "replicas" if _replicated(study) else "seeds"
+        section.notes.append(f"k/n {unit}: the paired {unit} on which {names[0]} is better than {names[1]}.")
         missing = _missing_settings(study, pair)
         section.notes += [f"Not in both: {', '.join(missing)}"] if missing else []
     return section
@@ -200,8 +203,8 @@ def _missing_settings(study: Study, pair: tuple[str, str]) -> list[str]:
     return [f"{d}/{m}/{ns}" for (d, m, ns), regs in have.items() if not set(pair) <= regs]
 
 
-def _line(f: Finding, n: int, wins: bool) -> str:
-    return f.sentence(n=f.n != n, raw=wins, wins=wins)
+def _line(f: Finding, n: int, wins: bool, unit: str) -> str:
+    return f.sentence(n=f.n != n, raw=wins, wins=wins, unit=unit)
 
 
 def _label(f: Finding) -> str:
@@ -218,7 +221,7 @@ def terminal_lines(section: Section) -> list[tuple[str, str]]:
         chosen = section.chosen(group, _regs(found, section.first))
         lines.append(("config", f"  {section.chosen_label}: {chosen}"))
         for f in found:
-            lines.append(("line", f"  {_label(f):<{width}} {_line(f, n, section.wins)}"))
+            lines.append(("line", f"  {_label(f):<{width}} {_line(f, n, section.wins, section.unit)}"))
     if not section.found:
         lines.append(("note", "  no completed final trials yet: nothing to compare"))
     lines += [("note", note) for note in section.notes]
@@ -248,6 +251,6 @@ def table_rows(section: Section) -> tuple[list[str], list[list[str]]]:
             ]
         p = f.p_values().removeprefix("p=")
         cells += [f.difference() or "-", str(f.n) if f.b else "-", p or "-", f.verdict_text()]
-        cells += [f"{f.wins}/{f.n} seeds" if f.n else "-"] if section.wins else []
+        cells += [f"{f.wins}/{f.n} {section.unit}" if f.n else "-"] if section.wins else []
         rows.append(cells)
     return head, rows

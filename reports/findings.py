@@ -89,7 +89,7 @@ class Finding:
             return ""
         return f"p={p_text(self.p)}/{p_text(self.p_adj)}" if raw else f"p={p_text(self.p_adj)}"
 
-    def sentence(self, *, n: bool = True, raw: bool = True, wins: bool = False) -> str:
+    def sentence(self, *, n: bool = True, raw: bool = True, wins: bool = False, unit: str = "seeds") -> str:
         """ "LS 65.5% vs CE 63.8% +1.7 [-0.4, +3.8] n=5 p=.21/.63 not significant"; ``wins`` adds the
         seeds on which a is better ("4/5 seeds") before the verdict."""
         parts = [
@@ -98,7 +98,7 @@ class Finding:
             f"n={self.n}" if n and self.b else "",
             self.p_values(raw=raw),
         ]
-        parts.append(f"{self.wins}/{self.n} seeds" if wins and self.b and self.n else "")
+        parts.append(f"{self.wins}/{self.n} {unit}" if wins and self.b and self.n else "")
         return " ".join(p for p in [*parts, self.verdict_text()] if p)
 
     def verdict_text(self) -> str:
