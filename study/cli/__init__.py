@@ -344,11 +344,27 @@ def dashboard(
         what = f"search trials, and {n} final trials with their test metrics as <cell>/final studies"
     storage = JournalStorage(JournalFileBackend(str(shown)))
     err.print(f"optuna-dashboard on http://127.0.0.1:{port} ({what}; Ctrl-C stops it)", highlight=False)
+    if shown != journal:
+        _remove_on_sigterm(shown.parent)
     try:
         optuna_dashboard.run_server(storage, host="127.0.0.1", port=port)
     finally:
         if shown != journal:
             shutil.rmtree(shown.parent, ignore_errors=True)
+
+
+def _remove_on_sigterm(path: Path) -> None:
+    """Remove `path`, then die of SIGTERM as before. Not an exception: wsgiref's request handler (which
+    optuna-dashboard serves with) swallows any exception raised while it answers a request."""
+    import os
+    import shutil
+
+    def handler(signum: int, frame: object) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

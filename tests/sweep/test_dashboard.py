@@ -5,6 +5,7 @@ optuna-dashboard on 127.0.0.1 over that journal."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -124,6 +125,8 @@ def test_dashboard_serves_the_journal_on_loopback(tmp_path):
     pytest.importorskip("optuna_dashboard")
     _run_search(tmp_path)
     port = _free_port()
+    temp = tmp_path / "temp"  # where the dashboard puts its copy of the journal
+    temp.mkdir()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -136,6 +139,7 @@ def test_dashboard_serves_the_journal_on_loopback(tmp_path):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(temp)},
     )
     try:
         body = None
@@ -152,6 +156,8 @@ def test_dashboard_serves_the_journal_on_loopback(tmp_path):
         names = sorted(s["study_name"] for s in body["study_summaries"])
         cells = ["mnist1d/cnn1d/ce/none", "mnist1d/cnn1d/label_smoothing/none"]
         assert names == sorted(cells + [f"{c}/final" for c in cells])  # the run has ended: finals too
+        assert len(list(temp.iterdir())) == 1
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    assert not list(temp.iterdir())  # SIGTERM removed the copy
