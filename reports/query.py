@@ -135,7 +135,7 @@ def _status_counts(file: Path) -> dict[str, int]:
     return counts
 
 
-def _driver_alive(study_dir: Path) -> bool | None:
+def driver_alive(study_dir: Path) -> bool | None:
     """Whether a `study run` holds the directory's writer lock (True), nobody does (False: its driver
     died), or it cannot be told (None: no write access to try the lock)."""
     lock_path = study_dir / vocabulary.LOCK_FILE
@@ -188,7 +188,7 @@ def list_studies(root: str | os.PathLike) -> list[dict[str, Any]]:
             status = str(manifest.get("status", "unknown"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             manifest, status = {}, "unreadable manifest"
-        if status in vocabulary.RUNNING_STATUSES and _driver_alive(d) is False:
+        if status in vocabulary.RUNNING_STATUSES and driver_alive(d) is False:
             status = "interrupted"  # the manifest says running, but its driver is gone (e.g. SIGKILL)
         files = [f for f in d.iterdir() if f.is_file()]
         out.append({

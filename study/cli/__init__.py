@@ -322,11 +322,49 @@ def dashboard(
         import optuna_dashboard
     except ImportError:
         _bad_input('study dashboard needs optuna-dashboard: pip install "regstudy[dashboard]"')
+    import shutil
+    import tempfile
+
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    storage = JournalStorage(JournalFileBackend(str(journal)))
-    err.print(f"optuna-dashboard on http://127.0.0.1:{port} (Ctrl-C stops it)", highlight=False)
-    optuna_dashboard.run_server(storage, host="127.0.0.1", port=port)
+    from reports.query import driver_alive
+
+    shown, what = journal, "search trials; final trials are added once the run has ended"
+    finals = out_dir / "records" / "final"
+    if driver_alive(out_dir) is not True and finals.is_dir() and any(finals.glob("*.json")):
+        # The run has ended: a copy of the journal with each cell's final trials as "<cell>/final".
+        from study.spec import load_spec
+        from study.sweep.optuna_cells import add_final_studies
+
+        shown = Path(tempfile.mkdtemp(prefix="regstudy-dashboard-")) / journal.name
+        shutil.copy2(journal, shown)
+        n = add_final_studies(
+            JournalStorage(JournalFileBackend(str(shown))), load_spec(out_dir / "spec.yaml"), out_dir
+        )
+        what = f"search trials, and {n} final trials with their test metrics as <cell>/final studies"
+    storage = JournalStorage(JournalFileBackend(str(shown)))
+    err.print(f"optuna-dashboard on http://127.0.0.1:{port} ({what}; Ctrl-C stops it)", highlight=False)
+    if shown != journal:
+        _remove_on_sigterm(shown.parent)
+    try:
+        optuna_dashboard.run_server(storage, host="127.0.0.1", port=port)
+    finally:
+        if shown != journal:
+            shutil.rmtree(shown.parent, ignore_errors=True)
+
+
+def _remove_on_sigterm(path: Path) -> None:
+    """Remove `path`, then die of SIGTERM as before. Not an exception: wsgiref's request handler (which
+    optuna-dashboard serves with) swallows any exception raised while it answers a request."""
+    import os
+    import shutil
+
+    def handler(signum: int, frame: object) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -313,7 +313,7 @@ class ResourcesSpec(Strict):
 
 
 class MlflowSpec(Strict):
-    tracking_uri: str | None = None  # None: MLflow's default ($MLFLOW_TRACKING_URI, else ./mlruns)
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<results dir>/mlflow.db
     experiment_name: str | None = None  # None: the study's name
 
 
@@ -325,7 +325,8 @@ class WandbSpec(Strict):
 
 
 class TrackingSpec(Strict):
-    """Ray Tune's own logger callbacks (optional extras); one run per trial named ``cell/phase/#n``.
+    """TensorBoard, MLflow, W&B (optional extras): one run per trial named ``cell/phase/#n``, packed or
+    not, logged from the trial's record when it ends (study/sweep/trackers.py).
 
     Tracking changes no result: it is left out of the spec hash, so it can be switched on for --resume.
     """

@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from study.spec import StudySpec
 from study.sweep.cells import Cell, expand_cells
 from study.sweep.optuna_cells import CellStudies
-from study.sweep.records import Records, TrialRecord, safe_name, trial_id_for, trial_key
+from study.sweep.records import Records, TrialRecord, run_name, safe_name, trial_id_for, trial_key
+from study.sweep.trackers import Trackers
 from study.vocabulary import EPOCH_COLUMNS, TERM_PREFIX
 
 
@@ -52,6 +53,8 @@ class StudyContext(DriverOnly):
         self.after_trial: Callable[[], None] = lambda: None
         # One line per thing the user should know that is not an error (e.g. a cell with no finals).
         self.notes: list[str] = []
+        # The spec's `tracking:` block: every ended trial is logged once, from its record (trackers.py).
+        self.trackers = Trackers(spec, out, self.notes)
         # Tune trial id -> its members' ids (member_id) when trials are packed.
         self.packs: dict[str, list[str]] = {}
         self.pack_board: Any = None  # the Ray actor packs read pruned and new members from (sweep/tune.py)
@@ -129,6 +132,7 @@ class StudyContext(DriverOnly):
             self._record_end(rec, error)
             if rec.phase == "search" and self.studies is not None:
                 self._tell(rec)
+            self.trackers.trial_ended(rec.to_json())  # last: its record and Optuna come first
         if ended:
             self.after_trial()
 
@@ -252,11 +256,6 @@ def post_jobs(spec: StudySpec, ctx: StudyContext) -> list[tuple[str, str, tuple[
 def member_id(tune_id: str, index: int) -> str:
     """The id of a pack's member `index`: where its record lives in ``by_tune_id``."""
     return f"{tune_id}~{index}"
-
-
-def run_name(rec: TrialRecord) -> str:
-    """A trial's readable name, ``cell/phase/#n`` (what TensorBoard, MLflow and W&B show)."""
-    return f"{rec.cell_id}/{rec.phase}/#{rec.index}"
 
 
 class TrialNames:

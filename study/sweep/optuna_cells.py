@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from study.optuna_kinds import PRUNERS, SAMPLERS
 from study.spec import Choices, Grid, Range, StudySpec
-from study.sweep.cells import Cell, search_budget
+from study.sweep.cells import Cell, expand_cells, search_budget
 from study.trial.config import SAMPLER_STREAM, derive_seed
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -217,3 +217,45 @@ class CellStudies:
             return {}, None
         best = self.studies[cell.cell_id].best_trial
         return dict(best.params), best.value
+
+
+def add_final_studies(storage: optuna.storages.BaseStorage, spec: StudySpec, out: Path) -> int:
+    """Each cell's final trials as one more Optuna study, ``<cell>/final``, in `storage`, for
+    optuna-dashboard: value the trial's objective, params its configuration (the cell's searched
+    values), user attributes its trial_id, seed, status and clean test metrics (``test_accuracy``, ...).
+    Meant for a copy of the journal (the run's own stays the search's). Returns the trials added."""
+    from study.sweep.records import Records, clean_test_metrics
+
+    cells = {c.cell_id: c for c in expand_cells(spec)}
+    studies: dict[str, optuna.Study] = {}
+    added = 0
+    for rec in sorted(Records(out / "records").load_all("final").values(), key=lambda r: r["index"]):
+        cell = cells.get(rec["cell_id"])
+        if cell is None or rec["status"] == "running":
+            continue
+        if (study := studies.get(cell.cell_id)) is None:
+            study = studies[cell.cell_id] = optuna.create_study(
+                storage=storage, study_name=f"{cell.cell_id}/final", direction=spec.search.direction,
+                load_if_exists=True,
+            )  # fmt: skip
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([spec.search.metric])
+        payload = rec.get("payload") or {}
+        value = payload.get("best_value")
+        done = rec["status"] == "completed" and value is not None
+        attrs = {"trial_id": rec["trial_id"], "seed": rec["index"], "status": rec["status"]}
+        attrs.update(clean_test_metrics(payload.get("eval_rows") or []))
+        dists = {k: d for k, d in distributions(cell).items() if k in (rec.get("params") or {})}
+        state, value = (TrialState.COMPLETE, value) if done else (TrialState.FAIL, None)
+        try:
+            trial = optuna.trial.create_trial(
+                state=state, value=value, params={k: rec["params"][k] for k in dists}, distributions=dists,
+                user_attrs=attrs,
+            )  # fmt: skip
+        except ValueError:  # a value outside its distribution (e.g. a median off the grid): as attributes
+            attrs.update({f"param_{k}": rec["params"][k] for k in dists})
+            trial = optuna.trial.create_trial(state=state, value=value, user_attrs=attrs)
+        study.add_trial(trial)
+        added += 1
+    return added

@@ -21,6 +21,7 @@ from typing import Any
 from study.spec import StudySpec
 from study.sweep.cells import Cell, expand_cells
 from study.trial.config import TrialConfig
+from study.vocabulary import BIN_METRIC_PREFIX
 
 
 def trial_key(phase: str, cell_id: str, index: int) -> str:
@@ -33,6 +34,12 @@ def trial_id_for(study: str, key: str) -> str:
 
 def safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+def run_name(rec: TrialRecord | dict[str, Any]) -> str:
+    """A trial's readable name, ``cell/phase/#n`` (what Tune, TensorBoard, MLflow and W&B show)."""
+    r = rec if isinstance(rec, dict) else rec.__dict__
+    return f"{r['cell_id']}/{r['phase']}/#{r['index']}"
 
 
 @dataclass
@@ -200,7 +207,7 @@ def _trial_row(spec: StudySpec, cell: Cell, rec: dict[str, Any]) -> dict[str, An
         "status": rec["status"],
         "epochs": len(rec.get("epoch_rows") or []),
         "max_epochs": cfg.train.epochs,
-        "best_value": payload.get("best_value") if payload else _best(rec, spec),
+        "best_value": payload.get("best_value") if payload else best_of_rows(rec, spec),
         "best_epoch": payload.get("best_epoch"),
         "metric": spec.search.metric,
         "direction": spec.search.direction,
@@ -233,7 +240,8 @@ def params_text(values: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _best(rec: dict[str, Any], spec: StudySpec) -> float | None:
+def best_of_rows(rec: dict[str, Any], spec: StudySpec) -> float | None:
+    """The best value of the search metric over a record's epoch rows (a pruned trial has no payload)."""
     vals = [
         r[spec.search.metric] for r in rec.get("epoch_rows") or [] if r.get(spec.search.metric) is not None
     ]
@@ -277,16 +285,20 @@ def trial_payload(result: Any, *, node: str, started_at: float) -> dict[str, Any
 
 
 def final_result(result: Any, *, node: str, started_at: float) -> dict[str, Any]:
-    """A trial's last Tune result: its payload as JSON, the objective, and the clean test metrics of a
-    final trial as plain numbers too (what the trackers of the spec's ``tracking`` block log)."""
-    test = {
-        f"test_{r['metric']}": r["value"]
-        for r in result.eval_rows
-        if r["split"] == "test" and r["condition"] == "clean" and not r["metric"].startswith("bin_")
-    }
+    """A trial's last Tune result: its payload as JSON and the objective."""
     value = result.best_value if result.best_value is not None else float("nan")
     payload = trial_payload(result, node=node, started_at=started_at)
-    return {"final": json.dumps(payload), "objective": value, **test}
+    return {"final": json.dumps(payload), "objective": value}
+
+
+def clean_test_metrics(eval_rows: list[dict[str, Any]]) -> dict[str, float]:
+    """A final trial's clean test metrics as ``test_<metric>`` (``test_accuracy``, ``test_ece``, ...):
+    what the trackers show beside the curves (reliability-diagram bins left out)."""
+    return {
+        f"test_{r['metric']}": float(r["value"])
+        for r in eval_rows
+        if (r["split"], r["condition"]) == ("test", "clean") and not r["metric"].startswith(BIN_METRIC_PREFIX)
+    }
 
 
 class PhaseFailed(RuntimeError):

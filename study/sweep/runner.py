@@ -27,6 +27,7 @@ from study.sweep.lock import LockedError, ResultsLock
 from study.sweep.optuna_cells import CellStudies, repair_journal
 from study.sweep.provenance import git_state, versions
 from study.sweep.records import Records, check_phases, write_tables
+from study.sweep.trackers import check_tracking
 from study.vocabulary import LOCK_FILE, LOCK_OWNER_FILE
 
 if TYPE_CHECKING:
@@ -254,6 +255,7 @@ def _run(
         tune_lib.shutdown(handle)
         if ctx is not None:
             ctx.remove_search_checkpoints()  # those whose trial ended while a worker wrote
+            ctx.trackers.close()
         _finish(spec, out_dir, manifest, status, ctx, source.seeds if source else None, console, remote)
 
 
@@ -310,6 +312,8 @@ def _preflight(
     check_out_dir(spec, out_dir, resume)  # refuse a foreign or existing study before starting Ray
     check_given_labels(spec)
     check_extras(spec)
+    if problem := check_tracking(spec, out_dir):
+        raise RunError(problem)
     if remote is not None:  # last: a refused run writes nothing there either
         try:
             storage_lib.check_writable(remote[0], remote[1], storage)

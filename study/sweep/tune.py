@@ -298,37 +298,6 @@ def cluster_slots(spec: StudySpec, handle: RayHandle | None = None) -> int:
     return slots
 
 
-def tracking_callbacks(spec: StudySpec, out_dir: Path) -> list[Callback]:
-    """Ray Tune's own logger callbacks for the spec's ``tracking`` block (each imported only if asked)."""
-    t = spec.tracking
-    callbacks: list[Callback] = []
-    if t.tensorboard:
-        from ray.tune.logger import TBXLoggerCallback
-
-        callbacks.append(TBXLoggerCallback())
-    if t.mlflow is not None:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-        callbacks.append(
-            MLflowLoggerCallback(
-                tracking_uri=t.mlflow.tracking_uri  # MLflow's default store, in out_dir rather than ./
-                or os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{out_dir}/mlflow.db"),
-                experiment_name=t.mlflow.experiment_name or spec.name,
-                tags={"study": spec.name},
-            )
-        )
-    if t.wandb is not None:
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
-        extra = {"entity": t.wandb.entity} if t.wandb.entity else {}
-        callbacks.append(
-            WandbLoggerCallback(
-                project=t.wandb.project, group=t.wandb.group or spec.name, mode=t.wandb.mode, **extra
-            )
-        )
-    return callbacks
-
-
 def run_trials(
     spec: StudySpec, out: Path, ctx: StudyContext, source: TrialSource, max_concurrent: int
 ) -> None:
@@ -363,7 +332,7 @@ def run_trials(
             name=f"trials-{int(time.time())}",
             storage_path=ctx.tune_storage[0] if ctx.tune_storage else str(out / "ray"),
             storage_filesystem=ctx.tune_storage[1] if ctx.tune_storage else None,
-            callbacks=[TrialEnds(ctx), *tracking_callbacks(spec, out)],
+            callbacks=[TrialEnds(ctx)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             verbose=0,
         ),
@@ -413,5 +382,5 @@ def shutdown(handle: RayHandle) -> None:
         reaper_lib.stop(handle.reaper, handle.temp_dir)  # Ray has stopped: nothing left to reap
 
 
-__all__ = ["CellStudies", "StudyContext", "init_ray", "run_trials", "run_post_phase",
-           "tracking_callbacks", "cluster_slots", "check_address", "shutdown"]  # fmt: skip
+__all__ = ["CellStudies", "StudyContext", "init_ray", "run_trials", "run_post_phase", "cluster_slots",
+           "check_address", "shutdown"]  # fmt: skip

@@ -5,6 +5,8 @@ optuna-dashboard on 127.0.0.1 over that journal."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,8 +41,10 @@ final: {seeds: 1}
 
 
 def _run_search(out: Path) -> None:
-    """The driver's Optuna conversation for a whole search (as in test_searcher), no Ray needed."""
+    """The driver's Optuna conversation for a whole study (as in test_searcher), no Ray needed; each
+    final trial completes with a clean test accuracy of 0.5 + its seed / 10."""
     spec = parse_spec(SPEC)
+    (out / "spec.yaml").write_text(SPEC)
     cells = expand_cells(spec)
     studies = CellStudies(spec, cells, out / "optuna.journal")
     ctx = StudyContext(spec, out, studies, lambda: None)
@@ -52,6 +56,10 @@ def _run_search(out: Path) -> None:
             value = 1.0 - 0.1 * n
             ctx.epoch_result(f"t{n}", {"epoch": 1, "objective": value, "val_nll": value})
             rec.payload = {"status": "completed", "best_value": value, "epoch_rows": []}
+        else:
+            test = {"split": "test", "condition": "clean", "severity": None, "metric": "accuracy"}
+            rec.payload = {"status": "completed", "best_value": 0.25, "epoch_rows": [],
+                           "eval_rows": [{**test, "value": 0.5 + rec.index / 10}]}  # fmt: skip
         ctx.trial_ended(f"t{n}")
         n += 1
 
@@ -75,6 +83,30 @@ def test_journal_studies_carry_metric_names_and_trial_ids(tmp_path):
             assert t.user_attrs["trial_id"] == expected
 
 
+def test_final_trials_become_cell_final_studies_in_a_copy_of_the_journal(tmp_path):
+    from study.sweep.optuna_cells import add_final_studies
+
+    _run_search(tmp_path)
+    copy = tmp_path / "copy.journal"
+    shutil.copy2(tmp_path / "optuna.journal", copy)
+    storage = JournalStorage(JournalFileBackend(str(copy)))
+    assert add_final_studies(storage, parse_spec(SPEC), tmp_path) == 2
+    cells = ["mnist1d/cnn1d/ce/none", "mnist1d/cnn1d/label_smoothing/none"]
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    assert names == sorted(cells + [f"{c}/final" for c in cells])
+    original = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    assert len(optuna.get_all_study_summaries(original)) == 2  # the run's own journal is untouched
+    for cell in cells:
+        search = optuna.load_study(study_name=cell, storage=storage)
+        final = optuna.load_study(study_name=f"{cell}/final", storage=storage)
+        assert final.metric_names == ["val_nll"] and final.direction == search.direction
+        (trial,) = final.get_trials()
+        seed = trial.user_attrs["seed"]
+        assert trial.user_attrs["trial_id"] == trial_id_for("dash", trial_key("final", cell, seed))
+        assert trial.value == 0.25 and trial.user_attrs["test_accuracy"] == pytest.approx(0.5 + seed / 10)
+        assert trial.params == search.best_trial.params  # the configuration the search chose
+
+
 def test_dashboard_help_and_bad_inputs(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["dashboard", "--help"])
@@ -93,6 +125,8 @@ def test_dashboard_serves_the_journal_on_loopback(tmp_path):
     pytest.importorskip("optuna_dashboard")
     _run_search(tmp_path)
     port = _free_port()
+    temp = tmp_path / "temp"  # where the dashboard puts its copy of the journal
+    temp.mkdir()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -105,6 +139,7 @@ def test_dashboard_serves_the_journal_on_loopback(tmp_path):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(temp)},
     )
     try:
         body = None
@@ -119,7 +154,10 @@ def test_dashboard_serves_the_journal_on_loopback(tmp_path):
                 time.sleep(0.1)
         assert body is not None, "dashboard did not answer"
         names = sorted(s["study_name"] for s in body["study_summaries"])
-        assert names == ["mnist1d/cnn1d/ce/none", "mnist1d/cnn1d/label_smoothing/none"]
+        cells = ["mnist1d/cnn1d/ce/none", "mnist1d/cnn1d/label_smoothing/none"]
+        assert names == sorted(cells + [f"{c}/final" for c in cells])  # the run has ended: finals too
+        assert len(list(temp.iterdir())) == 1
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    assert not list(temp.iterdir())  # SIGTERM removed the copy
