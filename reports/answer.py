@@ -11,9 +11,9 @@ import pandas as pd
 
 from reports.build import Study
 from reports.caveats import load_spec_dict, realized_rates, warnings
+from reports.configs import chosen_configs
 from reports.findings import (
     Finding,
-    chosen_configs,
     findings,
     has_matched,
     level_text,

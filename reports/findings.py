@@ -13,21 +13,19 @@ attack of each setting (the lowest mean accuracy over its regularizers), and by 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from reports.compare import GROUP, KEYS, NOSEV, compare, per_seed
-from reports.stats import DIFFERENT, best_trials
+from reports.configs import chosen_strengths
+from reports.stats import DIFFERENT
 from study import vocabulary as vocab
 
 FLIPPED = {"better": "worse", "worse": "better", "higher": "lower", "lower": "higher"}
 KeyRow = tuple[str, str, tuple[str, str, float, str], int]  # (question, label, key, better)
-GREEK = {"alpha": "α", "beta": "β", "gamma": "γ", "lambda": "λ", "temperature": "T"}
 
 
 @dataclass
@@ -388,38 +386,6 @@ def has_matched(trials: pd.DataFrame) -> bool:
     return bool(trials["regularizer"].dropna().str.contains("@", regex=False).any())
 
 
-def chosen_configs(trials: pd.DataFrame) -> dict[tuple[str, str, str, str], str]:
-    """(dataset, model, noise setting, regularizer) -> its final trials' configuration, shortly: the
-    regularizer's strength and the learning rate, e.g. "α 0.34 lr 0.012" ("" when neither was set);
-    with search replicas the median of the replicas' choices."""
-    best = best_trials(trials, per_replica=True)
-    out = {}
-    for key, rows in best.groupby(["dataset", "model", "noise_setting", "regularizer"], sort=False):
-        chosen: dict[str, list[float]] = {}
-        for r in rows.to_dict("records"):
-            params, name = json.loads(r["best_params"]), r.get("strength_param")
-            matched = "@" in key[3]  # the arm's name already says its strength
-            strength = () if matched else ((GREEK.get(name, name), params.get(name)),)
-            for shown, value in (*strength, ("lr", params.get("lr"))):
-                if isinstance(shown, str) and _number(value) is not None:
-                    chosen.setdefault(shown, []).append(_number(value))
-        out[key] = " ".join(f"{k} {_median(v)}" for k, v in chosen.items())
-    return out
-
-
-def _median(values: list[float]) -> str:
-    return f"{float(np.median(values)):.2g}"
-
-
-def chosen_strengths(trials: pd.DataFrame) -> dict[tuple[str, str, str, str], float]:
-    """(dataset, model, noise setting, regularizer) -> the strength its final trials ran at (the median
-    over search replicas); regularizers without a strength are left out."""
-    best = best_trials(trials, per_replica=True)
-    best = best[best["strength"].notna() & (best["strength"].astype(float) > 0)]
-    med = best.groupby(["dataset", "model", "noise_setting", "regularizer"])["strength"].median()
-    return {k: float(v) for k, v in med.items()}
-
-
 def _strength_gaps(found: list[Finding], trials: pd.DataFrame) -> list[Finding]:
     """Marks the findings whose two sides ran at strengths more than 2x apart (a contrast of
     strength as much as of method)."""
@@ -429,12 +395,3 @@ def _strength_gaps(found: list[Finding], trials: pd.DataFrame) -> list[Finding]:
         if sa is not None and sb is not None and max(sa, sb) > 2 * min(sa, sb):
             f.strength_ratio = max(sa, sb) / min(sa, sb)
     return found
-
-
-def _number(v: object) -> float | None:
-    """A hyperparameter's value as a number (a schedule {start, ...}: its start), else None."""
-    if isinstance(v, dict):
-        v = v.get("start")
-    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v):
-        return float(v)
-    return None
