@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trialhook
 from typer.testing import CliRunner
 
 from study.cli import app
@@ -29,35 +30,6 @@ regularizers: [ce]
 train: {epochs: 1, batch_size: 128}
 search: {trials_per_cell: 2, sampler: random, pruner: {kind: none}}
 final: {seeds: 1}
-"""
-
-# Ray workers import this: a trial says it has started (a file) and then waits to be killed, so the
-# test kills a driver whose Ray is certainly running trials.
-HOLD = """
-import importlib.abc, importlib.machinery, os, sys, time
-from pathlib import Path
-
-class _Hook(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "study.trial.run":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-
-            def held(*args, **kwargs):
-                Path(os.environ["STUDY_STARTED"]).write_text(str(os.getpid()))
-                while True:
-                    time.sleep(3600)
-
-            module.run_trial = module.run_pack = held
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-sys.meta_path.insert(0, _Hook())
 """
 
 
@@ -78,17 +50,12 @@ def _wait_for(condition, timeout: float) -> bool:
 
 
 def test_sigkilled_driver_leaves_no_process_or_temp_dir_after_15_s(tmp_path):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOLD)
     started = tmp_path / "started"
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
-        "STUDY_STARTED": str(started),
-    }
+    # Ray workers import the hook: a trial says it has started and then waits to be killed, so the test
+    # kills a driver whose Ray is certainly running trials.
+    env = trialhook.env_with_hook(tmp_path / "hook", trialhook.HOLD, STUDY_STARTED=str(started))
     driver = subprocess.Popen(
         [STUDY_BIN, "run", str(spec), "--out", str(tmp_path / "out"), "--quiet", "--no-report"],
         env=env,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import trialhook
 
 from study.sweep.records import Records
 
@@ -153,39 +154,10 @@ def test_offline_download_is_one_line(tmp_path):
     assert errno.ENOSPC  # (imported for the injected failure above)
 
 
-# Every trial fails at run time (no spec check can see it): Ray workers import this sitecustomize, which
-# makes study.trial.run's run_trial and run_pack raise.
-FAILING = """
-import importlib.abc, importlib.machinery, sys
-
-class _Hook(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "study.trial.run":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-
-            def broken(*args, **kwargs):
-                raise RuntimeError("injected: the GPU fell off the bus")
-
-            module.run_trial = module.run_pack = broken
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-sys.meta_path.insert(0, _Hook())
-"""
-
-
 def test_every_trial_of_a_phase_failed_is_exit_1_and_says_why_once(completed, tmp_path):
     spec, _ = completed
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FAILING)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    # Every trial fails at run time (no spec check can see it): Ray workers import the hook.
+    env = trialhook.env_with_hook(tmp_path / "hook", trialhook.FAIL)
     out = tmp_path / "out"
     res = subprocess.run(
         [STUDY_BIN, "run", str(spec), "--out", str(out), "--quiet", "--no-report"],
