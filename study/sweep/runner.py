@@ -22,6 +22,7 @@ from study.spec import (
 )
 from study.sweep.cells import expand_cells, planned_counts
 from study.sweep.context import StudyContext
+from study.sweep.interrupts import CtrlC
 from study.sweep.live import LiveView, startup_line
 from study.sweep.lock import LockedError, ResultsLock
 from study.sweep.optuna_cells import CellStudies, repair_journal
@@ -219,6 +220,7 @@ def _run(
     ctx: StudyContext | None = None
     source: TrialSource | None = None
     status = "failed"
+    ctrl_c = CtrlC()
     try:
         slots = max_concurrent or tune_lib.cluster_slots(spec, handle)
         studies = CellStudies(spec, expand_cells(spec), out_dir / "optuna.journal")
@@ -251,7 +253,15 @@ def _run(
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except BaseException as exc:
+        if not ctrl_c.seen:
+            raise
+        # Ctrl-C landed inside a library's cleanup (e.g. Optuna's journal lock release), which raised
+        # its own error instead, and Tune wrapped it: still an interrupted study (exit 130, --resume).
+        status = "interrupted"
+        raise KeyboardInterrupt from exc
     finally:
+        ctrl_c.restore()
         tune_lib.shutdown(handle)
         if ctx is not None:
             ctx.remove_search_checkpoints()  # those whose trial ended while a worker wrote
