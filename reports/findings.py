@@ -308,24 +308,19 @@ def pair_findings(
 ) -> list[Finding]:
     """Every pair of regularizers (the better mean first) per setting and question, or only ``pair``
     (a, b) in that order at every setting that has both; p adjusted by Holm over the unordered pairs."""
-    if pair is not None and not {"@"} & set("".join(pair)) and has_matched(trials):
+    if pair is not None and "@" not in "".join(pair) and has_matched(trials):
         regs = set(trials["regularizer"].dropna())
         if not set(pair) <= regs:  # two names run at matched strengths: contrast them at each value
             return matched_findings(trials, evals, pair=pair, alpha=alpha, margins=margins)
     values = per_seed(trials, evals)
     if values.empty:
         return []
-    keys = pd.DataFrame([k for _, _, k, _ in _key_rows(values)], columns=KEYS)
-    values = values.merge(keys, on=KEYS)  # the pairs' Holm families are per key: nothing else changes
+    values = _key_values(values)
     index = _index(compare(values, reference=None, alpha=alpha, margins=margins))
     out = []
     for group, (question, label, key, better), levels in _answered(values):
         head = (*group, *key, question, label, key[3], better)
-        if pair is not None:
-            todo = [pair] if set(pair) <= set(levels) else []
-        else:
-            ranked = sorted(levels, key=lambda r: -better * levels[r])
-            todo = list(itertools.combinations(ranked, 2))
+        todo = _pairs(levels, better, pair, {r: r for r in levels})
         out += [_finding(head, a, b, levels, index, "p_adjusted_pairs") for a, b in todo]
     return _strength_gaps(_with_verdicts(out), trials)
 
@@ -351,23 +346,15 @@ def matched_findings(
     values = per_seed(trials, evals)
     if values.empty:
         return []
-    parts = values["regularizer"].map(arm_parts)
-    values = values.assign(_variant=[v for _, v in parts], _base=[b for b, _ in parts])
-    values = values[values["_variant"] != ""]
-    keys = pd.DataFrame([k for _, _, k, _ in _key_rows(values)], columns=KEYS)
-    values = values.merge(keys, on=KEYS)
+    values = values.assign(_variant=[arm_parts(r)[1] for r in values["regularizer"]])
+    values = _key_values(values[values["_variant"] != ""])
     out: list[tuple[tuple, Finding]] = []
     for variant, sub in values.groupby("_variant", sort=False):
-        sub = sub.drop(columns=["_variant", "_base"])
+        sub = sub.drop(columns="_variant")
         index = _index(compare(sub, reference=None, alpha=alpha, margins=margins))
         for rank, (group, (question, label, key, better), levels) in enumerate(_answered(sub)):
             head = (*group, *key, question, label, key[3], better)
-            arms = {arm_parts(r)[0]: r for r in levels}
-            if pair is not None:
-                todo = [(arms[pair[0]], arms[pair[1]])] if set(pair) <= set(arms) else []
-            else:
-                ranked = sorted(levels, key=lambda r: -better * levels[r])
-                todo = list(itertools.combinations(ranked, 2))
+            todo = _pairs(levels, better, pair, {arm_parts(r)[0]: r for r in levels})
             number = float(variant.split("=")[-1]) if variant.count("=") == 1 else 0.0
             for a, b in todo:
                 found = _finding(head, a, b, levels, index, "p_adjusted_pairs")
@@ -379,6 +366,23 @@ def matched_findings(
         first[(group, label)] = min(first.get((group, label), rank), rank)
     out.sort(key=lambda kf: (order[kf[1].group], first[(kf[0][0], kf[0][1])], kf[0][2], kf[0][3]))
     return _with_verdicts([f for _, f in out])
+
+
+def _key_values(values: pd.DataFrame) -> pd.DataFrame:
+    """The values of the findings' key rows only: the pairs' Holm families are per key row."""
+    keys = pd.DataFrame([k for _, _, k, _ in _key_rows(values)], columns=KEYS)
+    return values.merge(keys, on=KEYS)
+
+
+def _pairs(
+    levels: dict[str, float], better: int, pair: tuple[str, str] | None, named: dict[str, str]
+) -> list[tuple[str, str]]:
+    """The (a, b) lines of one setting and question: ``pair`` in its order when both of its names are in
+    ``named`` (name -> regularizer of the setting), else every pair, the better mean first."""
+    if pair is not None:
+        return [(named[pair[0]], named[pair[1]])] if set(pair) <= set(named) else []
+    ranked = sorted(levels, key=lambda r: -better * levels[r])
+    return list(itertools.combinations(ranked, 2))
 
 
 def has_matched(trials: pd.DataFrame) -> bool:
